@@ -1,0 +1,1 @@
+"""stdit.bench: benchmark harnesses, cost model and reports (issue: benchmarks)."""

@@ -1,0 +1,74 @@
+"""The "reference" backend: readable eager PyTorch doing exactly what Open-Sora 1.0 does.
+
+Open-Sora 1.0 (v1.0.0, opensora/models/layers/blocks.py) computes
+
+- spatial: x viewed (B*T, S, C); attention over S with q*scale, q @ k^T, softmax in fp32, cast back,
+  @ v;
+- temporal: ``rearrange(x, "B (T S) C -> (B S) T C")`` (a full copy), the same attention, and the
+  inverse rearrange (a second copy);
+- cross: q flattened to (1, B*N, H, D), the valid text tokens of every sample packed
+  (``masked_select`` by the caption mask) to (1, sum(len), 2, H, D), and xformers'
+  ``memory_efficient_attention`` with ``BlockDiagonalMask.from_seqlens([N]*B, lens)``. Here the
+  block-diagonal attention is evaluated per sample over the packed tokens, with the same math.
+
+This is the baseline that the benchmarks call "what Open-Sora does", and the float64 oracle of the
+tests (run it on float64 inputs). It is autograd-differentiable as written.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+
+def availability(device: torch.device) -> str | None:
+    return None  # plain PyTorch: runs wherever torch does
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (Z, Nq, H, D), k/v (Z, Nk, H, D) -> (Z, Nq, H, D); Open-Sora's eager path, fp32 softmax."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # Z H N D
+    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = attn.to(torch.float32 if attn.dtype != torch.float64 else torch.float64).softmax(dim=-1).to(q.dtype)
+    return (attn @ v).transpose(1, 2)
+
+
+def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> torch.Tensor:
+    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full."""
+    B, N, _, H, D = qkv.shape
+    T = num_frames
+    if kind == "spatial":
+        x = rearrange(qkv, "B (T S) three H D -> (B T) S three H D", T=T)
+    elif kind == "temporal":
+        x = rearrange(qkv, "B (T S) three H D -> (B S) T three H D", T=T).contiguous()  # Open-Sora's copy
+    elif kind == "full":
+        x = qkv
+    else:
+        raise ValueError(f"kind: expected 'spatial', 'temporal' or 'full', got {kind!r}")
+    q, k, v = x.unbind(2)
+    o = _attention(q, k, v, scale)
+    if kind == "spatial":
+        return rearrange(o, "(B T) S H D -> B (T S) H D", B=B)
+    if kind == "temporal":
+        return rearrange(o, "(B S) T H D -> B (T S) H D", B=B).contiguous()  # the copy back
+    return o
+
+
+def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, N, H, D), kv (B, L, 2, H, D), kv_lens (B,) -> out (B, N, H, D)."""
+    B, N, H, D = q.shape
+    L = kv.shape[1]
+    lens = [int(n) for n in kv_lens.tolist()]
+    # Open-Sora packs the valid text tokens of all samples into one sequence ...
+    keep = torch.arange(L, device=kv.device)[None, :] < kv_lens.to(kv.device)[:, None]  # B L
+    packed = kv[keep]  # (sum(len), 2, H, D)
+    k_all, v_all = packed.unbind(1)
+    # ... and attends block-diagonally: sample b's N queries see only sample b's len(b) keys.
+    outs = []
+    start = 0
+    for b, n in enumerate(lens):
+        k = k_all[start : start + n].unsqueeze(0)
+        v = v_all[start : start + n].unsqueeze(0)
+        outs.append(_attention(q[b : b + 1], k, v, scale))
+        start += n
+    return torch.cat(outs, dim=0)

@@ -1,0 +1,103 @@
+"""Helpers shared by the Triton kernels: availability, interpreter detection, head-dim splitting, and
+the description of every shipped kernel configuration (what `stdit inspect` compiles ahead of time).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_availability(device: torch.device) -> str | None:
+    """None when our Triton kernels can run on ``device``; otherwise why not and what to do."""
+    if importlib.util.find_spec("triton") is None:
+        return "the 'triton' package is not installed (pip install 'triton>=3.6')"
+    if device.type == "cuda":
+        if interpreting():
+            return "TRITON_INTERPRET=1 is set; unset it to run the Triton kernels on the GPU"
+        return None
+    if device.type == "cpu":
+        if interpreting():
+            return None
+        return (
+            "Triton has no CPU backend; set TRITON_INTERPRET=1 to run the kernels through the "
+            "interpreter (correctness only, slow), or use a CUDA device"
+        )
+    return f"device type {device.type!r} is not supported (CUDA, or CPU with TRITON_INTERPRET=1)"
+
+
+def split_head_dim(D: int) -> tuple[int, int]:
+    """Split head dim D into two power-of-two chunks (D0, D1) for tl.dot, with D1 = 0 when D is a
+    power of two.
+
+    D0 is the largest power of two <= D (at least 16); D1 covers the remainder, rounded up to a power
+    of two (at least 16, the smallest tl.dot operand) and masked past D. D = 72 runs as 64 + 16
+    (8 masked columns): 80/72 = 1.11x the MMA work, where power-of-two padding would run it as 128
+    (1.78x). D = 96 is 64 + 32 (exact), 80 is 64 + 16 (exact), 48 is 32 + 16 (exact).
+    """
+    if D < 16 or D > 256:
+        raise ValueError(f"head dim D: expected 16 <= D <= 256 for the triton backend, got {D}")
+    d0 = 1 << (D.bit_length() - 1)
+    rest = D - d0
+    if rest == 0:
+        return d0, 0
+    d1 = max(16, 1 << (rest - 1).bit_length())
+    return d0, d1
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use exact ("ieee") dot products so fp32 results stay fp32-accurate on GPUs too
+    (the GPU default would be tf32); 16-bit inputs use the tensor cores' native precision."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """One shipped kernel configuration, as `stdit inspect` compiles it ahead of time.
+
+    ``signature`` maps every argument of ``fn`` to a Triton type string ("*bf16", "i32", "fp32",
+    "constexpr"); ``constexprs`` gives the value of every constexpr argument. ``num_warps`` and
+    ``num_stages`` are the launch options the host launcher uses for this configuration.
+    """
+
+    name: str  # e.g. "self_attn_fwd[D=72,bf16,BLOCK_M=128]"
+    fn: Any  # the @triton.jit function
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+    uses_mma: bool = True  # whether the kernel's hot loop is tl.dot (so sm_90 should use wgmma)
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+# Pointer arguments whose element type does not follow the input dtype.
+_POINTER_DTYPES = {"LSE": "fp32", "DELTA": "fp32", "DKV": "fp32", "LENS": "i32"}
+
+
+def signature_of(fn: Any, dtype: torch.dtype, constexprs: dict[str, Any]) -> dict[str, str]:
+    """Triton type strings for every argument of a kernel written in this package's convention:
+    UPPER-case names are pointers (of the input dtype unless listed in _POINTER_DTYPES), ``*_scale``
+    arguments are fp32, every other runtime argument is i32."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.isupper():
+            sig[name] = "*" + _POINTER_DTYPES.get(name, TL_DTYPES[dtype])
+        elif name.endswith("_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig

@@ -1,0 +1,629 @@
+"""Triton self-attention for STDiT: spatial, temporal and full attention on the native qkv layout.
+
+One kernel family serves all three kinds. The input is the qkv projection output viewed as
+(B, N = T*S, 3, H, D) with any strides, token index n = t*S + s; the output is (B, N, H, D) in the same
+order. A *kind* is only a way of grouping tokens into independent sequences:
+
+    kind      sequences (NSEQ)   length (LEN)   token of (seq j, position p)
+    spatial   T frames           S              j*S + p         (SEQ_TOK = S, POS_TOK = 1)
+    temporal  S positions        T              j   + p*S       (SEQ_TOK = 1, POS_TOK = S)
+    full      1                  T*S            p               (SEQ_TOK = 0, POS_TOK = 1)
+
+Each row of a tile computes its token index with that formula and reads q/k/v straight from the
+strided qkv tensor, so temporal attention needs none of the ``B (T S) C -> (B S) T C`` copies that
+Open-Sora makes before and after it.
+
+Two tilings:
+- *packed* (LEN <= BLOCK_M): a tile holds G = BLOCK_M // LEN whole sequences, attention is
+  block-diagonal within the tile and the key loop runs once. At T = 16 and BLOCK_M = 128 all 128 rows
+  carry work (a FlashAttention tile would hold one 16-row sequence: 12.5% busy).
+- *streamed* (LEN > BLOCK_M): FlashAttention-2 style: one query tile of one sequence, an online
+  softmax over key tiles of BLOCK_N.
+
+Head dim: tl.dot needs power-of-two operands, so D is split into D0 + D1 chunks
+(see triton_common.split_head_dim): 72 = 64 + 16 with 8 masked columns (1.11x the MMA work, not
+128's 1.78x); 96 = 64 + 32 and 80 = 64 + 16 are exact. Every dot over D is the sum of two dots; every
+(rows x D) accumulator is two accumulators.
+
+Softmax runs in fp32 in the log2 domain (exp2, scale folded with log2(e)); the forward stores the
+per-token log-sum-exp LSE (B, H, N) for the backward.
+
+Backward (dS is the gradient w.r.t. the scaled logits, P the softmax):
+    dV = P^T dO          dP = dO V^T          Delta_i = sum_d dO_id O_id  (= rowsum(P * dP))
+    dS = P * (dP - Delta)          dQ = scale * dS K          dK = scale * dS^T Q
+P is recomputed from Q, K and the stored LSE. Packed tiles are self-contained (their keys are their
+queries), so one program computes dQ, dK and dV with no atomics. Streamed sequences use two kernels:
+one per query tile for dQ (it also stores Delta), then one per key tile for dK and dV.
+"""
+
+
+import contextlib
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import (
+    TL_DTYPES,
+    KernelBuild,
+    dot_precision,
+    signature_of,
+    interpreting,
+    split_head_dim,
+    triton_availability,
+)
+
+LOG2E = 1.4426950408889634
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows(pid_m, offs, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK: tl.constexpr, PACKED: tl.constexpr):
+    """Token index, validity and group id of the BLOCK rows of tile pid_m.
+
+    Packed: tile pid_m holds sequences [pid_m*G, pid_m*G + G), row r is position r % LEN of sequence
+    pid_m*G + r // LEN. Streamed: tile pid_m is query block pid_m % cdiv(LEN, BLOCK) of sequence
+    pid_m // cdiv(LEN, BLOCK). The group id (always 0 when streamed) makes the block-diagonal mask.
+    """
+    if PACKED:
+        G = BLOCK // LEN
+        grp = offs // LEN
+        pos = offs % LEN
+        seq = pid_m * G + grp
+        valid = (grp < G) & (seq < NSEQ)
+    else:
+        tiles = tl.cdiv(LEN, BLOCK)
+        seq = pid_m // tiles
+        pos = (pid_m % tiles) * BLOCK + offs
+        grp = offs * 0
+        valid = pos < LEN
+    tok = seq * SEQ_TOK + pos * POS_TOK
+    return tok, valid, grp
+
+
+@triton.jit
+def _load(base, tok, valid, stride_n, offs_d, D, UPCAST: tl.constexpr):
+    """Load a (rows, len(offs_d)) tile of a head: row r is token tok[r]; masked past D / invalid rows."""
+    ptrs = base + tok.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
+    x = tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:  # the interpreter cannot do arithmetic in bf16 (see FACTS.md): upcast after loading
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store(base, tok, valid, stride_n, offs_d, D, x):
+    ptrs = base + tok.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _lowp(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """Round fp32 probabilities to the input dtype before a tensor-core dot (as FlashAttention does)."""
+    x = x.to(DTYPE)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _fwd_kernel(
+    QKV, O, LSE,
+    stride_b, stride_n, stride_3, stride_h,
+    o_stride_b, o_stride_n, o_stride_h,
+    H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, D, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    PACKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    DTYPE: tl.constexpr = O.dtype.element_ty
+    q_base = QKV + b.to(tl.int64) * stride_b + h * stride_h
+    k_base = q_base + stride_3
+    v_base = q_base + 2 * stride_3
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    if BLOCK_D1 > 0:  # the masked second chunk of a non-power-of-two head dim
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+
+    tok_m, valid_m, grp_m = _rows(pid_m, offs_m, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK_M, PACKED)
+    q0 = _load(q_base, tok_m, valid_m, stride_n, offs_d0, D, UPCAST)
+    if BLOCK_D1 > 0:
+        q1 = _load(q_base, tok_m, valid_m, stride_n, offs_d1, D, UPCAST)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+
+    if PACKED:
+        n_end = BLOCK_N  # the tile's keys are its own queries: one step
+    else:
+        n_end = LEN
+        seq = pid_m // tl.cdiv(LEN, BLOCK_M)
+    for start_n in range(0, n_end, BLOCK_N):
+        if PACKED:
+            tok_n, valid_n, grp_n = _rows(pid_m, offs_n, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK_N, PACKED)
+            mask = valid_n[None, :] & (grp_n[None, :] == grp_m[:, None])
+        else:
+            pos_n = start_n + offs_n
+            valid_n = pos_n < LEN
+            tok_n = seq * SEQ_TOK + pos_n * POS_TOK
+            mask = valid_n[None, :]
+        k0 = _load(k_base, tok_n, valid_n, stride_n, offs_d0, D, UPCAST)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            k1 = _load(k_base, tok_n, valid_n, stride_n, offs_d1, D, UPCAST)
+            s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+        s = tl.where(mask, s * qk_scale, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p_lp = _lowp(p, DTYPE, UPCAST)
+        v0 = _load(v_base, tok_n, valid_n, stride_n, offs_d0, D, UPCAST)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p_lp, v0, input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            v1 = _load(v_base, tok_n, valid_n, stride_n, offs_d1, D, UPCAST)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p_lp, v1, input_precision=DOT_PREC)
+        m_i = m_new
+
+    o_base = O + b.to(tl.int64) * o_stride_b + h * o_stride_h
+    inv_l = 1.0 / l_i
+    _store(o_base, tok_m, valid_m, o_stride_n, offs_d0, D, acc0 * inv_l[:, None])
+    if BLOCK_D1 > 0:
+        _store(o_base, tok_m, valid_m, o_stride_n, offs_d1, D, acc1 * inv_l[:, None])
+    lse_ptrs = LSE + pid_bh.to(tl.int64) * N + tok_m
+    tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=valid_m)
+
+
+@triton.jit
+def _bwd_packed_kernel(
+    QKV, O, DO, LSE, DQKV,
+    stride_b, stride_n, stride_3, stride_h,
+    o_stride_b, o_stride_n, o_stride_h,
+    do_stride_b, do_stride_n, do_stride_h,
+    g_stride_b, g_stride_n, g_stride_3, g_stride_h,
+    H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, D, qk_scale, sm_scale,
+    BLOCK: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """One packed tile: G whole sequences; queries and keys are the same BLOCK rows."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    DTYPE: tl.constexpr = DO.dtype.element_ty
+    q_base = QKV + b.to(tl.int64) * stride_b + h * stride_h
+    k_base = q_base + stride_3
+    v_base = q_base + 2 * stride_3
+    o_base = O + b.to(tl.int64) * o_stride_b + h * o_stride_h
+    do_base = DO + b.to(tl.int64) * do_stride_b + h * do_stride_h
+    dq_base = DQKV + b.to(tl.int64) * g_stride_b + h * g_stride_h
+    dk_base = dq_base + g_stride_3
+    dv_base = dq_base + 2 * g_stride_3
+    offs = tl.arange(0, BLOCK)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    if BLOCK_D1 > 0:  # the masked second chunk of a non-power-of-two head dim
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    tok, valid, grp = _rows(pid_m, offs, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK, True)
+    mask = valid[:, None] & valid[None, :] & (grp[:, None] == grp[None, :])
+
+    q0 = _load(q_base, tok, valid, stride_n, offs_d0, D, UPCAST)
+    k0 = _load(k_base, tok, valid, stride_n, offs_d0, D, UPCAST)
+    v0 = _load(v_base, tok, valid, stride_n, offs_d0, D, UPCAST)
+    do0 = _load(do_base, tok, valid, do_stride_n, offs_d0, D, UPCAST)
+    o0 = _load(o_base, tok, valid, o_stride_n, offs_d0, D, True)
+    s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+    dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+    delta = tl.sum(do0.to(tl.float32) * o0, 1)
+    if BLOCK_D1 > 0:
+        q1 = _load(q_base, tok, valid, stride_n, offs_d1, D, UPCAST)
+        k1 = _load(k_base, tok, valid, stride_n, offs_d1, D, UPCAST)
+        v1 = _load(v_base, tok, valid, stride_n, offs_d1, D, UPCAST)
+        do1 = _load(do_base, tok, valid, do_stride_n, offs_d1, D, UPCAST)
+        o1 = _load(o_base, tok, valid, o_stride_n, offs_d1, D, True)
+        s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+        dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
+        delta += tl.sum(do1.to(tl.float32) * o1, 1)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + tok, mask=valid, other=0.0)
+    p = tl.where(mask, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+    ds = p * (dp - delta[:, None])
+    p_lp = _lowp(p, DTYPE, UPCAST)
+    ds_lp = _lowp(ds, DTYPE, UPCAST)
+    p_t = tl.trans(p_lp)
+    ds_t = tl.trans(ds_lp)
+    _store(dv_base, tok, valid, g_stride_n, offs_d0, D, tl.dot(p_t, do0, input_precision=DOT_PREC))
+    _store(dq_base, tok, valid, g_stride_n, offs_d0, D, tl.dot(ds_lp, k0, input_precision=DOT_PREC) * sm_scale)
+    _store(dk_base, tok, valid, g_stride_n, offs_d0, D, tl.dot(ds_t, q0, input_precision=DOT_PREC) * sm_scale)
+    if BLOCK_D1 > 0:
+        _store(dv_base, tok, valid, g_stride_n, offs_d1, D, tl.dot(p_t, do1, input_precision=DOT_PREC))
+        _store(dq_base, tok, valid, g_stride_n, offs_d1, D, tl.dot(ds_lp, k1, input_precision=DOT_PREC) * sm_scale)
+        _store(dk_base, tok, valid, g_stride_n, offs_d1, D, tl.dot(ds_t, q1, input_precision=DOT_PREC) * sm_scale)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    QKV, O, DO, LSE, DELTA, DQKV,
+    stride_b, stride_n, stride_3, stride_h,
+    o_stride_b, o_stride_n, o_stride_h,
+    do_stride_b, do_stride_n, do_stride_h,
+    g_stride_b, g_stride_n, g_stride_3, g_stride_h,
+    H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, D, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Streamed sequences, one query tile: dQ over all key tiles; also stores Delta for dK/dV."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    DTYPE: tl.constexpr = DO.dtype.element_ty
+    q_base = QKV + b.to(tl.int64) * stride_b + h * stride_h
+    k_base = q_base + stride_3
+    v_base = q_base + 2 * stride_3
+    o_base = O + b.to(tl.int64) * o_stride_b + h * o_stride_h
+    do_base = DO + b.to(tl.int64) * do_stride_b + h * do_stride_h
+    dq_base = DQKV + b.to(tl.int64) * g_stride_b + h * g_stride_h
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    if BLOCK_D1 > 0:  # the masked second chunk of a non-power-of-two head dim
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    tok_m, valid_m, _ = _rows(pid_m, offs_m, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK_M, False)
+    seq = pid_m // tl.cdiv(LEN, BLOCK_M)
+
+    q0 = _load(q_base, tok_m, valid_m, stride_n, offs_d0, D, UPCAST)
+    do0 = _load(do_base, tok_m, valid_m, do_stride_n, offs_d0, D, UPCAST)
+    delta = tl.sum(do0.to(tl.float32) * _load(o_base, tok_m, valid_m, o_stride_n, offs_d0, D, True), 1)
+    dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        q1 = _load(q_base, tok_m, valid_m, stride_n, offs_d1, D, UPCAST)
+        do1 = _load(do_base, tok_m, valid_m, do_stride_n, offs_d1, D, UPCAST)
+        delta += tl.sum(do1.to(tl.float32) * _load(o_base, tok_m, valid_m, o_stride_n, offs_d1, D, True), 1)
+        dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    row_ptrs = pid_bh.to(tl.int64) * N + tok_m
+    tl.store(DELTA + row_ptrs, delta, mask=valid_m)
+    lse = tl.load(LSE + row_ptrs, mask=valid_m, other=0.0)
+
+    for start_n in range(0, LEN, BLOCK_N):
+        pos_n = start_n + offs_n
+        valid_n = pos_n < LEN
+        tok_n = seq * SEQ_TOK + pos_n * POS_TOK
+        k0 = _load(k_base, tok_n, valid_n, stride_n, offs_d0, D, UPCAST)
+        v0 = _load(v_base, tok_n, valid_n, stride_n, offs_d0, D, UPCAST)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            k1 = _load(k_base, tok_n, valid_n, stride_n, offs_d1, D, UPCAST)
+            v1 = _load(v_base, tok_n, valid_n, stride_n, offs_d1, D, UPCAST)
+            s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+            dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
+        p = tl.where(valid_n[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds_lp = _lowp(p * (dp - delta[:, None]), DTYPE, UPCAST)
+        dq0 += tl.dot(ds_lp, k0, input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            dq1 += tl.dot(ds_lp, k1, input_precision=DOT_PREC)
+    _store(dq_base, tok_m, valid_m, g_stride_n, offs_d0, D, dq0 * sm_scale)
+    if BLOCK_D1 > 0:
+        _store(dq_base, tok_m, valid_m, g_stride_n, offs_d1, D, dq1 * sm_scale)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    QKV, DO, LSE, DELTA, DQKV,
+    stride_b, stride_n, stride_3, stride_h,
+    do_stride_b, do_stride_n, do_stride_h,
+    g_stride_b, g_stride_n, g_stride_3, g_stride_h,
+    H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, D, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Streamed sequences, one key tile: dK and dV over all query tiles (transposed scores)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    DTYPE: tl.constexpr = DO.dtype.element_ty
+    q_base = QKV + b.to(tl.int64) * stride_b + h * stride_h
+    k_base = q_base + stride_3
+    v_base = q_base + 2 * stride_3
+    do_base = DO + b.to(tl.int64) * do_stride_b + h * do_stride_h
+    dk_base = DQKV + b.to(tl.int64) * g_stride_b + h * g_stride_h + g_stride_3
+    dv_base = dk_base + g_stride_3
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    if BLOCK_D1 > 0:  # the masked second chunk of a non-power-of-two head dim
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    tok_n, valid_n, _ = _rows(pid_n, offs_n, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK_N, False)
+    seq = pid_n // tl.cdiv(LEN, BLOCK_N)
+
+    k0 = _load(k_base, tok_n, valid_n, stride_n, offs_d0, D, UPCAST)
+    v0 = _load(v_base, tok_n, valid_n, stride_n, offs_d0, D, UPCAST)
+    dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        k1 = _load(k_base, tok_n, valid_n, stride_n, offs_d1, D, UPCAST)
+        v1 = _load(v_base, tok_n, valid_n, stride_n, offs_d1, D, UPCAST)
+        dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+
+    for start_m in range(0, LEN, BLOCK_M):
+        pos_m = start_m + offs_m
+        valid_m = pos_m < LEN
+        tok_m = seq * SEQ_TOK + pos_m * POS_TOK
+        row_ptrs = pid_bh.to(tl.int64) * N + tok_m
+        lse = tl.load(LSE + row_ptrs, mask=valid_m, other=0.0)
+        delta = tl.load(DELTA + row_ptrs, mask=valid_m, other=0.0)
+        q0 = _load(q_base, tok_m, valid_m, stride_n, offs_d0, D, UPCAST)
+        do0 = _load(do_base, tok_m, valid_m, do_stride_n, offs_d0, D, UPCAST)
+        s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M) = S^T
+        dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            q1 = _load(q_base, tok_m, valid_m, stride_n, offs_d1, D, UPCAST)
+            do1 = _load(do_base, tok_m, valid_m, do_stride_n, offs_d1, D, UPCAST)
+            s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
+            dp_t += tl.dot(v1, tl.trans(do1), input_precision=DOT_PREC)
+        p_t = tl.where(valid_m[None, :], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
+        ds_t = _lowp(p_t * (dp_t - delta[None, :]), DTYPE, UPCAST)
+        p_t = _lowp(p_t, DTYPE, UPCAST)
+        dv0 += tl.dot(p_t, do0, input_precision=DOT_PREC)
+        dk0 += tl.dot(ds_t, q0, input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            dv1 += tl.dot(p_t, do1, input_precision=DOT_PREC)
+            dk1 += tl.dot(ds_t, q1, input_precision=DOT_PREC)
+    _store(dk_base, tok_n, valid_n, g_stride_n, offs_d0, D, dk0 * sm_scale)
+    _store(dv_base, tok_n, valid_n, g_stride_n, offs_d0, D, dv0)
+    if BLOCK_D1 > 0:
+        _store(dk_base, tok_n, valid_n, g_stride_n, offs_d1, D, dk1 * sm_scale)
+        _store(dv_base, tok_n, valid_n, g_stride_n, offs_d1, D, dv1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------------
+
+KINDS = ("spatial", "temporal", "full")
+
+
+def geometry(kind: str, N: int, num_frames: int) -> tuple[int, int, int, int]:
+    """(NSEQ, LEN, SEQ_TOK, POS_TOK) of a kind: how tokens group into independent sequences."""
+    T = num_frames
+    S = N // T
+    if kind == "spatial":
+        return T, S, S, 1
+    if kind == "temporal":
+        return S, T, 1, S
+    if kind == "full":
+        return 1, N, 0, 1
+    raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tiling of one launch. ``packed``: BLOCK_M == BLOCK_N == the tile, G = BLOCK_M // LEN sequences."""
+
+    packed: bool
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# The shipped configurations, by pass and input width (16-bit or fp32). fp32 tiles are smaller: the
+# same registers hold half as many elements, and fp32 is the accuracy path, not the fast one.
+_FWD = {
+    16: dict(pack=128, packed=Tiles(True, 128, 128, 8, 1), streamed=Tiles(False, 128, 64, 8, 2)),
+    32: dict(pack=64, packed=Tiles(True, 64, 64, 4, 1), streamed=Tiles(False, 64, 32, 4, 2)),
+}
+_BWD = {
+    16: dict(pack=64, packed=Tiles(True, 64, 64, 4, 1), streamed=Tiles(False, 64, 64, 4, 2)),
+    32: dict(pack=32, packed=Tiles(True, 32, 32, 4, 1), streamed=Tiles(False, 32, 32, 4, 2)),
+}
+_override: Tiles | None = None
+
+
+@contextlib.contextmanager
+def tile_override(block: int):
+    """Force every launch to BLOCK_M = BLOCK_N = ``block`` (packed iff LEN <= block).
+
+    For tests: small tiles let small shapes exercise multi-tile streaming and packing under the
+    interpreter. Not thread-safe; not for production use.
+    """
+    global _override
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block: expected a power of two >= 16, got {block}")
+    old, _override = _override, Tiles(False, block, block, 4, 1)
+    try:
+        yield
+    finally:
+        _override = old
+
+
+def choose_tiles(pass_: str, LEN: int, dtype: torch.dtype) -> Tiles:
+    """The tiling for a forward ("fwd") or backward ("bwd") launch over sequences of length LEN."""
+    if _override is not None:
+        return replace(_override, packed=LEN <= _override.block_m)
+    table = (_FWD if pass_ == "fwd" else _BWD)[32 if dtype == torch.float32 else 16]
+    return table["packed"] if LEN <= table["pack"] else table["streamed"]
+
+
+def check_supported(name: str, x: torch.Tensor) -> None:
+    """Raise a clear error for inputs the triton backend does not take."""
+    if x.dtype not in TL_DTYPES:
+        raise TypeError(
+            f"{name}: the triton backend takes float16, bfloat16 or float32, got {x.dtype} "
+            "(use backend='reference' for float64)"
+        )
+    D = x.shape[-1]
+    if not 16 <= D <= 256:
+        raise ValueError(f"{name}: the triton backend takes head dims 16..256, got D = {D}")
+    reason = triton_availability(x.device)
+    if reason is not None:
+        from .backends import BackendUnavailable
+
+        raise BackendUnavailable(f"backend 'triton' cannot run on {x.device}: {reason}")
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # Kernels address rows by strides but assume unit stride along D (the only copy we ever make,
+    # and only for exotic views such as a transposed head dim).
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _consts(D: int, dtype: torch.dtype) -> dict:
+    d0, d1 = split_head_dim(D)
+    upcast = interpreting() and dtype == torch.bfloat16
+    return dict(BLOCK_D0=d0, BLOCK_D1=d1, UPCAST=upcast, DOT_PREC=dot_precision(dtype))
+
+
+def _grid(tiles: Tiles, NSEQ: int, LEN: int, BH: int) -> tuple[int, int]:
+    if tiles.packed:
+        return (triton.cdiv(NSEQ, tiles.block_m // LEN), BH)
+    return (NSEQ * triton.cdiv(LEN, tiles.block_m), BH)
+
+
+def forward(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv (B, N, 3, H, D) -> (out (B, N, H, D), lse (B, H, N) fp32, log2 domain)."""
+    qkv = _last_dim_contiguous(qkv)
+    B, N, _, H, D = qkv.shape
+    NSEQ, LEN, SEQ_TOK, POS_TOK = geometry(kind, N, num_frames)
+    out = torch.empty((B, N, H, D), device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty((B, H, N), device=qkv.device, dtype=torch.float32)
+    t = choose_tiles("fwd", LEN, qkv.dtype)
+    _fwd_kernel[_grid(t, NSEQ, LEN, B * H)](
+        qkv, out, lse,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, D, scale * LOG2E,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, PACKED=t.packed, **_consts(D, qkv.dtype),
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def backward(
+    dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, kind: str, num_frames: int, scale: float
+) -> torch.Tensor:
+    """Gradient of forward's out w.r.t. qkv: (B, N, 3, H, D), one tensor in qkv's layout."""
+    qkv = _last_dim_contiguous(qkv)
+    dout = _last_dim_contiguous(dout)
+    B, N, _, H, D = qkv.shape
+    NSEQ, LEN, SEQ_TOK, POS_TOK = geometry(kind, N, num_frames)
+    dqkv = torch.empty((B, N, 3, H, D), device=qkv.device, dtype=qkv.dtype)
+    t = choose_tiles("bwd", LEN, qkv.dtype)
+    common = (
+        qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
+    )  # fmt: skip
+    o_strides = (out.stride(0), out.stride(1), out.stride(2))
+    do_strides = (dout.stride(0), dout.stride(1), dout.stride(2))
+    g_strides = (dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), dqkv.stride(3))
+    sizes = (H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, D, scale * LOG2E, scale)
+    consts = _consts(D, qkv.dtype)
+    launch = dict(num_warps=t.num_warps, num_stages=t.num_stages)
+    if t.packed:
+        _bwd_packed_kernel[_grid(t, NSEQ, LEN, B * H)](
+            qkv, out, dout, lse, dqkv, *common, *o_strides, *do_strides, *g_strides, *sizes,
+            BLOCK=t.block_m, **consts, **launch,
+        )  # fmt: skip
+        return dqkv
+    delta = torch.empty_like(lse)
+    _bwd_dq_kernel[_grid(t, NSEQ, LEN, B * H)](
+        qkv, out, dout, lse, delta, dqkv, *common, *o_strides, *do_strides, *g_strides, *sizes,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, **consts, **launch,
+    )  # fmt: skip
+    _bwd_dkdv_kernel[(NSEQ * triton.cdiv(LEN, t.block_n), B * H)](
+        qkv, dout, lse, delta, dqkv, *common, *do_strides, *g_strides, *sizes,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, **consts, **launch,
+    )  # fmt: skip
+    return dqkv
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd: torch.library custom ops, so torch.compile traces callers without graph breaks
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("stdit::triton_self_attention", mutates_args=())
+def _self_attention_op(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(qkv, kind, num_frames, scale)
+
+
+@_self_attention_op.register_fake
+def _(qkv, kind, num_frames, scale):
+    B, N, _, H, D = qkv.shape
+    return qkv.new_empty((B, N, H, D)), qkv.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("stdit::triton_self_attention_backward", mutates_args=())
+def _self_attention_backward_op(
+    dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, kind: str, num_frames: int, scale: float
+) -> torch.Tensor:
+    return backward(dout, qkv, out, lse, kind, num_frames, scale)
+
+
+@_self_attention_backward_op.register_fake
+def _(dout, qkv, out, lse, kind, num_frames, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, kind, num_frames, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.args = (kind, num_frames, scale)
+
+
+def _backward(ctx, dout, dlse):
+    qkv, out, lse = ctx.saved_tensors
+    return _self_attention_backward_op(dout, qkv, out, lse, *ctx.args), None, None, None
+
+
+_self_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> torch.Tensor:
+    """Backend entry point: qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D) for kind spatial|temporal|full."""
+    check_supported("qkv", qkv)
+    out, _ = _self_attention_op(qkv, kind, num_frames, float(scale))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shipped configurations, for `stdit inspect`
+# ----------------------------------------------------------------------------------------------------
+
+def shipped_builds() -> list[KernelBuild]:
+    """Every (kernel, tiling, head dim, dtype) configuration the launchers above can pick on a GPU."""
+    builds = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        width = 32 if dtype == torch.float32 else 16
+        for D in (32, 64, 72, 80, 96, 128):
+            consts = dict(_consts(D, dtype), UPCAST=False)
+            tag = f"D={D},{TL_DTYPES[dtype]}"
+            fwd, bwd = _FWD[width], _BWD[width]
+            for t in (fwd["packed"], fwd["streamed"]):
+                c = dict(consts, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PACKED=t.packed)
+                kind = "packed" if t.packed else "streamed"
+                builds.append(KernelBuild(f"self_attn_fwd_{kind}[{tag}]", _fwd_kernel, signature_of(_fwd_kernel, dtype, c), c, t.num_warps, t.num_stages))
+            t = bwd["packed"]
+            c = dict(consts, BLOCK=t.block_m)
+            builds.append(KernelBuild(f"self_attn_bwd_packed[{tag}]", _bwd_packed_kernel, signature_of(_bwd_packed_kernel, dtype, c), c, t.num_warps, t.num_stages))
+            t = bwd["streamed"]
+            c = dict(consts, BLOCK_M=t.block_m, BLOCK_N=t.block_n)
+            for name, fn in (("dq", _bwd_dq_kernel), ("dkdv", _bwd_dkdv_kernel)):
+                builds.append(KernelBuild(f"self_attn_bwd_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages))
+    return builds
+
+
+def availability(device: torch.device) -> str | None:
+    return triton_availability(device)

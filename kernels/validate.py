@@ -1,0 +1,97 @@
+"""Input checks shared by every attention backend.
+
+Every public function in :mod:`stdit.kernels` validates its arguments here before dispatching, so each
+backend can assume well-formed input and every backend rejects bad input with the same message:
+the argument's name and the form that was expected.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _check_float(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
+        )
+
+
+def check_scale(scale: float | None, head_dim: int) -> float:
+    """Default the softmax scale to D^-0.5 and reject values that would give silent garbage."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (scale > 0.0 and scale < float("inf")):
+        raise ValueError(f"scale: expected a finite positive float, got {scale}")
+    return scale
+
+
+def check_qkv(qkv: torch.Tensor) -> tuple[int, int, int, int]:
+    """qkv must be (B, N, 3, H, D) with a floating dtype; returns (B, N, H, D)."""
+    _check_tensor("qkv", qkv)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv: expected shape (B, T*S, 3, H, D), got {tuple(qkv.shape)}")
+    _check_float("qkv", qkv)
+    B, N, _, H, D = qkv.shape
+    if B < 1 or N < 1 or H < 1 or D < 1:
+        raise ValueError(f"qkv: every dimension must be >= 1, got {tuple(qkv.shape)}")
+    return B, N, H, D
+
+
+def check_num_frames(num_frames: object, num_tokens: int) -> int:
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int):
+        raise TypeError(f"num_frames: expected a Python int, got {type(num_frames).__name__}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames: expected an int >= 1, got {num_frames}")
+    if num_tokens % num_frames != 0:
+        raise ValueError(
+            f"num_frames: {num_frames} does not divide the token count qkv.shape[1] = {num_tokens}; "
+            "expected qkv of shape (B, T*S, 3, H, D) with T = num_frames"
+        )
+    return num_frames
+
+
+def check_cross(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """q (B, N, H, D), kv (B, L, 2, H, D), kv_lens (B,) integer in [1, L]; returns (B, N, L, H, D)."""
+    _check_tensor("q", q)
+    _check_tensor("kv", kv)
+    _check_tensor("kv_lens", kv_lens)
+    if q.dim() != 4:
+        raise ValueError(f"q: expected shape (B, N, H, D), got {tuple(q.shape)}")
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv: expected shape (B, L, 2, H, D), got {tuple(kv.shape)}")
+    _check_float("q", q)
+    _check_float("kv", kv)
+    if q.dtype != kv.dtype:
+        raise TypeError(f"kv: dtype {kv.dtype} does not match q's dtype {q.dtype}")
+    if q.device != kv.device:
+        raise ValueError(f"kv: on device {kv.device}, but q is on {q.device}; expected the same device")
+    B, N, H, D = q.shape
+    Bk, L, _, Hk, Dk = kv.shape
+    if (Bk, Hk, Dk) != (B, H, D):
+        raise ValueError(
+            f"kv: expected shape (B={B}, L, 2, H={H}, D={D}) to match q {tuple(q.shape)}, got {tuple(kv.shape)}"
+        )
+    if min(B, N, H, D, L) < 1:
+        raise ValueError(f"q, kv: every dimension must be >= 1, got q {tuple(q.shape)}, kv {tuple(kv.shape)}")
+    if kv_lens.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"kv_lens: expected an integer tensor (int32 or int64), got {kv_lens.dtype}")
+    if kv_lens.dim() != 1 or kv_lens.shape[0] != B:
+        raise ValueError(f"kv_lens: expected shape ({B},) (one length per sample), got {tuple(kv_lens.shape)}")
+    if kv_lens.device != q.device:
+        raise ValueError(f"kv_lens: on device {kv_lens.device}, but q is on {q.device}; expected the same device")
+    lo, hi = int(kv_lens.min()), int(kv_lens.max())
+    if lo < 1 or hi > L:
+        raise ValueError(f"kv_lens: every length must lie in [1, L={L}], got values in [{lo}, {hi}]")
+    return B, N, L, H, D

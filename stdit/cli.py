@@ -1,0 +1,47 @@
+"""The `stdit` command: `stdit info`, `stdit inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .info import run_info
+
+    return run_info(json_output=args.json)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from stdit.kernels.inspect_gpu import run_inspect
+
+    return run_inspect(json_output=args.json, targets=args.target, kernels=args.kernel)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stdit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="devices, versions and which attention backends can run here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "inspect",
+        help="compile every shipped Triton kernel config ahead of time for sm_90 and sm_80 and report "
+        "registers, spills, shared memory, occupancy and wgmma use (no GPU needed)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--target", action="append", choices=["sm_90", "sm_80"], help="limit to a target (repeatable)")
+    p.add_argument("--kernel", action="append", help="limit to kernels whose name contains this (repeatable)")
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""`stdit info`: versions, devices, and which attention backends can run here (and why not).
+
+Every "available" comes from the backend's own availability check (stdit.kernels.backends), never
+from a list kept here, so the report cannot drift from what the API will actually do.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+import torch
+
+SDPA_SUBS = ("sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "sdpa:math")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _availability(name: str, device: str) -> str | None:
+    """None if available, else the reason; a backend whose check itself fails is reported, not fatal."""
+    from stdit.kernels import backends
+
+    try:
+        return backends.availability(name, device)
+    except Exception as e:  # a broken optional install must not hide the rest of the report
+        return f"availability check failed: {type(e).__name__}: {e}"
+
+
+def collect() -> dict[str, Any]:
+    """Everything `stdit info` reports, as one JSON-serializable dict."""
+    from stdit.kernels import backends
+
+    cuda = torch.cuda.is_available()
+    devices = ["cpu"] + (["cuda"] if cuda else [])
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": {
+            "available": cuda,
+            "version": torch.version.cuda,  # the CUDA torch was built with; None for CPU builds
+            "devices": [
+                {
+                    "index": i,
+                    "name": torch.cuda.get_device_name(i),
+                    "capability": "sm_{}{}".format(*torch.cuda.get_device_capability(i)),
+                }
+                for i in range(torch.cuda.device_count())
+            ]
+            if cuda
+            else [],
+        },
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+        "backends": {},
+    }
+    for device in devices:
+        names = list(backends.BACKENDS) + list(SDPA_SUBS)
+        info["backends"][device] = {name: _availability(name, device) for name in names}
+    info["auto"] = {device: backends.auto_backend(torch.device(device)) for device in devices}
+    return info
+
+
+def _print_table(info: dict[str, Any]) -> None:
+    cuda = info["cuda"]
+    rows = [
+        ("python", info["python"]),
+        ("platform", info["platform"]),
+        ("torch", info["torch"]),
+        ("triton", info["triton"] or "not installed"),
+        ("CUDA available", "yes" if cuda["available"] else "no"),
+        ("CUDA version", cuda["version"] or "none (CPU build of torch)"),
+    ]
+    rows += [(f"cuda:{d['index']}", f"{d['name']} ({d['capability']})") for d in cuda["devices"]]
+    rows.append(("TRITON_INTERPRET", info["TRITON_INTERPRET"] if info["TRITON_INTERPRET"] is not None else "unset"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    for device, table in info["backends"].items():
+        print(f"\nattention backends on {device} (auto -> {info['auto'][device]}):")
+        width = max(len(name) for name in table)
+        for name, reason in table.items():
+            print(f"  {name:<{width}}  {'available' if reason is None else 'unavailable: ' + reason}")
+
+
+def run_info(json_output: bool) -> int:
+    """Print the report (a table, or one JSON object with --json); returns the exit status."""
+    info = collect()
+    if json_output:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_table(info)
+    return 0

@@ -1,0 +1,1 @@
+"""stdit.train: staged training and hybrid parallelism (issues: training, parallel)."""
