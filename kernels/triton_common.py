@@ -60,6 +60,19 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Tests set this: every buffer a kernel is meant to fill completely starts NaN-filled, so an element a
+# kernel forgot to write shows up as NaN instead of as whatever memory held.
+poison_outputs = False
+
+
+def new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialized buffer (NaN-filled when ``poison_outputs``) that a kernel writes in full."""
+    t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    if poison_outputs:
+        t.fill_(float("nan"))
+    return t
+
+
 TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -81,20 +94,31 @@ class KernelBuild:
     uses_mma: bool = True  # whether the kernel's hot loop is tl.dot (so sm_90 should use wgmma)
     tags: dict[str, Any] = field(default_factory=dict)
 
+    def attrs(self) -> dict[tuple[int, ...], list[list[Any]]]:
+        """ASTSource attrs marking every pointer argument 16-byte aligned, as Triton's JIT does at
+        launch for torch allocations; without it an ahead-of-time build would assume unaligned
+        pointers, scalarize every load and misreport registers."""
+        return {
+            (i,): [["tt.divisibility", 16]]
+            for i, name in enumerate(self.fn.arg_names)
+            if self.signature.get(name, "").startswith("*")
+        }
 
-# Pointer arguments whose element type does not follow the input dtype.
+
+# Pointer arguments of our kernels, and the element type of those that do not follow the input dtype.
+_POINTERS = {"QKV", "O", "DO", "DQKV", "Q", "KV", "DQ", "LSE", "DELTA", "DKV", "LENS"}
 _POINTER_DTYPES = {"LSE": "fp32", "DELTA": "fp32", "DKV": "fp32", "LENS": "i32"}
 
 
 def signature_of(fn: Any, dtype: torch.dtype, constexprs: dict[str, Any]) -> dict[str, str]:
     """Triton type strings for every argument of a kernel written in this package's convention:
-    UPPER-case names are pointers (of the input dtype unless listed in _POINTER_DTYPES), ``*_scale``
+    names in _POINTERS are pointers (of the input dtype unless listed in _POINTER_DTYPES), ``*_scale``
     arguments are fp32, every other runtime argument is i32."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name.isupper():
+        elif name in _POINTERS:
             sig[name] = "*" + _POINTER_DTYPES.get(name, TL_DTYPES[dtype])
         elif name.endswith("_scale"):
             sig[name] = "fp32"

@@ -3,38 +3,49 @@
 q (B, N, H, D) attends to kv (B, L, 2, H, D), padded to L text tokens, of which the first
 kv_lens[b] are real. Open-Sora 1.0 packs the valid tokens of all samples with ``masked_select``
 (a copy) and calls xformers with a ``BlockDiagonalMask``; here every program reads its sample's
-length from ``kv_lens`` and masks the padded keys, with no packing copy.
+length from ``kv_lens`` and masks (or skips) the padded keys, with no packing copy.
 
-The text is short (L <= 120 in Open-Sora 1.0), so one (sample, head)'s K and V (<= 128 x 72 x 2
-values, ~37 KB in bf16) stay resident in the program while it streams query tiles of BLOCK_M rows:
-K/V are read once per program instead of once per query tile, and the softmax of a query tile is
-exact in one pass (all its keys are present), so there is no online-softmax rescaling. Programs are
-(query chunk, sample x head); a chunk holds tiles_per_prog consecutive query tiles, sized so the
-launch fills the GPU even at small batch.
+Forward. The text is short (L <= 120 in Open-Sora 1.0), so when L <= BLOCK_L (128) one
+(sample, head)'s K and V (128 x 72 x 2 values, 37 KB in bf16) stay resident in the program while it
+streams query tiles of BLOCK_M rows: K/V are read once per program rather than once per query tile,
+and each query tile's softmax is exact in one pass (all its keys are present: no online rescaling).
+Programs are (query chunk, sample x head); a chunk holds ``tiles_per_prog`` consecutive query tiles,
+sized so the launch fills the GPU even at batch 1. Longer text (L > 128) streams key blocks with an
+online softmax instead, and stops at kv_lens[b], so padded blocks cost nothing.
 
-Head dim is split into power-of-two chunks D0 + D1 (72 = 64 + 16, 8 masked) like the
-self-attention kernels; the row loaders are shared with them.
+Head dim is split into power-of-two chunks D0 + D1 (72 = 64 + 16, 8 masked) like the self-attention
+kernels, whose row loaders these kernels share.
 
 Backward (P recomputed from the stored log-sum-exp; Delta_i = sum_d dO_id O_id):
     dS = P * (dO V^T - Delta)     dQ = scale * dS K     dK = scale * dS^T Q     dV = P^T dO
-dQ is written per query tile. dK and dV sum over every query of the sample: each program
-accumulates its chunk's share in registers and writes it to a fp32 partial buffer
-(chunks, B, L, 2, H, D), summed on the host -- deterministic, no atomics, and the buffer is tiny
-(text-sized). Padded keys (position >= kv_lens[b]) get exactly zero gradient.
-
-Limit: L <= 256 (K/V must fit a program); longer text raises a ValueError naming kv.
+Two kernels, as in FlashAttention-2: one per query tile computes dQ over the sample's key blocks
+(and stores Delta); one per (key block, query chunk) accumulates dK and dV over the chunk's query
+tiles. Keeping dK/dV for all 120 keys of a program in registers would need ~160 fp32 registers per
+thread on top of K and V (it spills; `stdit inspect` shows it), so key blocks are 64 wide. Chunks
+write fp32 partials (chunks, B, L, 2, H, D), summed on the host: deterministic, no atomics, and
+text-sized. Padded keys (position >= kv_lens[b]) get exactly zero gradient.
 """
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import TL_DTYPES, KernelBuild, signature_of
-from .triton_self_attention import LOG2E, _consts, _last_dim_contiguous, _load, _lowp, _store, check_supported
-
-MAX_L = 256
+from .triton_common import TL_DTYPES, KernelBuild, new_output, signature_of
+from .triton_self_attention import (
+    _ELEMENT_SIZE,
+    LOG2E,
+    _consts,
+    _last_dim_contiguous,
+    _load,
+    _lowp,
+    _offsets,
+    _store,
+    alignment,
+    check_supported,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -47,9 +58,10 @@ def _cross_fwd_kernel(
     q_stride_b, q_stride_n, q_stride_h,
     kv_stride_b, kv_stride_l, kv_stride_2, kv_stride_h,
     o_stride_b, o_stride_n, o_stride_h,
-    H, N, D, qk_scale, tiles_per_prog,
+    H, N, qk_scale, tiles_per_prog,
     BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -57,129 +69,226 @@ def _cross_fwd_kernel(
     h = pid_bh % H
     DTYPE: tl.constexpr = O.dtype.element_ty
     kv_len = tl.load(LENS + b)
-    q_base = Q + b.to(tl.int64) * q_stride_b + h * q_stride_h
-    o_base = O + b.to(tl.int64) * o_stride_b + h * o_stride_h
-    k_base = KV + b.to(tl.int64) * kv_stride_b + h * kv_stride_h
-    v_base = k_base + kv_stride_2
+    q_head = b.to(tl.int64) * q_stride_b + h * q_stride_h
+    o_head = b.to(tl.int64) * o_stride_b + h * o_stride_h
+    k_head = b.to(tl.int64) * kv_stride_b + h * kv_stride_h
+    v_head = k_head + kv_stride_2
     offs_m = tl.arange(0, BLOCK_M)
     offs_l = tl.arange(0, BLOCK_L)
     offs_d0 = tl.arange(0, BLOCK_D0)
-    valid_l = offs_l < kv_len
-
-    # K and V of this (sample, head): loaded once, reused by every query tile below.
-    k0 = _load(k_base, offs_l, valid_l, kv_stride_l, offs_d0, D, UPCAST)
-    v0 = _load(v_base, offs_l, valid_l, kv_stride_l, offs_d0, D, UPCAST)
     if BLOCK_D1 > 0:
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        k1 = _load(k_base, offs_l, valid_l, kv_stride_l, offs_d1, D, UPCAST)
-        v1 = _load(v_base, offs_l, valid_l, kv_stride_l, offs_d1, D, UPCAST)
+
+    if RESIDENT:  # K and V of this (sample, head): loaded once, reused by every query tile below
+        valid_l = offs_l < kv_len
+        k_rows = _offsets(k_head, offs_l, kv_stride_l, ALIGN)
+        v_rows = _offsets(v_head, offs_l, kv_stride_l, ALIGN)
+        k0 = _load(KV, k_rows, valid_l, offs_d0, D, UPCAST)
+        v0 = _load(KV, v_rows, valid_l, offs_d0, D, UPCAST)
+        if BLOCK_D1 > 0:
+            k1 = _load(KV, k_rows, valid_l, offs_d1, D, UPCAST)
+            v1 = _load(KV, v_rows, valid_l, offs_d1, D, UPCAST)
 
     for i in range(0, tiles_per_prog):
         rows = (pid_c * tiles_per_prog + i) * BLOCK_M + offs_m
         valid_m = rows < N
-        q0 = _load(q_base, rows, valid_m, q_stride_n, offs_d0, D, UPCAST)
-        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+        q_rows = _offsets(q_head, rows, q_stride_n, ALIGN)
+        q0 = _load(Q, q_rows, valid_m, offs_d0, D, UPCAST)
         if BLOCK_D1 > 0:
-            q1 = _load(q_base, rows, valid_m, q_stride_n, offs_d1, D, UPCAST)
-            s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
-        s = tl.where(valid_l[None, :], s * qk_scale, -1.0e30)  # kv_len >= 1: every row has a key
-        m = tl.max(s, 1)
-        p = tl.exp2(s - m[:, None])
-        l = tl.sum(p, 1)
-        inv_l = 1.0 / l
-        p_lp = _lowp(p, DTYPE, UPCAST)
-        _store(o_base, rows, valid_m, o_stride_n, offs_d0, D, tl.dot(p_lp, v0, input_precision=DOT_PREC) * inv_l[:, None])
+            q1 = _load(Q, q_rows, valid_m, offs_d1, D, UPCAST)
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
         if BLOCK_D1 > 0:
-            _store(o_base, rows, valid_m, o_stride_n, offs_d1, D, tl.dot(p_lp, v1, input_precision=DOT_PREC) * inv_l[:, None])
-        tl.store(LSE + pid_bh.to(tl.int64) * N + rows, m + tl.log2(l), mask=valid_m)
+            acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+        # resident: one step over the loaded K/V; streamed: key blocks up to this sample's length
+        for start_l in range(0, BLOCK_L if RESIDENT else kv_len, BLOCK_L):
+            if not RESIDENT:
+                valid_l = start_l + offs_l < kv_len
+                k_rows = _offsets(k_head, start_l + offs_l, kv_stride_l, ALIGN)
+                v_rows = _offsets(v_head, start_l + offs_l, kv_stride_l, ALIGN)
+                k0 = _load(KV, k_rows, valid_l, offs_d0, D, UPCAST)
+                v0 = _load(KV, v_rows, valid_l, offs_d0, D, UPCAST)
+                if BLOCK_D1 > 0:
+                    k1 = _load(KV, k_rows, valid_l, offs_d1, D, UPCAST)
+                    v1 = _load(KV, v_rows, valid_l, offs_d1, D, UPCAST)
+            s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+            if BLOCK_D1 > 0:
+                s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+            s = tl.where(valid_l[None, :], s * qk_scale, -1.0e30)  # kv_len >= 1: every row has a key
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p_lp = _lowp(p, DTYPE, UPCAST)
+            acc0 = acc0 * alpha[:, None] + tl.dot(p_lp, v0, input_precision=DOT_PREC)
+            if BLOCK_D1 > 0:
+                acc1 = acc1 * alpha[:, None] + tl.dot(p_lp, v1, input_precision=DOT_PREC)
+            m_i = m_new
+        inv_l = 1.0 / l_i
+        o_rows = _offsets(o_head, rows, o_stride_n, ALIGN)
+        _store(O, o_rows, valid_m, offs_d0, D, acc0 * inv_l[:, None])
+        if BLOCK_D1 > 0:
+            _store(O, o_rows, valid_m, offs_d1, D, acc1 * inv_l[:, None])
+        tl.store(LSE + pid_bh.to(tl.int64) * N + rows, m_i + tl.log2(l_i), mask=valid_m)
 
 
 @triton.jit
-def _cross_bwd_kernel(
-    Q, KV, LENS, O, DO, LSE, DQ, DKV,
+def _cross_bwd_dq_kernel(
+    Q, KV, LENS, O, DO, LSE, DELTA, DQ,
     q_stride_b, q_stride_n, q_stride_h,
     kv_stride_b, kv_stride_l, kv_stride_2, kv_stride_h,
     o_stride_b, o_stride_n, o_stride_h,
     do_stride_b, do_stride_n, do_stride_h,
     dq_stride_b, dq_stride_n, dq_stride_h,
-    dkv_stride_c, dkv_stride_b, dkv_stride_l, dkv_stride_2, dkv_stride_h,
-    H, N, L, D, qk_scale, sm_scale, tiles_per_prog,
+    H, N, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    pid_c = tl.program_id(0)
+    """One query tile: dQ over the sample's key blocks; also stores Delta for the dK/dV kernel."""
+    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     DTYPE: tl.constexpr = DO.dtype.element_ty
     kv_len = tl.load(LENS + b)
     b64 = b.to(tl.int64)
-    q_base = Q + b64 * q_stride_b + h * q_stride_h
-    o_base = O + b64 * o_stride_b + h * o_stride_h
-    do_base = DO + b64 * do_stride_b + h * do_stride_h
-    dq_base = DQ + b64 * dq_stride_b + h * dq_stride_h
-    k_base = KV + b64 * kv_stride_b + h * kv_stride_h
-    v_base = k_base + kv_stride_2
-    dk_base = DKV + pid_c.to(tl.int64) * dkv_stride_c + b64 * dkv_stride_b + h * dkv_stride_h
-    dv_base = dk_base + dkv_stride_2
+    k_head = b64 * kv_stride_b + h * kv_stride_h
+    v_head = k_head + kv_stride_2
     offs_m = tl.arange(0, BLOCK_M)
     offs_l = tl.arange(0, BLOCK_L)
     offs_d0 = tl.arange(0, BLOCK_D0)
-    valid_l = offs_l < kv_len
+    rows = pid_m * BLOCK_M + offs_m
+    valid_m = rows < N
+    q_rows = _offsets(b64 * q_stride_b + h * q_stride_h, rows, q_stride_n, ALIGN)
+    o_rows = _offsets(b64 * o_stride_b + h * o_stride_h, rows, o_stride_n, ALIGN)
+    do_rows = _offsets(b64 * do_stride_b + h * do_stride_h, rows, do_stride_n, ALIGN)
+    dq_rows = _offsets(b64 * dq_stride_b + h * dq_stride_h, rows, dq_stride_n, ALIGN)
 
-    k0 = _load(k_base, offs_l, valid_l, kv_stride_l, offs_d0, D, UPCAST)
-    v0 = _load(v_base, offs_l, valid_l, kv_stride_l, offs_d0, D, UPCAST)
+    q0 = _load(Q, q_rows, valid_m, offs_d0, D, UPCAST)
+    do0 = _load(DO, do_rows, valid_m, offs_d0, D, UPCAST)
+    delta = tl.sum(do0.to(tl.float32) * _load(O, o_rows, valid_m, offs_d0, D, True), 1)
+    dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        q1 = _load(Q, q_rows, valid_m, offs_d1, D, UPCAST)
+        do1 = _load(DO, do_rows, valid_m, offs_d1, D, UPCAST)
+        delta += tl.sum(do1.to(tl.float32) * _load(O, o_rows, valid_m, offs_d1, D, True), 1)
+        dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    stat_ptrs = pid_bh.to(tl.int64) * N + rows
+    tl.store(DELTA + stat_ptrs, delta, mask=valid_m)
+    lse = tl.load(LSE + stat_ptrs, mask=valid_m, other=0.0)
+
+    for start_l in range(0, kv_len, BLOCK_L):
+        valid_l = start_l + offs_l < kv_len
+        k_rows = _offsets(k_head, start_l + offs_l, kv_stride_l, ALIGN)
+        v_rows = _offsets(v_head, start_l + offs_l, kv_stride_l, ALIGN)
+        k0 = _load(KV, k_rows, valid_l, offs_d0, D, UPCAST)
+        v0 = _load(KV, v_rows, valid_l, offs_d0, D, UPCAST)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            k1 = _load(KV, k_rows, valid_l, offs_d1, D, UPCAST)
+            v1 = _load(KV, v_rows, valid_l, offs_d1, D, UPCAST)
+            s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+            dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
+        p = tl.where(valid_l[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds_lp = _lowp(p * (dp - delta[:, None]), DTYPE, UPCAST)
+        dq0 += tl.dot(ds_lp, k0, input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            dq1 += tl.dot(ds_lp, k1, input_precision=DOT_PREC)
+    _store(DQ, dq_rows, valid_m, offs_d0, D, dq0 * sm_scale)
+    if BLOCK_D1 > 0:
+        _store(DQ, dq_rows, valid_m, offs_d1, D, dq1 * sm_scale)
+
+
+@triton.jit
+def _cross_bwd_dkdv_kernel(
+    Q, KV, LENS, DO, LSE, DELTA, DKV,
+    q_stride_b, q_stride_n, q_stride_h,
+    kv_stride_b, kv_stride_l, kv_stride_2, kv_stride_h,
+    do_stride_b, do_stride_n, do_stride_h,
+    dkv_stride_c, dkv_stride_b, dkv_stride_l, dkv_stride_2, dkv_stride_h,
+    H, N, L, qk_scale, sm_scale, tiles_per_prog,
+    BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr,
+):  # fmt: skip
+    """One (key block, query chunk): this chunk's share of dK and dV, as fp32 partials."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_lblocks = tl.cdiv(L, BLOCK_L)
+    pid_c = pid // n_lblocks
+    start_l = (pid % n_lblocks) * BLOCK_L
+    b = pid_bh // H
+    h = pid_bh % H
+    DTYPE: tl.constexpr = DO.dtype.element_ty
+    kv_len = tl.load(LENS + b)
+    b64 = b.to(tl.int64)
+    q_head = b64 * q_stride_b + h * q_stride_h
+    do_head = b64 * do_stride_b + h * do_stride_h
+    k_head = b64 * kv_stride_b + h * kv_stride_h
+    dk_head = pid_c.to(tl.int64) * dkv_stride_c + b64 * dkv_stride_b + h * dkv_stride_h
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_l = start_l + tl.arange(0, BLOCK_L)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    valid_l = offs_l < kv_len
+    k_rows = _offsets(k_head, offs_l, kv_stride_l, ALIGN)
+    v_rows = _offsets(k_head + kv_stride_2, offs_l, kv_stride_l, ALIGN)
+    k0 = _load(KV, k_rows, valid_l, offs_d0, D, UPCAST)
+    v0 = _load(KV, v_rows, valid_l, offs_d0, D, UPCAST)
     dk0 = tl.zeros([BLOCK_L, BLOCK_D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_L, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        k1 = _load(k_base, offs_l, valid_l, kv_stride_l, offs_d1, D, UPCAST)
-        v1 = _load(v_base, offs_l, valid_l, kv_stride_l, offs_d1, D, UPCAST)
+        k1 = _load(KV, k_rows, valid_l, offs_d1, D, UPCAST)
+        v1 = _load(KV, v_rows, valid_l, offs_d1, D, UPCAST)
         dk1 = tl.zeros([BLOCK_L, BLOCK_D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_L, BLOCK_D1], dtype=tl.float32)
 
-    for i in range(0, tiles_per_prog):
+    # a block wholly past kv_len gets zero gradient: skip its query loop
+    n_tiles = tl.where(start_l < kv_len, tiles_per_prog, 0)
+    for i in range(0, n_tiles):
         rows = (pid_c * tiles_per_prog + i) * BLOCK_M + offs_m
         valid_m = rows < N
-        q0 = _load(q_base, rows, valid_m, q_stride_n, offs_d0, D, UPCAST)
-        do0 = _load(do_base, rows, valid_m, do_stride_n, offs_d0, D, UPCAST)
-        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
-        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
-        delta = tl.sum(do0.to(tl.float32) * _load(o_base, rows, valid_m, o_stride_n, offs_d0, D, True), 1)
+        q_rows = _offsets(q_head, rows, q_stride_n, ALIGN)
+        do_rows = _offsets(do_head, rows, do_stride_n, ALIGN)
+        stat_ptrs = pid_bh.to(tl.int64) * N + rows
+        lse = tl.load(LSE + stat_ptrs, mask=valid_m, other=0.0)
+        delta = tl.load(DELTA + stat_ptrs, mask=valid_m, other=0.0)
+        q0 = _load(Q, q_rows, valid_m, offs_d0, D, UPCAST)
+        do0 = _load(DO, do_rows, valid_m, offs_d0, D, UPCAST)
+        s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)  # (BLOCK_L, BLOCK_M) = S^T
+        dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
         if BLOCK_D1 > 0:
-            q1 = _load(q_base, rows, valid_m, q_stride_n, offs_d1, D, UPCAST)
-            do1 = _load(do_base, rows, valid_m, do_stride_n, offs_d1, D, UPCAST)
-            s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
-            dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
-            delta += tl.sum(do1.to(tl.float32) * _load(o_base, rows, valid_m, o_stride_n, offs_d1, D, True), 1)
-        lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=valid_m, other=0.0)
-        keep = valid_m[:, None] & valid_l[None, :]
-        p = tl.where(keep, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
-        ds_lp = _lowp(p * (dp - delta[:, None]), DTYPE, UPCAST)
-        p_t = tl.trans(_lowp(p, DTYPE, UPCAST))
-        ds_t = tl.trans(ds_lp)
-        _store(dq_base, rows, valid_m, dq_stride_n, offs_d0, D, tl.dot(ds_lp, k0, input_precision=DOT_PREC) * sm_scale)
+            q1 = _load(Q, q_rows, valid_m, offs_d1, D, UPCAST)
+            do1 = _load(DO, do_rows, valid_m, offs_d1, D, UPCAST)
+            s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
+            dp_t += tl.dot(v1, tl.trans(do1), input_precision=DOT_PREC)
+        keep = valid_l[:, None] & valid_m[None, :]
+        p_t = tl.where(keep, tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
+        ds_t = _lowp(p_t * (dp_t - delta[None, :]), DTYPE, UPCAST)
+        p_t = _lowp(p_t, DTYPE, UPCAST)
         dv0 += tl.dot(p_t, do0, input_precision=DOT_PREC)
         dk0 += tl.dot(ds_t, q0, input_precision=DOT_PREC)
         if BLOCK_D1 > 0:
-            _store(dq_base, rows, valid_m, dq_stride_n, offs_d1, D, tl.dot(ds_lp, k1, input_precision=DOT_PREC) * sm_scale)
             dv1 += tl.dot(p_t, do1, input_precision=DOT_PREC)
             dk1 += tl.dot(ds_t, q1, input_precision=DOT_PREC)
 
-    # Every key row < L is written (zeros past kv_len), so the partial buffer needs no zero-fill.
+    # every key row < L is written (zeros past kv_len), so the partial buffer needs no zero-fill
     in_l = offs_l < L
-    _store(dk_base, offs_l, in_l, dkv_stride_l, offs_d0, D, dk0 * sm_scale)
-    _store(dv_base, offs_l, in_l, dkv_stride_l, offs_d0, D, dv0)
+    dk_rows = _offsets(dk_head, offs_l, dkv_stride_l, ALIGN)
+    dv_rows = _offsets(dk_head + dkv_stride_2, offs_l, dkv_stride_l, ALIGN)
+    _store(DKV, dk_rows, in_l, offs_d0, D, dk0 * sm_scale)
+    _store(DKV, dv_rows, in_l, offs_d0, D, dv0)
     if BLOCK_D1 > 0:
-        _store(dk_base, offs_l, in_l, dkv_stride_l, offs_d1, D, dk1 * sm_scale)
-        _store(dv_base, offs_l, in_l, dkv_stride_l, offs_d1, D, dv1)
+        _store(DKV, dk_rows, in_l, offs_d1, D, dk1 * sm_scale)
+        _store(DKV, dv_rows, in_l, offs_d1, D, dv1)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Host launchers
 # ----------------------------------------------------------------------------------------------------
 
-_NUM_WARPS = 4
 _tiles_per_program_override: int | None = None
 
 
@@ -194,46 +303,61 @@ def tiles_per_program_override(n: int):
         _tiles_per_program_override = old
 
 
-def block_sizes(L: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_L): the whole padded text in one tile; fewer query rows as it grows, so the
-    (BLOCK_M x BLOCK_L) fp32 score tile stays at <= 8K values per program."""
-    block_l = max(16, triton.next_power_of_2(L))
-    budget = 4096 if dtype == torch.float32 else 8192
-    return max(16, min(64, budget // block_l)), block_l
+@dataclass(frozen=True)
+class CrossTiles:
+    block_m: int
+    block_l: int
+    resident: bool = False
+    num_warps: int = 4
 
 
-def _chunking(N: int, BH: int, block_m: int, device: torch.device) -> tuple[int, int]:
+# Largest text held resident in the forward, and the key block of the streamed forward / backward.
+# fp32 (the accuracy path) uses half-size tiles: the same registers hold half as many values.
+_RESIDENT_L = {16: 128, 32: 64}
+_BLOCK_M = {16: 64, 32: 32}
+
+
+def choose_tiles(pass_: str, L: int, dtype: torch.dtype) -> CrossTiles:
+    """Tiling of the forward ("fwd") or the two backward kernels ("bwd") for text length L."""
+    width = 32 if dtype == torch.float32 else 16
+    fit = max(16, triton.next_power_of_2(L))
+    if pass_ == "fwd" and fit <= _RESIDENT_L[width]:
+        return CrossTiles(_BLOCK_M[width], fit, resident=True)
+    return CrossTiles(_BLOCK_M[width], min(fit, _BLOCK_M[width]))
+
+
+def _chunking(n_tiles: int, programs_per_chunk: int, device: torch.device) -> tuple[int, int]:
     """(chunks, tiles per program): enough programs to fill the GPU (~4 per SM), no more."""
-    n_tiles = triton.cdiv(N, block_m)
     if _tiles_per_program_override is not None:
         per = _tiles_per_program_override
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        chunks = min(n_tiles, max(1, triton.cdiv(4 * sms, BH)))
+        chunks = min(n_tiles, max(1, triton.cdiv(4 * sms, programs_per_chunk)))
         per = triton.cdiv(n_tiles, chunks)
     return triton.cdiv(n_tiles, per), per
 
 
 def _prepare(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor):
-    return _last_dim_contiguous(q), _last_dim_contiguous(kv), kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    lens = kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    return _last_dim_contiguous(q), _last_dim_contiguous(kv), lens
 
 
 def forward(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out (B, N, H, D), lse (B, H, N) fp32, log2 domain)."""
     q, kv, lens = _prepare(q, kv, kv_lens)
     B, N, H, D = q.shape
-    L = kv.shape[1]
-    out = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    block_m, block_l = block_sizes(L, q.dtype)
-    chunks, per = _chunking(N, B * H, block_m, q.device)
+    out = new_output((B, N, H, D), q)
+    lse = new_output((B, H, N), q, torch.float32)
+    t = choose_tiles("fwd", kv.shape[1], q.dtype)
+    chunks, per = _chunking(triton.cdiv(N, t.block_m), B * H, q.device)
     _cross_fwd_kernel[(chunks, B * H)](
         q, kv, lens, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
-        H, N, D, scale * LOG2E, per,
-        BLOCK_M=block_m, BLOCK_L=block_l, **_consts(D, q.dtype), num_warps=_NUM_WARPS, num_stages=1,
+        H, N, scale * LOG2E, per,
+        BLOCK_M=t.block_m, BLOCK_L=t.block_l, RESIDENT=t.resident, **_consts(D, q.dtype, alignment(q, kv, out)),
+        num_warps=t.num_warps, num_stages=1,
     )  # fmt: skip
     return out, lse
 
@@ -246,20 +370,27 @@ def backward(
     dout = _last_dim_contiguous(dout)
     B, N, H, D = q.shape
     L = kv.shape[1]
-    block_m, block_l = block_sizes(L, q.dtype)
-    chunks, per = _chunking(N, B * H, block_m, q.device)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dkv_part = torch.empty((chunks, B, L, 2, H, D), device=q.device, dtype=torch.float32)
-    _cross_bwd_kernel[(chunks, B * H)](
-        q, kv, lens, out, dout, lse, dq, dkv_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
+    t = choose_tiles("bwd", L, q.dtype)
+    n_tiles, n_lblocks = triton.cdiv(N, t.block_m), triton.cdiv(L, t.block_l)
+    chunks, per = _chunking(n_tiles, B * H * n_lblocks, q.device)
+    dq = new_output((B, N, H, D), q)
+    delta = new_output((B, H, N), q, torch.float32)
+    dkv_part = new_output((chunks, B, L, 2, H, D), q, torch.float32)
+    consts = dict(BLOCK_M=t.block_m, BLOCK_L=t.block_l, **_consts(D, q.dtype, alignment(q, kv, out, dout, dq, dkv_part)))
+    launch = dict(num_warps=t.num_warps, num_stages=1)
+    q_strides = (q.stride(0), q.stride(1), q.stride(2))
+    kv_strides = (kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3))
+    do_strides = (dout.stride(0), dout.stride(1), dout.stride(2))
+    _cross_bwd_dq_kernel[(n_tiles, B * H)](
+        q, kv, lens, out, dout, lse, delta, dq,
+        *q_strides, *kv_strides, out.stride(0), out.stride(1), out.stride(2), *do_strides,
         dq.stride(0), dq.stride(1), dq.stride(2),
-        *dkv_part.stride()[:5],
-        H, N, L, D, scale * LOG2E, scale, per,
-        BLOCK_M=block_m, BLOCK_L=block_l, **_consts(D, q.dtype), num_warps=_NUM_WARPS, num_stages=1,
+        H, N, scale * LOG2E, scale, **consts, **launch,
+    )  # fmt: skip
+    _cross_bwd_dkdv_kernel[(chunks * n_lblocks, B * H)](
+        q, kv, lens, dout, lse, delta, dkv_part,
+        *q_strides, *kv_strides, *do_strides, *dkv_part.stride()[:5],
+        H, N, L, scale * LOG2E, scale, per, **consts, **launch,
     )  # fmt: skip
     dkv = (dkv_part[0] if chunks == 1 else dkv_part.sum(0)).to(kv.dtype)
     return dq, dkv
@@ -312,11 +443,6 @@ _cross_attention_op.register_autograd(_backward, setup_context=_setup_context)
 def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """Backend entry point: q (B, N, H, D), kv (B, L, 2, H, D), kv_lens (B,) -> out (B, N, H, D)."""
     check_supported("q", q)
-    if kv.shape[1] > MAX_L:
-        raise ValueError(
-            f"kv: the triton cross-attention keeps K/V resident and takes L <= {MAX_L} text tokens, "
-            f"got L = {kv.shape[1]}; use backend='sdpa' or 'flex' for longer text"
-        )
     out, _ = _cross_attention_op(q, kv, kv_lens, float(scale))
     return out
 
@@ -331,10 +457,19 @@ def shipped_builds() -> list[KernelBuild]:
     builds = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for D in (32, 64, 72, 80, 96, 128):
+            base = dict(_consts(D, dtype, 16 // _ELEMENT_SIZE[dtype]), UPCAST=False)
             for L in (16, 32, 64, 128, 256):
-                block_m, block_l = block_sizes(L, dtype)
-                c = dict(_consts(D, dtype), UPCAST=False, BLOCK_M=block_m, BLOCK_L=block_l)
-                tag = f"D={D},L<={block_l},{TL_DTYPES[dtype]}"
-                for name, fn in (("fwd", _cross_fwd_kernel), ("bwd", _cross_bwd_kernel)):
-                    builds.append(KernelBuild(f"cross_attn_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, _NUM_WARPS, 1))
-    return builds
+                tag = f"D={D},L={L},{TL_DTYPES[dtype]}"
+                t = choose_tiles("fwd", L, dtype)
+                c = dict(base, BLOCK_M=t.block_m, BLOCK_L=t.block_l, RESIDENT=t.resident)
+                fn = _cross_fwd_kernel
+                builds.append(KernelBuild(f"cross_attn_fwd[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, 1))
+                t = choose_tiles("bwd", L, dtype)
+                c = dict(base, BLOCK_M=t.block_m, BLOCK_L=t.block_l)
+                for name, fn in (("dq", _cross_bwd_dq_kernel), ("dkdv", _cross_bwd_dkdv_kernel)):
+                    builds.append(KernelBuild(f"cross_attn_bwd_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, 1))
+    # de-duplicate: different L can map to the same tiles
+    unique = {}
+    for b in builds:
+        unique.setdefault((b.fn, tuple(sorted(b.constexprs.items())), b.num_warps), b)
+    return list(unique.values())

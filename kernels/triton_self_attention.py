@@ -50,6 +50,7 @@ from .triton_common import (
     dot_precision,
     signature_of,
     interpreting,
+    new_output,
     split_head_dim,
     triton_availability,
 )
@@ -86,19 +87,28 @@ def _rows(pid_m, offs, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK: tl.constexpr, PACKED:
 
 
 @triton.jit
-def _load(base, tok, valid, stride_n, offs_d, D, UPCAST: tl.constexpr):
-    """Load a (rows, len(offs_d)) tile of a head: row r is token tok[r]; masked past D / invalid rows."""
-    ptrs = base + tok.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
-    x = tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+def _offsets(head, tok, stride_n, ALIGN: tl.constexpr):
+    """Element offset of each row's first element: head offset + token * token stride.
+
+    Every offset is a multiple of ALIGN (the host checks the strides), which tells Triton that rows
+    start 16-byte aligned, so loads along D vectorize (8 bf16 per access) even for D = 72.
+    """
+    return tl.multiple_of(head + tok.to(tl.int64) * stride_n, ALIGN)
+
+
+@triton.jit
+def _load(ptr, rows, valid, offs_d, D: tl.constexpr, UPCAST: tl.constexpr):
+    """Load a (rows, len(offs_d)) tile: row r starts at ptr + rows[r]; masked past D / invalid rows."""
+    x = tl.load(ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
     if UPCAST:  # the interpreter cannot do arithmetic in bf16 (see FACTS.md): upcast after loading
         x = x.to(tl.float32)
     return x
 
 
 @triton.jit
-def _store(base, tok, valid, stride_n, offs_d, D, x):
-    ptrs = base + tok.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
-    tl.store(ptrs, x.to(base.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < D))
+def _store(ptr, rows, valid, offs_d, D: tl.constexpr, x):
+    mask = valid[:, None] & (offs_d[None, :] < D)
+    tl.store(ptr + rows[:, None] + offs_d[None, :], x.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -115,18 +125,18 @@ def _fwd_kernel(
     QKV, O, LSE,
     stride_b, stride_n, stride_3, stride_h,
     o_stride_b, o_stride_n, o_stride_h,
-    H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, D, qk_scale,
+    H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    PACKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    PACKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     DTYPE: tl.constexpr = O.dtype.element_ty
-    q_base = QKV + b.to(tl.int64) * stride_b + h * stride_h
-    k_base = q_base + stride_3
-    v_base = q_base + 2 * stride_3
+    q_head = b.to(tl.int64) * stride_b + h * stride_h
+    k_head = q_head + stride_3
+    v_head = q_head + 2 * stride_3
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
@@ -134,9 +144,10 @@ def _fwd_kernel(
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
 
     tok_m, valid_m, grp_m = _rows(pid_m, offs_m, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK_M, PACKED)
-    q0 = _load(q_base, tok_m, valid_m, stride_n, offs_d0, D, UPCAST)
+    q_rows = _offsets(q_head, tok_m, stride_n, ALIGN)
+    q0 = _load(QKV, q_rows, valid_m, offs_d0, D, UPCAST)
     if BLOCK_D1 > 0:
-        q1 = _load(q_base, tok_m, valid_m, stride_n, offs_d1, D, UPCAST)
+        q1 = _load(QKV, q_rows, valid_m, offs_d1, D, UPCAST)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -158,10 +169,12 @@ def _fwd_kernel(
             valid_n = pos_n < LEN
             tok_n = seq * SEQ_TOK + pos_n * POS_TOK
             mask = valid_n[None, :]
-        k0 = _load(k_base, tok_n, valid_n, stride_n, offs_d0, D, UPCAST)
+        k_rows = _offsets(k_head, tok_n, stride_n, ALIGN)
+        v_rows = _offsets(v_head, tok_n, stride_n, ALIGN)
+        k0 = _load(QKV, k_rows, valid_n, offs_d0, D, UPCAST)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         if BLOCK_D1 > 0:
-            k1 = _load(k_base, tok_n, valid_n, stride_n, offs_d1, D, UPCAST)
+            k1 = _load(QKV, k_rows, valid_n, offs_d1, D, UPCAST)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         s = tl.where(mask, s * qk_scale, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -169,18 +182,19 @@ def _fwd_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         p_lp = _lowp(p, DTYPE, UPCAST)
-        v0 = _load(v_base, tok_n, valid_n, stride_n, offs_d0, D, UPCAST)
+        v0 = _load(QKV, v_rows, valid_n, offs_d0, D, UPCAST)
         acc0 = acc0 * alpha[:, None] + tl.dot(p_lp, v0, input_precision=DOT_PREC)
         if BLOCK_D1 > 0:
-            v1 = _load(v_base, tok_n, valid_n, stride_n, offs_d1, D, UPCAST)
+            v1 = _load(QKV, v_rows, valid_n, offs_d1, D, UPCAST)
             acc1 = acc1 * alpha[:, None] + tl.dot(p_lp, v1, input_precision=DOT_PREC)
         m_i = m_new
 
-    o_base = O + b.to(tl.int64) * o_stride_b + h * o_stride_h
+    o_head = b.to(tl.int64) * o_stride_b + h * o_stride_h
+    o_rows = _offsets(o_head, tok_m, o_stride_n, ALIGN)
     inv_l = 1.0 / l_i
-    _store(o_base, tok_m, valid_m, o_stride_n, offs_d0, D, acc0 * inv_l[:, None])
+    _store(O, o_rows, valid_m, offs_d0, D, acc0 * inv_l[:, None])
     if BLOCK_D1 > 0:
-        _store(o_base, tok_m, valid_m, o_stride_n, offs_d1, D, acc1 * inv_l[:, None])
+        _store(O, o_rows, valid_m, offs_d1, D, acc1 * inv_l[:, None])
     lse_ptrs = LSE + pid_bh.to(tl.int64) * N + tok_m
     tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=valid_m)
 
@@ -192,9 +206,9 @@ def _bwd_packed_kernel(
     o_stride_b, o_stride_n, o_stride_h,
     do_stride_b, do_stride_n, do_stride_h,
     g_stride_b, g_stride_n, g_stride_3, g_stride_h,
-    H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, D, qk_scale, sm_scale,
+    H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, qk_scale, sm_scale,
     BLOCK: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """One packed tile: G whole sequences; queries and keys are the same BLOCK rows."""
     pid_m = tl.program_id(0)
@@ -202,35 +216,43 @@ def _bwd_packed_kernel(
     b = pid_bh // H
     h = pid_bh % H
     DTYPE: tl.constexpr = DO.dtype.element_ty
-    q_base = QKV + b.to(tl.int64) * stride_b + h * stride_h
-    k_base = q_base + stride_3
-    v_base = q_base + 2 * stride_3
-    o_base = O + b.to(tl.int64) * o_stride_b + h * o_stride_h
-    do_base = DO + b.to(tl.int64) * do_stride_b + h * do_stride_h
-    dq_base = DQKV + b.to(tl.int64) * g_stride_b + h * g_stride_h
-    dk_base = dq_base + g_stride_3
-    dv_base = dq_base + 2 * g_stride_3
+    q_head = b.to(tl.int64) * stride_b + h * stride_h
+    k_head = q_head + stride_3
+    v_head = q_head + 2 * stride_3
+    o_head = b.to(tl.int64) * o_stride_b + h * o_stride_h
+    do_head = b.to(tl.int64) * do_stride_b + h * do_stride_h
+    dq_head = b.to(tl.int64) * g_stride_b + h * g_stride_h
+    dk_head = dq_head + g_stride_3
+    dv_head = dq_head + 2 * g_stride_3
     offs = tl.arange(0, BLOCK)
     offs_d0 = tl.arange(0, BLOCK_D0)
     if BLOCK_D1 > 0:  # the masked second chunk of a non-power-of-two head dim
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     tok, valid, grp = _rows(pid_m, offs, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK, True)
+    q_rows = _offsets(q_head, tok, stride_n, ALIGN)
+    k_rows = _offsets(k_head, tok, stride_n, ALIGN)
+    v_rows = _offsets(v_head, tok, stride_n, ALIGN)
+    do_rows = _offsets(do_head, tok, do_stride_n, ALIGN)
+    o_rows = _offsets(o_head, tok, o_stride_n, ALIGN)
+    dq_rows = _offsets(dq_head, tok, g_stride_n, ALIGN)
+    dk_rows = _offsets(dk_head, tok, g_stride_n, ALIGN)
+    dv_rows = _offsets(dv_head, tok, g_stride_n, ALIGN)
     mask = valid[:, None] & valid[None, :] & (grp[:, None] == grp[None, :])
 
-    q0 = _load(q_base, tok, valid, stride_n, offs_d0, D, UPCAST)
-    k0 = _load(k_base, tok, valid, stride_n, offs_d0, D, UPCAST)
-    v0 = _load(v_base, tok, valid, stride_n, offs_d0, D, UPCAST)
-    do0 = _load(do_base, tok, valid, do_stride_n, offs_d0, D, UPCAST)
-    o0 = _load(o_base, tok, valid, o_stride_n, offs_d0, D, True)
+    q0 = _load(QKV, q_rows, valid, offs_d0, D, UPCAST)
+    k0 = _load(QKV, k_rows, valid, offs_d0, D, UPCAST)
+    v0 = _load(QKV, v_rows, valid, offs_d0, D, UPCAST)
+    do0 = _load(DO, do_rows, valid, offs_d0, D, UPCAST)
+    o0 = _load(O, o_rows, valid, offs_d0, D, True)
     s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
     dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
     delta = tl.sum(do0.to(tl.float32) * o0, 1)
     if BLOCK_D1 > 0:
-        q1 = _load(q_base, tok, valid, stride_n, offs_d1, D, UPCAST)
-        k1 = _load(k_base, tok, valid, stride_n, offs_d1, D, UPCAST)
-        v1 = _load(v_base, tok, valid, stride_n, offs_d1, D, UPCAST)
-        do1 = _load(do_base, tok, valid, do_stride_n, offs_d1, D, UPCAST)
-        o1 = _load(o_base, tok, valid, o_stride_n, offs_d1, D, True)
+        q1 = _load(QKV, q_rows, valid, offs_d1, D, UPCAST)
+        k1 = _load(QKV, k_rows, valid, offs_d1, D, UPCAST)
+        v1 = _load(QKV, v_rows, valid, offs_d1, D, UPCAST)
+        do1 = _load(DO, do_rows, valid, offs_d1, D, UPCAST)
+        o1 = _load(O, o_rows, valid, offs_d1, D, True)
         s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
         delta += tl.sum(do1.to(tl.float32) * o1, 1)
@@ -241,13 +263,13 @@ def _bwd_packed_kernel(
     ds_lp = _lowp(ds, DTYPE, UPCAST)
     p_t = tl.trans(p_lp)
     ds_t = tl.trans(ds_lp)
-    _store(dv_base, tok, valid, g_stride_n, offs_d0, D, tl.dot(p_t, do0, input_precision=DOT_PREC))
-    _store(dq_base, tok, valid, g_stride_n, offs_d0, D, tl.dot(ds_lp, k0, input_precision=DOT_PREC) * sm_scale)
-    _store(dk_base, tok, valid, g_stride_n, offs_d0, D, tl.dot(ds_t, q0, input_precision=DOT_PREC) * sm_scale)
+    _store(DQKV, dv_rows, valid, offs_d0, D, tl.dot(p_t, do0, input_precision=DOT_PREC))
+    _store(DQKV, dq_rows, valid, offs_d0, D, tl.dot(ds_lp, k0, input_precision=DOT_PREC) * sm_scale)
+    _store(DQKV, dk_rows, valid, offs_d0, D, tl.dot(ds_t, q0, input_precision=DOT_PREC) * sm_scale)
     if BLOCK_D1 > 0:
-        _store(dv_base, tok, valid, g_stride_n, offs_d1, D, tl.dot(p_t, do1, input_precision=DOT_PREC))
-        _store(dq_base, tok, valid, g_stride_n, offs_d1, D, tl.dot(ds_lp, k1, input_precision=DOT_PREC) * sm_scale)
-        _store(dk_base, tok, valid, g_stride_n, offs_d1, D, tl.dot(ds_t, q1, input_precision=DOT_PREC) * sm_scale)
+        _store(DQKV, dv_rows, valid, offs_d1, D, tl.dot(p_t, do1, input_precision=DOT_PREC))
+        _store(DQKV, dq_rows, valid, offs_d1, D, tl.dot(ds_lp, k1, input_precision=DOT_PREC) * sm_scale)
+        _store(DQKV, dk_rows, valid, offs_d1, D, tl.dot(ds_t, q1, input_precision=DOT_PREC) * sm_scale)
 
 
 @triton.jit
@@ -257,9 +279,9 @@ def _bwd_dq_kernel(
     o_stride_b, o_stride_n, o_stride_h,
     do_stride_b, do_stride_n, do_stride_h,
     g_stride_b, g_stride_n, g_stride_3, g_stride_h,
-    H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, D, qk_scale, sm_scale,
+    H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Streamed sequences, one query tile: dQ over all key tiles; also stores Delta for dK/dV."""
     pid_m = tl.program_id(0)
@@ -267,28 +289,32 @@ def _bwd_dq_kernel(
     b = pid_bh // H
     h = pid_bh % H
     DTYPE: tl.constexpr = DO.dtype.element_ty
-    q_base = QKV + b.to(tl.int64) * stride_b + h * stride_h
-    k_base = q_base + stride_3
-    v_base = q_base + 2 * stride_3
-    o_base = O + b.to(tl.int64) * o_stride_b + h * o_stride_h
-    do_base = DO + b.to(tl.int64) * do_stride_b + h * do_stride_h
-    dq_base = DQKV + b.to(tl.int64) * g_stride_b + h * g_stride_h
+    q_head = b.to(tl.int64) * stride_b + h * stride_h
+    k_head = q_head + stride_3
+    v_head = q_head + 2 * stride_3
+    o_head = b.to(tl.int64) * o_stride_b + h * o_stride_h
+    do_head = b.to(tl.int64) * do_stride_b + h * do_stride_h
+    dq_head = b.to(tl.int64) * g_stride_b + h * g_stride_h
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
     if BLOCK_D1 > 0:  # the masked second chunk of a non-power-of-two head dim
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     tok_m, valid_m, _ = _rows(pid_m, offs_m, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK_M, False)
+    q_rows = _offsets(q_head, tok_m, stride_n, ALIGN)
+    do_rows = _offsets(do_head, tok_m, do_stride_n, ALIGN)
+    o_rows = _offsets(o_head, tok_m, o_stride_n, ALIGN)
+    dq_rows = _offsets(dq_head, tok_m, g_stride_n, ALIGN)
     seq = pid_m // tl.cdiv(LEN, BLOCK_M)
 
-    q0 = _load(q_base, tok_m, valid_m, stride_n, offs_d0, D, UPCAST)
-    do0 = _load(do_base, tok_m, valid_m, do_stride_n, offs_d0, D, UPCAST)
-    delta = tl.sum(do0.to(tl.float32) * _load(o_base, tok_m, valid_m, o_stride_n, offs_d0, D, True), 1)
+    q0 = _load(QKV, q_rows, valid_m, offs_d0, D, UPCAST)
+    do0 = _load(DO, do_rows, valid_m, offs_d0, D, UPCAST)
+    delta = tl.sum(do0.to(tl.float32) * _load(O, o_rows, valid_m, offs_d0, D, True), 1)
     dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:
-        q1 = _load(q_base, tok_m, valid_m, stride_n, offs_d1, D, UPCAST)
-        do1 = _load(do_base, tok_m, valid_m, do_stride_n, offs_d1, D, UPCAST)
-        delta += tl.sum(do1.to(tl.float32) * _load(o_base, tok_m, valid_m, o_stride_n, offs_d1, D, True), 1)
+        q1 = _load(QKV, q_rows, valid_m, offs_d1, D, UPCAST)
+        do1 = _load(DO, do_rows, valid_m, offs_d1, D, UPCAST)
+        delta += tl.sum(do1.to(tl.float32) * _load(O, o_rows, valid_m, offs_d1, D, True), 1)
         dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     row_ptrs = pid_bh.to(tl.int64) * N + tok_m
     tl.store(DELTA + row_ptrs, delta, mask=valid_m)
@@ -298,13 +324,15 @@ def _bwd_dq_kernel(
         pos_n = start_n + offs_n
         valid_n = pos_n < LEN
         tok_n = seq * SEQ_TOK + pos_n * POS_TOK
-        k0 = _load(k_base, tok_n, valid_n, stride_n, offs_d0, D, UPCAST)
-        v0 = _load(v_base, tok_n, valid_n, stride_n, offs_d0, D, UPCAST)
+        k_rows = _offsets(k_head, tok_n, stride_n, ALIGN)
+        v_rows = _offsets(v_head, tok_n, stride_n, ALIGN)
+        k0 = _load(QKV, k_rows, valid_n, offs_d0, D, UPCAST)
+        v0 = _load(QKV, v_rows, valid_n, offs_d0, D, UPCAST)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
         if BLOCK_D1 > 0:
-            k1 = _load(k_base, tok_n, valid_n, stride_n, offs_d1, D, UPCAST)
-            v1 = _load(v_base, tok_n, valid_n, stride_n, offs_d1, D, UPCAST)
+            k1 = _load(QKV, k_rows, valid_n, offs_d1, D, UPCAST)
+            v1 = _load(QKV, v_rows, valid_n, offs_d1, D, UPCAST)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
             dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
         p = tl.where(valid_n[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
@@ -312,9 +340,9 @@ def _bwd_dq_kernel(
         dq0 += tl.dot(ds_lp, k0, input_precision=DOT_PREC)
         if BLOCK_D1 > 0:
             dq1 += tl.dot(ds_lp, k1, input_precision=DOT_PREC)
-    _store(dq_base, tok_m, valid_m, g_stride_n, offs_d0, D, dq0 * sm_scale)
+    _store(DQKV, dq_rows, valid_m, offs_d0, D, dq0 * sm_scale)
     if BLOCK_D1 > 0:
-        _store(dq_base, tok_m, valid_m, g_stride_n, offs_d1, D, dq1 * sm_scale)
+        _store(DQKV, dq_rows, valid_m, offs_d1, D, dq1 * sm_scale)
 
 
 @triton.jit
@@ -323,9 +351,9 @@ def _bwd_dkdv_kernel(
     stride_b, stride_n, stride_3, stride_h,
     do_stride_b, do_stride_n, do_stride_h,
     g_stride_b, g_stride_n, g_stride_3, g_stride_h,
-    H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, D, qk_scale, sm_scale,
+    H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Streamed sequences, one key tile: dK and dV over all query tiles (transposed scores)."""
     pid_n = tl.program_id(0)
@@ -333,27 +361,31 @@ def _bwd_dkdv_kernel(
     b = pid_bh // H
     h = pid_bh % H
     DTYPE: tl.constexpr = DO.dtype.element_ty
-    q_base = QKV + b.to(tl.int64) * stride_b + h * stride_h
-    k_base = q_base + stride_3
-    v_base = q_base + 2 * stride_3
-    do_base = DO + b.to(tl.int64) * do_stride_b + h * do_stride_h
-    dk_base = DQKV + b.to(tl.int64) * g_stride_b + h * g_stride_h + g_stride_3
-    dv_base = dk_base + g_stride_3
+    q_head = b.to(tl.int64) * stride_b + h * stride_h
+    k_head = q_head + stride_3
+    v_head = q_head + 2 * stride_3
+    do_head = b.to(tl.int64) * do_stride_b + h * do_stride_h
+    dk_head = b.to(tl.int64) * g_stride_b + h * g_stride_h + g_stride_3
+    dv_head = dk_head + g_stride_3
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
     if BLOCK_D1 > 0:  # the masked second chunk of a non-power-of-two head dim
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     tok_n, valid_n, _ = _rows(pid_n, offs_n, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK_N, False)
+    k_rows = _offsets(k_head, tok_n, stride_n, ALIGN)
+    v_rows = _offsets(v_head, tok_n, stride_n, ALIGN)
+    dk_rows = _offsets(dk_head, tok_n, g_stride_n, ALIGN)
+    dv_rows = _offsets(dv_head, tok_n, g_stride_n, ALIGN)
     seq = pid_n // tl.cdiv(LEN, BLOCK_N)
 
-    k0 = _load(k_base, tok_n, valid_n, stride_n, offs_d0, D, UPCAST)
-    v0 = _load(v_base, tok_n, valid_n, stride_n, offs_d0, D, UPCAST)
+    k0 = _load(QKV, k_rows, valid_n, offs_d0, D, UPCAST)
+    v0 = _load(QKV, v_rows, valid_n, offs_d0, D, UPCAST)
     dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:
-        k1 = _load(k_base, tok_n, valid_n, stride_n, offs_d1, D, UPCAST)
-        v1 = _load(v_base, tok_n, valid_n, stride_n, offs_d1, D, UPCAST)
+        k1 = _load(QKV, k_rows, valid_n, offs_d1, D, UPCAST)
+        v1 = _load(QKV, v_rows, valid_n, offs_d1, D, UPCAST)
         dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
 
@@ -361,16 +393,18 @@ def _bwd_dkdv_kernel(
         pos_m = start_m + offs_m
         valid_m = pos_m < LEN
         tok_m = seq * SEQ_TOK + pos_m * POS_TOK
+        q_rows = _offsets(q_head, tok_m, stride_n, ALIGN)
+        do_rows = _offsets(do_head, tok_m, do_stride_n, ALIGN)
         row_ptrs = pid_bh.to(tl.int64) * N + tok_m
         lse = tl.load(LSE + row_ptrs, mask=valid_m, other=0.0)
         delta = tl.load(DELTA + row_ptrs, mask=valid_m, other=0.0)
-        q0 = _load(q_base, tok_m, valid_m, stride_n, offs_d0, D, UPCAST)
-        do0 = _load(do_base, tok_m, valid_m, do_stride_n, offs_d0, D, UPCAST)
+        q0 = _load(QKV, q_rows, valid_m, offs_d0, D, UPCAST)
+        do0 = _load(DO, do_rows, valid_m, offs_d0, D, UPCAST)
         s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M) = S^T
         dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
         if BLOCK_D1 > 0:
-            q1 = _load(q_base, tok_m, valid_m, stride_n, offs_d1, D, UPCAST)
-            do1 = _load(do_base, tok_m, valid_m, do_stride_n, offs_d1, D, UPCAST)
+            q1 = _load(QKV, q_rows, valid_m, offs_d1, D, UPCAST)
+            do1 = _load(DO, do_rows, valid_m, offs_d1, D, UPCAST)
             s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
             dp_t += tl.dot(v1, tl.trans(do1), input_precision=DOT_PREC)
         p_t = tl.where(valid_m[None, :], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
@@ -381,11 +415,11 @@ def _bwd_dkdv_kernel(
         if BLOCK_D1 > 0:
             dv1 += tl.dot(p_t, do1, input_precision=DOT_PREC)
             dk1 += tl.dot(ds_t, q1, input_precision=DOT_PREC)
-    _store(dk_base, tok_n, valid_n, g_stride_n, offs_d0, D, dk0 * sm_scale)
-    _store(dv_base, tok_n, valid_n, g_stride_n, offs_d0, D, dv0)
+    _store(DQKV, dk_rows, valid_n, offs_d0, D, dk0 * sm_scale)
+    _store(DQKV, dv_rows, valid_n, offs_d0, D, dv0)
     if BLOCK_D1 > 0:
-        _store(dk_base, tok_n, valid_n, g_stride_n, offs_d1, D, dk1 * sm_scale)
-        _store(dv_base, tok_n, valid_n, g_stride_n, offs_d1, D, dv1)
+        _store(DQKV, dk_rows, valid_n, offs_d1, D, dk1 * sm_scale)
+        _store(DQKV, dv_rows, valid_n, offs_d1, D, dv1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -480,10 +514,24 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _consts(D: int, dtype: torch.dtype) -> dict:
+def alignment(*tensors: torch.Tensor) -> int:
+    """The largest ALIGN (elements, <= 16 bytes' worth) dividing every row/head/batch stride and every
+    base address: the kernels promise Triton that row offsets are multiples of it, which is what
+    lets loads along D vectorize. Open-Sora layouts (D = 72, H even) get the full 16 bytes."""
+    size = tensors[0].element_size()
+    align = 16 // size
+    while align > 1 and not all(
+        t.data_ptr() % (align * t.element_size()) == 0 and all(st % align == 0 for st in t.stride()[:-1]) for t in tensors
+    ):
+        align //= 2
+    return align
+
+
+def _consts(D: int, dtype: torch.dtype, align: int) -> dict:
+    """Compile-time constants shared by every launch: head-dim split, alignment, interpreter mode."""
     d0, d1 = split_head_dim(D)
     upcast = interpreting() and dtype == torch.bfloat16
-    return dict(BLOCK_D0=d0, BLOCK_D1=d1, UPCAST=upcast, DOT_PREC=dot_precision(dtype))
+    return dict(D=D, ALIGN=align, BLOCK_D0=d0, BLOCK_D1=d1, UPCAST=upcast, DOT_PREC=dot_precision(dtype))
 
 
 def _grid(tiles: Tiles, NSEQ: int, LEN: int, BH: int) -> tuple[int, int]:
@@ -497,15 +545,15 @@ def forward(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> tupl
     qkv = _last_dim_contiguous(qkv)
     B, N, _, H, D = qkv.shape
     NSEQ, LEN, SEQ_TOK, POS_TOK = geometry(kind, N, num_frames)
-    out = torch.empty((B, N, H, D), device=qkv.device, dtype=qkv.dtype)
-    lse = torch.empty((B, H, N), device=qkv.device, dtype=torch.float32)
+    out = new_output((B, N, H, D), qkv)
+    lse = new_output((B, H, N), qkv, torch.float32)
     t = choose_tiles("fwd", LEN, qkv.dtype)
     _fwd_kernel[_grid(t, NSEQ, LEN, B * H)](
         qkv, out, lse,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
-        H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, D, scale * LOG2E,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, PACKED=t.packed, **_consts(D, qkv.dtype),
+        H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, scale * LOG2E,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, PACKED=t.packed, **_consts(D, qkv.dtype, alignment(qkv, out)),
         num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     return out, lse
@@ -519,7 +567,7 @@ def backward(
     dout = _last_dim_contiguous(dout)
     B, N, _, H, D = qkv.shape
     NSEQ, LEN, SEQ_TOK, POS_TOK = geometry(kind, N, num_frames)
-    dqkv = torch.empty((B, N, 3, H, D), device=qkv.device, dtype=qkv.dtype)
+    dqkv = new_output((B, N, 3, H, D), qkv)
     t = choose_tiles("bwd", LEN, qkv.dtype)
     common = (
         qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
@@ -527,8 +575,8 @@ def backward(
     o_strides = (out.stride(0), out.stride(1), out.stride(2))
     do_strides = (dout.stride(0), dout.stride(1), dout.stride(2))
     g_strides = (dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), dqkv.stride(3))
-    sizes = (H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, D, scale * LOG2E, scale)
-    consts = _consts(D, qkv.dtype)
+    sizes = (H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, scale * LOG2E, scale)
+    consts = _consts(D, qkv.dtype, alignment(qkv, out, dout, dqkv))
     launch = dict(num_warps=t.num_warps, num_stages=t.num_stages)
     if t.packed:
         _bwd_packed_kernel[_grid(t, NSEQ, LEN, B * H)](
@@ -536,7 +584,7 @@ def backward(
             BLOCK=t.block_m, **consts, **launch,
         )  # fmt: skip
         return dqkv
-    delta = torch.empty_like(lse)
+    delta = new_output((B, H, N), qkv, torch.float32)
     _bwd_dq_kernel[_grid(t, NSEQ, LEN, B * H)](
         qkv, out, dout, lse, delta, dqkv, *common, *o_strides, *do_strides, *g_strides, *sizes,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, **consts, **launch,
@@ -602,13 +650,16 @@ def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) 
 # Shipped configurations, for `stdit inspect`
 # ----------------------------------------------------------------------------------------------------
 
+_ELEMENT_SIZE = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
+
+
 def shipped_builds() -> list[KernelBuild]:
     """Every (kernel, tiling, head dim, dtype) configuration the launchers above can pick on a GPU."""
     builds = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         width = 32 if dtype == torch.float32 else 16
         for D in (32, 64, 72, 80, 96, 128):
-            consts = dict(_consts(D, dtype), UPCAST=False)
+            consts = dict(_consts(D, dtype, 16 // _ELEMENT_SIZE[dtype]), UPCAST=False)
             tag = f"D={D},{TL_DTYPES[dtype]}"
             fwd, bwd = _FWD[width], _BWD[width]
             for t in (fwd["packed"], fwd["streamed"]):

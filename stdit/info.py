@@ -35,6 +35,14 @@ def _availability(name: str, device: str) -> str | None:
         return f"availability check failed: {type(e).__name__}: {e}"
 
 
+def _limitations(name: str, device: str) -> str | None:
+    """A backend module may say what it cannot do while available (optional ``limitations(device)``)."""
+    from stdit.kernels import backends
+
+    fn = getattr(backends._module(name), "limitations", None)
+    return fn(torch.device(device)) if fn is not None else None
+
+
 def collect() -> dict[str, Any]:
     """Everything `stdit info` reports, as one JSON-serializable dict."""
     from stdit.kernels import backends
@@ -66,6 +74,16 @@ def collect() -> dict[str, Any]:
     for device in devices:
         names = list(backends.BACKENDS) + list(SDPA_SUBS)
         info["backends"][device] = {name: _availability(name, device) for name in names}
+    # caveats of available backends (e.g. flex on CPU is forward only), from the backend modules
+    info["notes"] = {
+        device: {
+            name: note
+            for name in backends.BACKENDS
+            if info["backends"][device][name] is None
+            and (note := _limitations(name, device)) is not None
+        }
+        for device in devices
+    }
     info["auto"] = {device: backends.auto_backend(torch.device(device)) for device in devices}
     return info
 
@@ -89,7 +107,9 @@ def _print_table(info: dict[str, Any]) -> None:
         print(f"\nattention backends on {device} (auto -> {info['auto'][device]}):")
         width = max(len(name) for name in table)
         for name, reason in table.items():
-            print(f"  {name:<{width}}  {'available' if reason is None else 'unavailable: ' + reason}")
+            note = info["notes"][device].get(name)
+            status = "available" if reason is None else "unavailable: " + reason
+            print(f"  {name:<{width}}  {status}{f' ({note})' if note else ''}")
 
 
 def run_info(json_output: bool) -> int:

@@ -1,0 +1,96 @@
+"""The "flash_attn" backend: FlashAttention-2's ``flash_attn`` package, called as Open-Sora 1.0 calls it.
+
+Open-Sora 1.0 (opensora/models/layers/blocks.py, Attention with enable_flashattn):
+
+- spatial: qkv viewed (B*T, S, 3, H, D), ``flash_attn_func(q, k, v, softmax_scale=scale)``;
+- temporal: ``rearrange(x, "B (T S) C -> (B S) T C")`` (a copy), the same call, the inverse rearrange
+  (a second copy);
+- full: the same call on (B, N, 3, H, D).
+
+Open-Sora used xformers for cross-attention (see xformers_adapter.py). The natural FlashAttention
+equivalent is ``flash_attn_varlen_func``: the queries of all samples packed to (B*N, H, D) with
+cu_seqlens_q = [0, N, 2N, ...], the valid text tokens packed to (sum(len), H, D) with
+cu_seqlens_k = cumsum(kv_lens) -- the same block-diagonal attention as xformers' BlockDiagonalMask.
+
+flash_attn is imported lazily (never at import time of stdit.kernels). It has CUDA kernels only,
+for fp16/bf16 inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+import torch
+from einops import rearrange
+
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def availability(device: torch.device) -> str | None:
+    """None if flash_attn runs on ``device``, else why not and how to get it."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return (
+            "the 'flash_attn' package is not installed: pip install flash-attn --no-build-isolation "
+            "(needs a CUDA torch and nvcc; it has no CPU kernels)"
+        )
+    if device.type != "cuda":
+        return f"flash_attn has CUDA kernels only, not {device.type}; use a CUDA device or backend 'sdpa'"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"flash_attn (FlashAttention-2) needs an Ampere or newer GPU (sm_80+), this one is sm_{major}{minor}"
+    return None
+
+
+def _flash_attn() -> ModuleType:
+    return importlib.import_module("flash_attn")
+
+
+def _check_dtype(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in _DTYPES:
+        raise TypeError(
+            f"{name}: backend 'flash_attn' takes float16 or bfloat16 only, got {x.dtype}; "
+            "cast the input, or use backend 'sdpa' or 'triton' for fp32"
+        )
+
+
+def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> torch.Tensor:
+    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full."""
+    _check_dtype("qkv", qkv)
+    flash_attn_func = _flash_attn().flash_attn_func
+    B, N, _, H, D = qkv.shape
+    T = num_frames
+    if kind == "spatial":
+        x = rearrange(qkv, "B (T S) three H D -> (B T) S three H D", T=T)
+    elif kind == "temporal":
+        x = rearrange(qkv, "B (T S) three H D -> (B S) T three H D", T=T)  # Open-Sora's copy
+    elif kind == "full":
+        x = qkv
+    else:
+        raise ValueError(f"kind: expected 'spatial', 'temporal' or 'full', got {kind!r}")
+    q, k, v = x.unbind(2)  # flash_attn_func takes (Z, L, H, D) with a unit last stride
+    o = flash_attn_func(q, k, v, softmax_scale=scale)  # (Z, L, H, D)
+    if kind == "spatial":
+        return rearrange(o, "(B T) S H D -> B (T S) H D", B=B)
+    if kind == "temporal":
+        return rearrange(o, "(B S) T H D -> B (T S) H D", B=B).contiguous()  # the copy back
+    return o
+
+
+def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, N, H, D), kv (B, L, 2, H, D), kv_lens (B,) -> out (B, N, H, D)."""
+    _check_dtype("q", q)
+    flash_attn_varlen_func = _flash_attn().flash_attn_varlen_func
+    B, N, H, D = q.shape
+    L = kv.shape[1]
+    lens = kv_lens.to(q.device, torch.int32)
+    keep = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # (B, L)
+    k, v = kv[keep].unbind(1)  # each (sum(len), H, D): the valid text tokens, packed
+    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+    cu_q = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=q.device)  # [0, N, ..., B*N]
+    cu_k = torch.cat([zero, lens.cumsum(0, dtype=torch.int32)])  # [0, len0, len0+len1, ...]
+    o = flash_attn_varlen_func(
+        q.reshape(B * N, H, D), k, v, cu_q, cu_k, N, int(lens.max()), softmax_scale=scale
+    )  # (B*N, H, D)
+    return o.view(B, N, H, D)

@@ -1,0 +1,69 @@
+"""The "xformers" backend: ``xformers.ops.memory_efficient_attention``, called as Open-Sora 1.0 calls it.
+
+- self-attention: the layouts of Open-Sora's Attention (see flash_attn_adapter.py): spatial (B*T, S),
+  temporal rearranged to (B*S, T) and back (two copies), full (B, N); (Z, L, H, D) tensors.
+- cross (Open-Sora 1.0's MultiHeadCrossAttention, exactly): q viewed (1, B*N, H, D); the valid text
+  tokens of every sample packed by a boolean mask to (1, sum(len), 2, H, D); the attention made
+  block-diagonal by ``BlockDiagonalMask.from_seqlens([N] * B, lens)``, so sample b's N queries see
+  only its own len(b) keys.
+
+xformers is imported lazily (never at import time of stdit.kernels). It has no CPU kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+import torch
+from einops import rearrange
+
+
+def availability(device: torch.device) -> str | None:
+    """None if xformers runs on ``device``, else why not and how to get it."""
+    if importlib.util.find_spec("xformers") is None:
+        return "the 'xformers' package is not installed: pip install xformers (CUDA only; it has no CPU kernels)"
+    if device.type != "cuda":
+        return f"xformers has CUDA kernels only (none for {device.type}); use a CUDA device or backend 'sdpa'"
+    return None
+
+
+def _xops() -> ModuleType:
+    return importlib.import_module("xformers.ops")
+
+
+def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> torch.Tensor:
+    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full."""
+    xops = _xops()
+    B, N, _, H, D = qkv.shape
+    T = num_frames
+    if kind == "spatial":
+        x = rearrange(qkv, "B (T S) three H D -> (B T) S three H D", T=T)
+    elif kind == "temporal":
+        x = rearrange(qkv, "B (T S) three H D -> (B S) T three H D", T=T)  # Open-Sora's copy
+    elif kind == "full":
+        x = qkv
+    else:
+        raise ValueError(f"kind: expected 'spatial', 'temporal' or 'full', got {kind!r}")
+    q, k, v = x.unbind(2)  # (Z, L, H, D)
+    o = xops.memory_efficient_attention(q, k, v, scale=scale)  # (Z, L, H, D)
+    if kind == "spatial":
+        return rearrange(o, "(B T) S H D -> B (T S) H D", B=B)
+    if kind == "temporal":
+        return rearrange(o, "(B S) T H D -> B (T S) H D", B=B).contiguous()  # the copy back
+    return o
+
+
+def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, N, H, D), kv (B, L, 2, H, D), kv_lens (B,) -> out (B, N, H, D)."""
+    xops = _xops()
+    B, N, H, D = q.shape
+    L = kv.shape[1]
+    lens = [int(n) for n in kv_lens.tolist()]  # from_seqlens takes Python ints (one host sync)
+    keep = torch.arange(L, device=kv.device)[None, :] < kv_lens.to(kv.device)[:, None]  # (B, L)
+    packed = kv[keep].unsqueeze(0)  # (1, sum(len), 2, H, D)
+    k, v = packed.unbind(2)
+    bias = xops.fmha.BlockDiagonalMask.from_seqlens([N] * B, lens)
+    o = xops.memory_efficient_attention(q.reshape(1, B * N, H, D), k, v, attn_bias=bias, scale=scale)
+    return o.view(B, N, H, D)
