@@ -17,3 +17,7 @@ __all__ = [
     "auto_backend",
     "availability",
 ]
+
+from . import backends as _backends
+
+_backends._preload()

@@ -37,8 +37,16 @@ class BackendUnavailable(RuntimeError):
     """Raised when a backend was asked for by name but cannot run on the input's device."""
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def _module(name: str) -> ModuleType:
-    return importlib.import_module(_MODULES[name], __package__)
+    """The backend's module, imported once. Dispatch reads the ``_LOADED`` dict directly so that
+    torch.compile traces it (importlib itself is opaque to Dynamo)."""
+    mod = _LOADED.get(name)
+    if mod is None:
+        mod = _LOADED[name] = importlib.import_module(_MODULES[name], __package__)
+    return mod
 
 
 def split_name(backend: str) -> tuple[str, str | None]:
@@ -58,7 +66,10 @@ def availability(name: str, device: torch.device | str) -> str | None:
     base, sub = split_name(name)
     if base == "auto":
         return None
-    mod = _module(base)
+    try:
+        mod = _module(base)
+    except ImportError as e:
+        return f"cannot import its module: {e}"
     if sub is not None:
         return mod.availability(torch.device(device), sub)
     return mod.availability(torch.device(device))
@@ -70,20 +81,38 @@ def auto_backend(device: torch.device) -> str:
     CUDA: our Triton kernels. CPU: PyTorch SDPA (Triton runs on CPU only through its interpreter,
     which is a correctness tool, not a fast path).
     """
-    if device.type == "cuda" and availability("triton", device) is None:
+    if device.type == "cuda" and (torch.compiler.is_compiling() or availability("triton", device) is None):
         return "triton"
     return "sdpa"
 
 
 def resolve(backend: str, device: torch.device) -> tuple[ModuleType, str | None]:
-    """Turn a backend name into its module (and sdpa sub-backend), or raise why it cannot run."""
+    """Turn a backend name into its module (and sdpa sub-backend), or raise why it cannot run.
+
+    Under torch.compile the availability check (package look-ups, environment, probes) is skipped:
+    the same call has already run eagerly or fails inside the backend with its own error, and the
+    dispatch itself is then a dict look-up that Dynamo traces without a graph break.
+    """
     base, sub = split_name(backend)
     if base == "auto":
         base, sub = auto_backend(device), None
+    if torch.compiler.is_compiling():
+        return _LOADED[base], sub
     reason = availability(base if sub is None else f"{base}:{sub}", device)
     if reason is not None:
         raise BackendUnavailable(f"backend {backend!r} cannot run on {device}: {reason}")
     return _module(base), sub
+
+
+def _preload() -> None:
+    """Import every backend module now (optional packages stay lazy inside them), so that dispatch
+    never imports under torch.compile. A backend whose module cannot import (e.g. no triton) is
+    left out of _LOADED and reports the import error through availability()."""
+    for name in _MODULES:
+        try:
+            _module(name)
+        except ImportError:
+            pass
 
 
 def report(device: torch.device | str = "cpu") -> dict[str, str | None]:

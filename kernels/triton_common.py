@@ -44,14 +44,25 @@ def split_head_dim(D: int) -> tuple[int, int]:
     (8 masked columns): 80/72 = 1.11x the MMA work, where power-of-two padding would run it as 128
     (1.78x). D = 96 is 64 + 32 (exact), 80 is 64 + 16 (exact), 48 is 32 + 16 (exact).
     """
-    if D < 16 or D > 256:
-        raise ValueError(f"head dim D: expected 16 <= D <= 256 for the triton backend, got {D}")
+    if D < 16 or D > 128:
+        raise ValueError(f"head dim D: expected 16 <= D <= 128 for the triton backend, got {D}")
     d0 = 1 << (D.bit_length() - 1)
     rest = D - d0
     if rest == 0:
         return d0, 0
     d1 = max(16, 1 << (rest - 1).bit_length())
     return d0, d1
+
+
+# Head dims whose configurations `stdit inspect` compiles: one per head-dim class and the STDiT ones.
+SHIPPED_HEAD_DIMS = (32, 64, 72, 80, 96, 128)
+HEAD_CLASSES = (32, 64, 80, 96, 128)
+
+
+def head_class(D: int) -> int:
+    """The tile-table class of head dim D: the smallest class >= its padded width D0 + D1."""
+    width = sum(split_head_dim(D))
+    return next(c for c in HEAD_CLASSES if c >= width)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

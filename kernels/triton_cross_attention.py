@@ -27,16 +27,16 @@ text-sized. Padded keys (position >= kv_lens[b]) get exactly zero gradient.
 """
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import TL_DTYPES, KernelBuild, new_output, signature_of
+from .triton_common import SHIPPED_HEAD_DIMS, TL_DTYPES, KernelBuild, head_class, new_output, signature_of
 from .triton_self_attention import (
     _ELEMENT_SIZE,
     LOG2E,
+    Tiles,
     _consts,
     _last_dim_contiguous,
     _load,
@@ -303,27 +303,66 @@ def tiles_per_program_override(n: int):
         _tiles_per_program_override = old
 
 
-@dataclass(frozen=True)
-class CrossTiles:
-    block_m: int
-    block_l: int
-    resident: bool = False
-    num_warps: int = 4
+# (BLOCK_M, BLOCK_L, num_warps[, num_stages]) per kernel, input width (16-bit or fp32) and head-dim class, chosen
+# like the self-attention TILES: the largest tiling without register spills on sm_90 and sm_80.
+# For "fwd_resident", BLOCK_L is the longest text kept resident; shorter text uses its own
+# power-of-two fit. "dkdv" tiles are (query rows per step, key rows per program).
+TILES: dict[tuple[str, int, int], tuple[int, ...]] = {
+    ('dq', 32, 128): (32, 32, 4, 2),  # the only entry that needs 2 pipeline stages to avoid spilling
+    ('dkdv', 16, 32): (64, 64, 8),
+    ('dkdv', 16, 64): (64, 64, 8),
+    ('dkdv', 16, 80): (32, 64, 8),
+    ('dkdv', 16, 96): (32, 64, 8),
+    ('dkdv', 16, 128): (64, 64, 8),
+    ('dkdv', 32, 32): (32, 32, 4),
+    ('dkdv', 32, 64): (32, 32, 4),
+    ('dkdv', 32, 80): (32, 32, 4),
+    ('dkdv', 32, 96): (32, 32, 4),
+    ('dkdv', 32, 128): (32, 32, 8),
+    ('dq', 16, 32): (64, 64, 4),
+    ('dq', 16, 64): (64, 64, 4),
+    ('dq', 16, 80): (64, 64, 4),
+    ('dq', 16, 96): (64, 32, 4),
+    ('dq', 16, 128): (64, 64, 4),
+    ('dq', 32, 32): (32, 32, 8),
+    ('dq', 32, 64): (32, 32, 8),
+    ('dq', 32, 80): (32, 32, 8),
+    ('dq', 32, 96): (32, 32, 8),
+    ('fwd_resident', 16, 32): (64, 128, 4),
+    ('fwd_resident', 16, 64): (64, 128, 4),
+    ('fwd_resident', 16, 80): (64, 128, 4),
+    ('fwd_resident', 16, 96): (64, 128, 4),
+    ('fwd_resident', 16, 128): (64, 128, 4),
+    ('fwd_resident', 32, 32): (32, 64, 8),
+    ('fwd_resident', 32, 64): (32, 64, 8),
+    ('fwd_resident', 32, 80): (32, 32, 4),
+    ('fwd_resident', 32, 96): (32, 64, 8),
+    ('fwd_resident', 32, 128): (32, 32, 4),
+    ('fwd_streamed', 16, 32): (64, 64, 4),
+    ('fwd_streamed', 16, 64): (64, 64, 4),
+    ('fwd_streamed', 16, 80): (64, 64, 4),
+    ('fwd_streamed', 16, 96): (64, 32, 4),
+    ('fwd_streamed', 16, 128): (64, 64, 4),
+    ('fwd_streamed', 32, 32): (16, 32, 4),
+    ('fwd_streamed', 32, 64): (16, 32, 4),
+    ('fwd_streamed', 32, 80): (32, 32, 4),
+    ('fwd_streamed', 32, 96): (16, 32, 4),
+    ('fwd_streamed', 32, 128): (32, 32, 4),
+}
 
 
-# Largest text held resident in the forward, and the key block of the streamed forward / backward.
-# fp32 (the accuracy path) uses half-size tiles: the same registers hold half as many values.
-_RESIDENT_L = {16: 128, 32: 64}
-_BLOCK_M = {16: 64, 32: 32}
+
+def tiles(kernel: str, D: int, dtype: torch.dtype, L: int) -> Tiles:
+    """The tiling of ``kernel`` (fwd_resident, fwd_streamed, dq, dkdv) for head dim D, text length L."""
+    bm, bl, warps, *stages = TILES[(kernel, 32 if dtype == torch.float32 else 16, head_class(D))]
+    if kernel == "fwd_resident":
+        bl = max(16, triton.next_power_of_2(L))
+    return Tiles(bm, bl, warps, stages[0] if stages else 1)
 
 
-def choose_tiles(pass_: str, L: int, dtype: torch.dtype) -> CrossTiles:
-    """Tiling of the forward ("fwd") or the two backward kernels ("bwd") for text length L."""
-    width = 32 if dtype == torch.float32 else 16
-    fit = max(16, triton.next_power_of_2(L))
-    if pass_ == "fwd" and fit <= _RESIDENT_L[width]:
-        return CrossTiles(_BLOCK_M[width], fit, resident=True)
-    return CrossTiles(_BLOCK_M[width], min(fit, _BLOCK_M[width]))
+def resident(D: int, dtype: torch.dtype, L: int) -> bool:
+    """Whether the forward keeps the whole text of a (sample, head) resident (L <= BLOCK_L)."""
+    return L <= TILES[("fwd_resident", 32 if dtype == torch.float32 else 16, head_class(D))][1]
 
 
 def _chunking(n_tiles: int, programs_per_chunk: int, device: torch.device) -> tuple[int, int]:
@@ -348,7 +387,8 @@ def forward(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, scale: flo
     B, N, H, D = q.shape
     out = new_output((B, N, H, D), q)
     lse = new_output((B, H, N), q, torch.float32)
-    t = choose_tiles("fwd", kv.shape[1], q.dtype)
+    res = resident(D, q.dtype, kv.shape[1])
+    t = tiles("fwd_resident" if res else "fwd_streamed", D, q.dtype, kv.shape[1])
     chunks, per = _chunking(triton.cdiv(N, t.block_m), B * H, q.device)
     _cross_fwd_kernel[(chunks, B * H)](
         q, kv, lens, out, lse,
@@ -356,8 +396,8 @@ def forward(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, scale: flo
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
         H, N, scale * LOG2E, per,
-        BLOCK_M=t.block_m, BLOCK_L=t.block_l, RESIDENT=t.resident, **_consts(D, q.dtype, alignment(q, kv, out)),
-        num_warps=t.num_warps, num_stages=1,
+        BLOCK_M=t.block_m, BLOCK_L=t.block_n, RESIDENT=res, **_consts(D, q.dtype, alignment(q, kv, out)),
+        num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     return out, lse
 
@@ -370,27 +410,28 @@ def backward(
     dout = _last_dim_contiguous(dout)
     B, N, H, D = q.shape
     L = kv.shape[1]
-    t = choose_tiles("bwd", L, q.dtype)
-    n_tiles, n_lblocks = triton.cdiv(N, t.block_m), triton.cdiv(L, t.block_l)
-    chunks, per = _chunking(n_tiles, B * H * n_lblocks, q.device)
+    tq, tk = tiles("dq", D, q.dtype, L), tiles("dkdv", D, q.dtype, L)
+    n_lblocks = triton.cdiv(L, tk.block_n)
+    chunks, per = _chunking(triton.cdiv(N, tk.block_m), B * H * n_lblocks, q.device)
     dq = new_output((B, N, H, D), q)
     delta = new_output((B, H, N), q, torch.float32)
     dkv_part = new_output((chunks, B, L, 2, H, D), q, torch.float32)
-    consts = dict(BLOCK_M=t.block_m, BLOCK_L=t.block_l, **_consts(D, q.dtype, alignment(q, kv, out, dout, dq, dkv_part)))
-    launch = dict(num_warps=t.num_warps, num_stages=1)
+    consts = _consts(D, q.dtype, alignment(q, kv, out, dout, dq, dkv_part))
     q_strides = (q.stride(0), q.stride(1), q.stride(2))
     kv_strides = (kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3))
     do_strides = (dout.stride(0), dout.stride(1), dout.stride(2))
-    _cross_bwd_dq_kernel[(n_tiles, B * H)](
+    _cross_bwd_dq_kernel[(triton.cdiv(N, tq.block_m), B * H)](
         q, kv, lens, out, dout, lse, delta, dq,
         *q_strides, *kv_strides, out.stride(0), out.stride(1), out.stride(2), *do_strides,
         dq.stride(0), dq.stride(1), dq.stride(2),
-        H, N, scale * LOG2E, scale, **consts, **launch,
+        H, N, scale * LOG2E, scale,
+        BLOCK_M=tq.block_m, BLOCK_L=tq.block_n, **consts, num_warps=tq.num_warps, num_stages=tq.num_stages,
     )  # fmt: skip
     _cross_bwd_dkdv_kernel[(chunks * n_lblocks, B * H)](
         q, kv, lens, dout, lse, delta, dkv_part,
         *q_strides, *kv_strides, *do_strides, *dkv_part.stride()[:5],
-        H, N, L, scale * LOG2E, scale, per, **consts, **launch,
+        H, N, L, scale * LOG2E, scale, per,
+        BLOCK_M=tk.block_m, BLOCK_L=tk.block_n, **consts, num_warps=tk.num_warps, num_stages=tk.num_stages,
     )  # fmt: skip
     dkv = (dkv_part[0] if chunks == 1 else dkv_part.sum(0)).to(kv.dtype)
     return dq, dkv
@@ -456,20 +497,17 @@ def shipped_builds() -> list[KernelBuild]:
     """Every (kernel, text tile, head dim, dtype) configuration the launchers above can pick."""
     builds = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for D in (32, 64, 72, 80, 96, 128):
-            base = dict(_consts(D, dtype, 16 // _ELEMENT_SIZE[dtype]), UPCAST=False)
-            for L in (16, 32, 64, 128, 256):
-                tag = f"D={D},L={L},{TL_DTYPES[dtype]}"
-                t = choose_tiles("fwd", L, dtype)
-                c = dict(base, BLOCK_M=t.block_m, BLOCK_L=t.block_l, RESIDENT=t.resident)
-                fn = _cross_fwd_kernel
-                builds.append(KernelBuild(f"cross_attn_fwd[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, 1))
-                t = choose_tiles("bwd", L, dtype)
-                c = dict(base, BLOCK_M=t.block_m, BLOCK_L=t.block_l)
-                for name, fn in (("dq", _cross_bwd_dq_kernel), ("dkdv", _cross_bwd_dkdv_kernel)):
-                    builds.append(KernelBuild(f"cross_attn_bwd_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, 1))
-    # de-duplicate: different L can map to the same tiles
-    unique = {}
-    for b in builds:
-        unique.setdefault((b.fn, tuple(sorted(b.constexprs.items())), b.num_warps), b)
-    return list(unique.values())
+        width = 32 if dtype == torch.float32 else 16
+        for D in SHIPPED_HEAD_DIMS:
+            consts = dict(_consts(D, dtype, 16 // _ELEMENT_SIZE[dtype]), UPCAST=False)
+            max_resident = TILES[("fwd_resident", width, head_class(D))][1]
+            variants = [("fwd_resident", L, _cross_fwd_kernel) for L in (16, 32, 64, 128) if L <= max_resident]
+            variants += [("fwd_streamed", 0, _cross_fwd_kernel), ("dq", 0, _cross_bwd_dq_kernel), ("dkdv", 0, _cross_bwd_dkdv_kernel)]
+            for name, L, fn in variants:
+                t = tiles(name, D, dtype, L)
+                c = dict(consts, BLOCK_M=t.block_m, BLOCK_L=t.block_n)
+                if fn is _cross_fwd_kernel:
+                    c["RESIDENT"] = name == "fwd_resident"
+                tag = f"D={D},{TL_DTYPES[dtype]},{t.block_m}x{t.block_n},w{t.num_warps}"
+                builds.append(KernelBuild(f"cross_attn_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages))
+    return builds

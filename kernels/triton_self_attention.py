@@ -38,7 +38,7 @@ one per query tile for dQ (it also stores Delta), then one per key tile for dK a
 
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -51,6 +51,8 @@ from .triton_common import (
     signature_of,
     interpreting,
     new_output,
+    SHIPPED_HEAD_DIMS,
+    head_class,
     split_head_dim,
     triton_availability,
 )
@@ -444,26 +446,74 @@ def geometry(kind: str, N: int, num_frames: int) -> tuple[int, int, int, int]:
 
 @dataclass(frozen=True)
 class Tiles:
-    """Tiling of one launch. ``packed``: BLOCK_M == BLOCK_N == the tile, G = BLOCK_M // LEN sequences."""
+    """Tiling of one launch: BLOCK_M query rows x BLOCK_N key rows (packed: both are the tile)."""
 
-    packed: bool
     block_m: int
     block_n: int
     num_warps: int
-    num_stages: int
+    num_stages: int = 1
 
 
-# The shipped configurations, by pass and input width (16-bit or fp32). fp32 tiles are smaller: the
-# same registers hold half as many elements, and fp32 is the accuracy path, not the fast one.
-_FWD = {
-    16: dict(pack=128, packed=Tiles(True, 128, 128, 8, 1), streamed=Tiles(False, 128, 64, 8, 2)),
-    32: dict(pack=64, packed=Tiles(True, 64, 64, 4, 1), streamed=Tiles(False, 64, 32, 4, 2)),
+# (BLOCK_M, BLOCK_N, num_warps) per kernel, input width (16-bit or fp32) and head-dim class (the
+# padded width BLOCK_D0 + BLOCK_D1, see head_class). Each entry is the largest tiling that compiles
+# for both sm_90 and sm_80 without register spills (measured with `stdit inspect`; the inspect test
+# keeps it so). "dkdv" tiles are (query rows per step, key rows per program). fp32 tiles are smaller:
+# fp32 dots run on FMA units and the same registers hold half as many values; fp32 is the accuracy
+# path, 16-bit the fast one.
+TILES: dict[tuple[str, int, int], tuple[int, int, int]] = {
+    ('bwd_dkdv', 16, 32): (64, 64, 8),
+    ('bwd_dkdv', 16, 64): (64, 64, 8),
+    ('bwd_dkdv', 16, 80): (32, 64, 8),
+    ('bwd_dkdv', 16, 96): (32, 64, 8),
+    ('bwd_dkdv', 16, 128): (64, 64, 8),
+    ('bwd_dkdv', 32, 32): (32, 32, 4),
+    ('bwd_dkdv', 32, 64): (32, 32, 4),
+    ('bwd_dkdv', 32, 80): (32, 32, 4),
+    ('bwd_dkdv', 32, 96): (32, 32, 8),
+    ('bwd_dkdv', 32, 128): (32, 32, 8),
+    ('bwd_dq', 16, 32): (64, 64, 8),
+    ('bwd_dq', 16, 64): (64, 64, 8),
+    ('bwd_dq', 16, 80): (64, 64, 8),
+    ('bwd_dq', 16, 96): (64, 64, 8),
+    ('bwd_dq', 16, 128): (64, 64, 8),
+    ('bwd_dq', 32, 32): (32, 32, 4),
+    ('bwd_dq', 32, 64): (32, 32, 4),
+    ('bwd_dq', 32, 80): (32, 32, 4),
+    ('bwd_dq', 32, 96): (16, 16, 4),
+    ('bwd_dq', 32, 128): (32, 32, 4),
+    ('bwd_packed', 16, 32): (64, 64, 8),
+    ('bwd_packed', 16, 64): (64, 64, 8),
+    ('bwd_packed', 16, 80): (64, 64, 8),
+    ('bwd_packed', 16, 96): (64, 64, 4),
+    ('bwd_packed', 16, 128): (64, 64, 8),
+    ('bwd_packed', 32, 32): (32, 32, 4),
+    ('bwd_packed', 32, 64): (32, 32, 8),
+    ('bwd_packed', 32, 80): (16, 16, 4),
+    ('bwd_packed', 32, 96): (16, 16, 4),
+    ('bwd_packed', 32, 128): (16, 16, 4),
+    ('fwd_packed', 16, 32): (128, 128, 8),
+    ('fwd_packed', 16, 64): (128, 128, 8),
+    ('fwd_packed', 16, 80): (128, 128, 8),
+    ('fwd_packed', 16, 96): (128, 128, 8),
+    ('fwd_packed', 16, 128): (64, 64, 4),
+    ('fwd_packed', 32, 32): (64, 64, 8),
+    ('fwd_packed', 32, 64): (32, 32, 4),
+    ('fwd_packed', 32, 80): (32, 32, 4),
+    ('fwd_packed', 32, 96): (16, 16, 4),
+    ('fwd_packed', 32, 128): (16, 16, 4),
+    ('fwd_streamed', 16, 32): (128, 64, 8),
+    ('fwd_streamed', 16, 64): (128, 64, 8),
+    ('fwd_streamed', 16, 80): (128, 64, 8),
+    ('fwd_streamed', 16, 96): (128, 64, 8),
+    ('fwd_streamed', 16, 128): (128, 32, 8),
+    ('fwd_streamed', 32, 32): (64, 32, 8),
+    ('fwd_streamed', 32, 64): (64, 32, 8),
+    ('fwd_streamed', 32, 80): (64, 32, 8),
+    ('fwd_streamed', 32, 96): (64, 32, 8),
+    ('fwd_streamed', 32, 128): (16, 16, 4),
 }
-_BWD = {
-    16: dict(pack=64, packed=Tiles(True, 64, 64, 4, 1), streamed=Tiles(False, 64, 64, 4, 2)),
-    32: dict(pack=32, packed=Tiles(True, 32, 32, 4, 1), streamed=Tiles(False, 32, 32, 4, 2)),
-}
-_override: Tiles | None = None
+_STAGES = {"fwd_streamed": 2, "bwd_dq": 2, "bwd_dkdv": 2}
+_override: int | None = None
 
 
 @contextlib.contextmanager
@@ -476,19 +526,19 @@ def tile_override(block: int):
     global _override
     if block < 16 or block & (block - 1):
         raise ValueError(f"block: expected a power of two >= 16, got {block}")
-    old, _override = _override, Tiles(False, block, block, 4, 1)
+    old, _override = _override, block
     try:
         yield
     finally:
         _override = old
 
 
-def choose_tiles(pass_: str, LEN: int, dtype: torch.dtype) -> Tiles:
-    """The tiling for a forward ("fwd") or backward ("bwd") launch over sequences of length LEN."""
+def tiles(kernel: str, D: int, dtype: torch.dtype) -> Tiles:
+    """The shipped tiling of ``kernel`` (fwd_packed, fwd_streamed, bwd_packed, bwd_dq, bwd_dkdv)."""
     if _override is not None:
-        return replace(_override, packed=LEN <= _override.block_m)
-    table = (_FWD if pass_ == "fwd" else _BWD)[32 if dtype == torch.float32 else 16]
-    return table["packed"] if LEN <= table["pack"] else table["streamed"]
+        return Tiles(_override, _override, 4)
+    bm, bn, warps = TILES[(kernel, 32 if dtype == torch.float32 else 16, head_class(D))]
+    return Tiles(bm, bn, warps, _STAGES.get(kernel, 1))
 
 
 def check_supported(name: str, x: torch.Tensor) -> None:
@@ -499,9 +549,9 @@ def check_supported(name: str, x: torch.Tensor) -> None:
             "(use backend='reference' for float64)"
         )
     D = x.shape[-1]
-    if not 16 <= D <= 256:
-        raise ValueError(f"{name}: the triton backend takes head dims 16..256, got D = {D}")
-    reason = triton_availability(x.device)
+    if not 16 <= D <= 128:
+        raise ValueError(f"{name}: the triton backend takes head dims 16..128, got D = {D}")
+    reason = None if torch.compiler.is_compiling() else triton_availability(x.device)
     if reason is not None:
         from .backends import BackendUnavailable
 
@@ -534,10 +584,11 @@ def _consts(D: int, dtype: torch.dtype, align: int) -> dict:
     return dict(D=D, ALIGN=align, BLOCK_D0=d0, BLOCK_D1=d1, UPCAST=upcast, DOT_PREC=dot_precision(dtype))
 
 
-def _grid(tiles: Tiles, NSEQ: int, LEN: int, BH: int) -> tuple[int, int]:
-    if tiles.packed:
-        return (triton.cdiv(NSEQ, tiles.block_m // LEN), BH)
-    return (NSEQ * triton.cdiv(LEN, tiles.block_m), BH)
+def _grid(packed: bool, block: int, NSEQ: int, LEN: int, BH: int) -> tuple[int, int]:
+    """Packed: one program per G = block // LEN sequences; streamed: one per block rows of a sequence."""
+    if packed:
+        return (triton.cdiv(NSEQ, block // LEN), BH)
+    return (NSEQ * triton.cdiv(LEN, block), BH)
 
 
 def forward(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -547,14 +598,15 @@ def forward(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> tupl
     NSEQ, LEN, SEQ_TOK, POS_TOK = geometry(kind, N, num_frames)
     out = new_output((B, N, H, D), qkv)
     lse = new_output((B, H, N), qkv, torch.float32)
-    t = choose_tiles("fwd", LEN, qkv.dtype)
-    _fwd_kernel[_grid(t, NSEQ, LEN, B * H)](
+    packed = LEN <= tiles("fwd_packed", D, qkv.dtype).block_m
+    t = tiles("fwd_packed" if packed else "fwd_streamed", D, qkv.dtype)
+    _fwd_kernel[_grid(packed, t.block_m, NSEQ, LEN, B * H)](
         qkv, out, lse,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
         H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, scale * LOG2E,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, PACKED=t.packed, **_consts(D, qkv.dtype, alignment(qkv, out)),
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n if not packed else t.block_m, PACKED=packed,
+        **_consts(D, qkv.dtype, alignment(qkv, out)), num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     return out, lse
 
@@ -568,8 +620,7 @@ def backward(
     B, N, _, H, D = qkv.shape
     NSEQ, LEN, SEQ_TOK, POS_TOK = geometry(kind, N, num_frames)
     dqkv = new_output((B, N, 3, H, D), qkv)
-    t = choose_tiles("bwd", LEN, qkv.dtype)
-    common = (
+    args = (
         qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
     )  # fmt: skip
     o_strides = (out.stride(0), out.stride(1), out.stride(2))
@@ -577,21 +628,23 @@ def backward(
     g_strides = (dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), dqkv.stride(3))
     sizes = (H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, scale * LOG2E, scale)
     consts = _consts(D, qkv.dtype, alignment(qkv, out, dout, dqkv))
-    launch = dict(num_warps=t.num_warps, num_stages=t.num_stages)
-    if t.packed:
-        _bwd_packed_kernel[_grid(t, NSEQ, LEN, B * H)](
-            qkv, out, dout, lse, dqkv, *common, *o_strides, *do_strides, *g_strides, *sizes,
-            BLOCK=t.block_m, **consts, **launch,
+    t = tiles("bwd_packed", D, qkv.dtype)
+    if LEN <= t.block_m:
+        _bwd_packed_kernel[_grid(True, t.block_m, NSEQ, LEN, B * H)](
+            qkv, out, dout, lse, dqkv, *args, *o_strides, *do_strides, *g_strides, *sizes,
+            BLOCK=t.block_m, **consts, num_warps=t.num_warps, num_stages=t.num_stages,
         )  # fmt: skip
         return dqkv
     delta = new_output((B, H, N), qkv, torch.float32)
-    _bwd_dq_kernel[_grid(t, NSEQ, LEN, B * H)](
-        qkv, out, dout, lse, delta, dqkv, *common, *o_strides, *do_strides, *g_strides, *sizes,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, **consts, **launch,
+    t = tiles("bwd_dq", D, qkv.dtype)
+    _bwd_dq_kernel[_grid(False, t.block_m, NSEQ, LEN, B * H)](
+        qkv, out, dout, lse, delta, dqkv, *args, *o_strides, *do_strides, *g_strides, *sizes,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, **consts, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
-    _bwd_dkdv_kernel[(NSEQ * triton.cdiv(LEN, t.block_n), B * H)](
-        qkv, dout, lse, delta, dqkv, *common, *do_strides, *g_strides, *sizes,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, **consts, **launch,
+    t = tiles("bwd_dkdv", D, qkv.dtype)
+    _bwd_dkdv_kernel[_grid(False, t.block_n, NSEQ, LEN, B * H)](
+        qkv, dout, lse, delta, dqkv, *args, *do_strides, *g_strides, *sizes,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, **consts, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     return dqkv
 
@@ -655,24 +708,22 @@ _ELEMENT_SIZE = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 
 def shipped_builds() -> list[KernelBuild]:
     """Every (kernel, tiling, head dim, dtype) configuration the launchers above can pick on a GPU."""
+    kernels = {
+        "fwd_packed": (_fwd_kernel, lambda t: dict(BLOCK_M=t.block_m, BLOCK_N=t.block_m, PACKED=True)),
+        "fwd_streamed": (_fwd_kernel, lambda t: dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, PACKED=False)),
+        "bwd_packed": (_bwd_packed_kernel, lambda t: dict(BLOCK=t.block_m)),
+        "bwd_dq": (_bwd_dq_kernel, lambda t: dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n)),
+        "bwd_dkdv": (_bwd_dkdv_kernel, lambda t: dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n)),
+    }
     builds = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        width = 32 if dtype == torch.float32 else 16
-        for D in (32, 64, 72, 80, 96, 128):
+        for D in SHIPPED_HEAD_DIMS:
             consts = dict(_consts(D, dtype, 16 // _ELEMENT_SIZE[dtype]), UPCAST=False)
-            tag = f"D={D},{TL_DTYPES[dtype]}"
-            fwd, bwd = _FWD[width], _BWD[width]
-            for t in (fwd["packed"], fwd["streamed"]):
-                c = dict(consts, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PACKED=t.packed)
-                kind = "packed" if t.packed else "streamed"
-                builds.append(KernelBuild(f"self_attn_fwd_{kind}[{tag}]", _fwd_kernel, signature_of(_fwd_kernel, dtype, c), c, t.num_warps, t.num_stages))
-            t = bwd["packed"]
-            c = dict(consts, BLOCK=t.block_m)
-            builds.append(KernelBuild(f"self_attn_bwd_packed[{tag}]", _bwd_packed_kernel, signature_of(_bwd_packed_kernel, dtype, c), c, t.num_warps, t.num_stages))
-            t = bwd["streamed"]
-            c = dict(consts, BLOCK_M=t.block_m, BLOCK_N=t.block_n)
-            for name, fn in (("dq", _bwd_dq_kernel), ("dkdv", _bwd_dkdv_kernel)):
-                builds.append(KernelBuild(f"self_attn_bwd_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages))
+            for name, (fn, blocks) in kernels.items():
+                t = tiles(name, D, dtype)
+                c = dict(consts, **blocks(t))
+                tag = f"D={D},{TL_DTYPES[dtype]},{t.block_m}x{t.block_n},w{t.num_warps}"
+                builds.append(KernelBuild(f"self_attn_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages))
     return builds
 
 

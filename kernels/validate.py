@@ -91,6 +91,8 @@ def check_cross(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor) -> tup
         raise ValueError(f"kv_lens: expected shape ({B},) (one length per sample), got {tuple(kv_lens.shape)}")
     if kv_lens.device != q.device:
         raise ValueError(f"kv_lens: on device {kv_lens.device}, but q is on {q.device}; expected the same device")
+    if torch.compiler.is_compiling():
+        return B, N, L, H, D  # a value check would be data-dependent: a graph break under compile
     lo, hi = int(kv_lens.min()), int(kv_lens.max())
     if lo < 1 or hi > L:
         raise ValueError(f"kv_lens: every length must lie in [1, L={L}], got values in [{lo}, {hi}]")
