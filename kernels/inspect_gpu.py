@@ -20,6 +20,7 @@ Definitions used in every row:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect as _pyinspect
@@ -34,7 +35,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from .triton_common import KernelBuild
 
@@ -182,6 +183,10 @@ def inspect_build(build: KernelBuild, target: str) -> dict[str, Any]:
     if find_tool("ptxas") is None:
         problems.append("ptxas not found (Triton's bundled toolchain is missing; set TRITON_PTXAS_PATH)")
         return row
+    if not _is_jit(build.fn):
+        problems.append("kernel was created under TRITON_INTERPRET=1 (an interpreted function cannot be "
+                        "compiled); inspect it through inspect_all(), which compiles in clean workers")
+        return row
     t0 = time.perf_counter()
     try:
         ck = _compile(build, spec.capability)
@@ -267,13 +272,35 @@ def _fn_ref(fn: Any) -> tuple[str, str, str] | None:
         return None
 
 
+def _is_jit(fn: Any) -> bool:
+    from triton.runtime import JITFunction
+
+    return isinstance(fn, JITFunction)
+
+
+@contextlib.contextmanager
+def _interpreter_off() -> Iterator[None]:
+    """Spawned workers inherit this environment: with TRITON_INTERPRET unset there, they re-import
+    the kernels as compilable JITFunctions even when this process runs them in the interpreter."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 def _resolve_fn(ref: tuple[str, str, str]) -> Any:
     mod_name, name, path = ref
     try:
         module = importlib.import_module(mod_name)
     except ImportError:  # e.g. a test module imported by pytest from a path not on sys.path
-        spec = importlib.util.spec_from_file_location(f"_stdit_inspect_{mod_name}", path)
+        spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
         spec.loader.exec_module(module)
     return getattr(module, name)
 
@@ -302,14 +329,17 @@ def inspect_all(builds: Iterable[KernelBuild] | None = None, targets: Sequence[s
     work = [(b, t) for b in builds for t in targets]
     todo = [(b, t) for b, t in work if _cache_key(b, t) not in _CACHE]
 
+    pool_error = ""
     remote = [(b, t, ref) for b, t in todo if (ref := _fn_ref(b.fn)) is not None]
     jobs = jobs if jobs is not None else min(os.cpu_count() or 1, 8)
-    if jobs > 1 and len(remote) > 1:
-        # Compilation is CPU-bound in MLIR passes and ptxas, so processes (not threads) give the
-        # speed-up. "spawn" avoids forking a process whose Triton/torch runtime threads are live.
+    # Compilation is CPU-bound (MLIR passes, ptxas), so processes rather than threads. Interpreted
+    # kernels can only be compiled in a fresh process, hence the pool even for one build then.
+    if remote and ((jobs > 1 and len(remote) > 1) or not all(_is_jit(b.fn) for b, _, _ in remote)):
         try:
+            # "spawn", not fork: a fresh interpreter, no inherited runtime threads or patched tl.*.
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(jobs, len(remote)), mp_context=ctx) as pool:
+            with _interpreter_off(), ProcessPoolExecutor(max_workers=max(1, min(jobs, len(remote))),
+                                                         mp_context=ctx) as pool:
                 futures = {}
                 for b, t, ref in remote:
                     fields = {k: getattr(b, k) for k in ("name", "signature", "constexprs", "num_warps",
@@ -317,12 +347,15 @@ def inspect_all(builds: Iterable[KernelBuild] | None = None, targets: Sequence[s
                     futures[_cache_key(b, t)] = pool.submit(_worker, ref, fields, t)
                 for key, fut in futures.items():
                     _CACHE[key] = fut.result()
-        except Exception:  # a broken pool (unpicklable tags, a worker crash): finish serially below
-            pass
+        except Exception as e:  # a broken pool (unpicklable tags, a worker crash): go on serially
+            pool_error = f"{type(e).__name__}: {e}"
     for b, t in todo:
         key = _cache_key(b, t)
         if key not in _CACHE:
-            _CACHE[key] = inspect_build(b, t)
+            row = inspect_build(b, t)
+            if pool_error and not row["ok"]:
+                row["problems"].append(f"(the compile worker pool failed: {pool_error})")
+            _CACHE[key] = row
     return errors + [dict(_CACHE[_cache_key(b, t)]) for b, t in work]
 
 

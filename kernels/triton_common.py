@@ -102,7 +102,7 @@ class KernelBuild:
     constexprs: dict[str, Any]
     num_warps: int
     num_stages: int
-    uses_mma: bool = True  # whether the kernel's hot loop is tl.dot (so sm_90 should use wgmma)
+    uses_mma: bool = True  # whether the hot loop runs on tensor cores (so sm_90 must use wgmma); fp32 "ieee" dots do not
     tags: dict[str, Any] = field(default_factory=dict)
 
     def attrs(self) -> dict[tuple[int, ...], list[list[Any]]]:

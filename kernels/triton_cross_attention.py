@@ -509,5 +509,5 @@ def shipped_builds() -> list[KernelBuild]:
                 if fn is _cross_fwd_kernel:
                     c["RESIDENT"] = name == "fwd_resident"
                 tag = f"D={D},{TL_DTYPES[dtype]},{t.block_m}x{t.block_n},w{t.num_warps}"
-                builds.append(KernelBuild(f"cross_attn_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages))
+                builds.append(KernelBuild(f"cross_attn_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages, uses_mma=dtype != torch.float32))
     return builds

@@ -478,7 +478,7 @@ TILES: dict[tuple[str, int, int], tuple[int, int, int]] = {
     ('bwd_dq', 16, 128): (64, 64, 8),
     ('bwd_dq', 32, 32): (32, 32, 4),
     ('bwd_dq', 32, 64): (32, 32, 4),
-    ('bwd_dq', 32, 80): (32, 32, 4),
+    ('bwd_dq', 32, 80): (32, 32, 8),
     ('bwd_dq', 32, 96): (16, 16, 4),
     ('bwd_dq', 32, 128): (32, 32, 4),
     ('bwd_packed', 16, 32): (64, 64, 8),
@@ -723,7 +723,7 @@ def shipped_builds() -> list[KernelBuild]:
                 t = tiles(name, D, dtype)
                 c = dict(consts, **blocks(t))
                 tag = f"D={D},{TL_DTYPES[dtype]},{t.block_m}x{t.block_n},w{t.num_warps}"
-                builds.append(KernelBuild(f"self_attn_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages))
+                builds.append(KernelBuild(f"self_attn_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages, uses_mma=dtype != torch.float32))
     return builds
 
 
