@@ -23,7 +23,7 @@ import importlib.util
 from types import ModuleType
 
 import torch
-from einops import rearrange
+from .reference import from_sequences, pack_valid, to_sequences
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -59,23 +59,9 @@ def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) 
     """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full."""
     _check_dtype("qkv", qkv)
     flash_attn_func = _flash_attn().flash_attn_func
-    B, N, _, H, D = qkv.shape
-    T = num_frames
-    if kind == "spatial":
-        x = rearrange(qkv, "B (T S) three H D -> (B T) S three H D", T=T)
-    elif kind == "temporal":
-        x = rearrange(qkv, "B (T S) three H D -> (B S) T three H D", T=T)  # Open-Sora's copy
-    elif kind == "full":
-        x = qkv
-    else:
-        raise ValueError(f"kind: expected 'spatial', 'temporal' or 'full', got {kind!r}")
-    q, k, v = x.unbind(2)  # flash_attn_func takes (Z, L, H, D) with a unit last stride
+    q, k, v = to_sequences(qkv, kind, num_frames)  # Open-Sora's rearranges (a copy for temporal)
     o = flash_attn_func(q, k, v, softmax_scale=scale)  # (Z, L, H, D)
-    if kind == "spatial":
-        return rearrange(o, "(B T) S H D -> B (T S) H D", B=B)
-    if kind == "temporal":
-        return rearrange(o, "(B S) T H D -> B (T S) H D", B=B).contiguous()  # the copy back
-    return o
+    return from_sequences(o, kind, qkv.shape[0])
 
 
 def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -83,10 +69,8 @@ def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, sc
     _check_dtype("q", q)
     flash_attn_varlen_func = _flash_attn().flash_attn_varlen_func
     B, N, H, D = q.shape
-    L = kv.shape[1]
     lens = kv_lens.to(q.device, torch.int32)
-    keep = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # (B, L)
-    k, v = kv[keep].unbind(1)  # each (sum(len), H, D): the valid text tokens, packed
+    k, v = pack_valid(kv, lens).unbind(1)  # each (sum(len), H, D): the valid text tokens, packed
     zero = torch.zeros(1, dtype=torch.int32, device=q.device)
     cu_q = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=q.device)  # [0, N, ..., B*N]
     cu_k = torch.cat([zero, lens.cumsum(0, dtype=torch.int32)])  # [0, len0, len0+len1, ...]

@@ -33,9 +33,12 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
     return (attn @ v).transpose(1, 2)
 
 
-def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> torch.Tensor:
-    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full."""
-    B, N, _, H, D = qkv.shape
+def to_sequences(qkv: torch.Tensor, kind: str, num_frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Open-Sora's layout change before attention: qkv (B, T*S, 3, H, D) -> q, k, v (Z, L, H, D).
+
+    spatial: Z = B*T sequences of L = S (a view); temporal: Z = B*S of L = T (Open-Sora's full
+    ``B (T S) C -> (B S) T C`` copy); full: Z = B of L = T*S (a view).
+    """
     T = num_frames
     if kind == "spatial":
         x = rearrange(qkv, "B (T S) three H D -> (B T) S three H D", T=T)
@@ -46,27 +49,39 @@ def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) 
     else:
         raise ValueError(f"kind: expected 'spatial', 'temporal' or 'full', got {kind!r}")
     q, k, v = x.unbind(2)
-    o = _attention(q, k, v, scale)
+    return q, k, v
+
+
+def from_sequences(o: torch.Tensor, kind: str, batch: int) -> torch.Tensor:
+    """The inverse of to_sequences for the output: (Z, L, H, D) -> (B, T*S, H, D)."""
     if kind == "spatial":
-        return rearrange(o, "(B T) S H D -> B (T S) H D", B=B)
+        return rearrange(o, "(B T) S H D -> B (T S) H D", B=batch)
     if kind == "temporal":
-        return rearrange(o, "(B S) T H D -> B (T S) H D", B=B).contiguous()  # the copy back
+        return rearrange(o, "(B S) T H D -> B (T S) H D", B=batch).contiguous()  # the copy back
     return o
+
+
+def pack_valid(kv: torch.Tensor, kv_lens: torch.Tensor) -> torch.Tensor:
+    """Open-Sora's text packing: the first kv_lens[b] tokens of every sample, concatenated:
+    kv (B, L, 2, H, D) -> (sum(kv_lens), 2, H, D) (a masked_select copy)."""
+    L = kv.shape[1]
+    keep = torch.arange(L, device=kv.device)[None, :] < kv_lens.to(kv.device)[:, None]  # B L
+    return kv[keep]
+
+
+def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> torch.Tensor:
+    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full."""
+    q, k, v = to_sequences(qkv, kind, num_frames)
+    return from_sequences(_attention(q, k, v, scale), kind, qkv.shape[0])
 
 
 def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, N, H, D), kv (B, L, 2, H, D), kv_lens (B,) -> out (B, N, H, D)."""
-    B, N, H, D = q.shape
-    L = kv.shape[1]
-    lens = [int(n) for n in kv_lens.tolist()]
-    # Open-Sora packs the valid text tokens of all samples into one sequence ...
-    keep = torch.arange(L, device=kv.device)[None, :] < kv_lens.to(kv.device)[:, None]  # B L
-    packed = kv[keep]  # (sum(len), 2, H, D)
-    k_all, v_all = packed.unbind(1)
-    # ... and attends block-diagonally: sample b's N queries see only sample b's len(b) keys.
+    k_all, v_all = pack_valid(kv, kv_lens).unbind(1)
+    # block-diagonal attention over the packed text: sample b's N queries see only its len(b) keys
     outs = []
     start = 0
-    for b, n in enumerate(lens):
+    for b, n in enumerate(int(n) for n in kv_lens.tolist()):
         k = k_all[start : start + n].unsqueeze(0)
         v = v_all[start : start + n].unsqueeze(0)
         outs.append(_attention(q[b : b + 1], k, v, scale))

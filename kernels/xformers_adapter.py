@@ -17,7 +17,7 @@ import importlib.util
 from types import ModuleType
 
 import torch
-from einops import rearrange
+from .reference import from_sequences, pack_valid, to_sequences
 
 
 def availability(device: torch.device) -> str | None:
@@ -36,33 +36,17 @@ def _xops() -> ModuleType:
 def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> torch.Tensor:
     """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full."""
     xops = _xops()
-    B, N, _, H, D = qkv.shape
-    T = num_frames
-    if kind == "spatial":
-        x = rearrange(qkv, "B (T S) three H D -> (B T) S three H D", T=T)
-    elif kind == "temporal":
-        x = rearrange(qkv, "B (T S) three H D -> (B S) T three H D", T=T)  # Open-Sora's copy
-    elif kind == "full":
-        x = qkv
-    else:
-        raise ValueError(f"kind: expected 'spatial', 'temporal' or 'full', got {kind!r}")
-    q, k, v = x.unbind(2)  # (Z, L, H, D)
+    q, k, v = to_sequences(qkv, kind, num_frames)  # Open-Sora's rearranges (a copy for temporal)
     o = xops.memory_efficient_attention(q, k, v, scale=scale)  # (Z, L, H, D)
-    if kind == "spatial":
-        return rearrange(o, "(B T) S H D -> B (T S) H D", B=B)
-    if kind == "temporal":
-        return rearrange(o, "(B S) T H D -> B (T S) H D", B=B).contiguous()  # the copy back
-    return o
+    return from_sequences(o, kind, qkv.shape[0])
 
 
 def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, N, H, D), kv (B, L, 2, H, D), kv_lens (B,) -> out (B, N, H, D)."""
     xops = _xops()
     B, N, H, D = q.shape
-    L = kv.shape[1]
     lens = [int(n) for n in kv_lens.tolist()]  # from_seqlens takes Python ints (one host sync)
-    keep = torch.arange(L, device=kv.device)[None, :] < kv_lens.to(kv.device)[:, None]  # (B, L)
-    packed = kv[keep].unsqueeze(0)  # (1, sum(len), 2, H, D)
+    packed = pack_valid(kv, kv_lens).unsqueeze(0)  # (1, sum(len), 2, H, D)
     k, v = packed.unbind(2)
     bias = xops.fmha.BlockDiagonalMask.from_seqlens([N] * B, lens)
     o = xops.memory_efficient_attention(q.reshape(1, B * N, H, D), k, v, attn_bias=bias, scale=scale)
