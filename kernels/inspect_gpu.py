@@ -35,7 +35,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .triton_common import KernelBuild
 
@@ -311,11 +311,13 @@ def _worker(ref: tuple[str, str, str], fields: dict, target: str) -> dict:
 
 
 def inspect_all(builds: Iterable[KernelBuild] | None = None, targets: Sequence[str] = ("sm_90", "sm_80"),
-                name_filter: Sequence[str] | str | None = None, jobs: int | None = None) -> list[dict]:
+                name_filter: Sequence[str] | str | None = None, jobs: int | None = None,
+                progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Inspect ``builds`` (default: every shipped build) for each target, in a process pool.
 
     ``name_filter`` keeps builds whose name contains any of the given substrings. Rows come back in
     build order, then target order; module load errors (default builds only) come first.
+    ``progress(done, total)`` is called as compilations finish.
     """
     errors: list[dict] = []
     if builds is None:
@@ -345,8 +347,10 @@ def inspect_all(builds: Iterable[KernelBuild] | None = None, targets: Sequence[s
                     fields = {k: getattr(b, k) for k in ("name", "signature", "constexprs", "num_warps",
                                                           "num_stages", "uses_mma", "tags")}
                     futures[_cache_key(b, t)] = pool.submit(_worker, ref, fields, t)
-                for key, fut in futures.items():
+                for i, (key, fut) in enumerate(futures.items(), 1):
                     _CACHE[key] = fut.result()
+                    if progress:
+                        progress(i, len(todo))
         except Exception as e:  # a broken pool (unpicklable tags, a worker crash): go on serially
             pool_error = f"{type(e).__name__}: {e}"
     for b, t in todo:
@@ -381,7 +385,11 @@ def format_table(rows: Sequence[dict]) -> str:
 
 def run_inspect(json_output: bool, targets: list[str] | None, kernels: list[str] | None) -> int:
     """`stdit inspect`: print the report (table or JSON list); 1 if any build has a problem."""
-    rows = inspect_all(targets=tuple(targets or TARGETS), name_filter=kernels)
+    def progress(done: int, total: int) -> None:  # compiling everything takes minutes: say so
+        if done == 1 or done == total or done % 20 == 0:
+            print(f"[inspect] compiled {done}/{total}", file=sys.stderr, flush=True)
+
+    rows = inspect_all(targets=tuple(targets or TARGETS), name_filter=kernels, progress=progress)
     if json_output:
         print(json.dumps(rows, indent=2))
     else:

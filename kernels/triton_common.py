@@ -105,15 +105,6 @@ class KernelBuild:
     uses_mma: bool = True  # whether the hot loop runs on tensor cores (so sm_90 must use wgmma); fp32 "ieee" dots do not
     tags: dict[str, Any] = field(default_factory=dict)
 
-    def attrs(self) -> dict[tuple[int, ...], list[list[Any]]]:
-        """ASTSource attrs marking every pointer argument 16-byte aligned, as Triton's JIT does at
-        launch for torch allocations; without it an ahead-of-time build would assume unaligned
-        pointers, scalarize every load and misreport registers."""
-        return {
-            (i,): [["tt.divisibility", 16]]
-            for i, name in enumerate(self.fn.arg_names)
-            if self.signature.get(name, "").startswith("*")
-        }
 
 
 # Pointer arguments of our kernels, and the element type of those that do not follow the input dtype.
