@@ -27,7 +27,7 @@ def _self_attention(qkv: torch.Tensor, kind: str, num_frames: int, backend: str,
     B, N, H, D = validate.check_qkv(qkv)
     num_frames = validate.check_num_frames(num_frames, N)
     scale = validate.check_scale(scale, D)
-    mod, sub = backends.resolve(backend, qkv.device)
+    mod, sub = backends.resolve(backend, qkv.device, qkv.dtype, D)
     if sub is not None:
         return mod.self_attention(qkv, kind, num_frames, scale, sub=sub)
     return mod.self_attention(qkv, kind, num_frames, scale)
@@ -75,7 +75,7 @@ def cross_attention(
     """
     B, N, L, H, D = validate.check_cross(q, kv, kv_lens)
     scale = validate.check_scale(scale, D)
-    mod, sub = backends.resolve(backend, q.device)
+    mod, sub = backends.resolve(backend, q.device, q.dtype, D)
     if sub is not None:
         return mod.cross_attention(q, kv, kv_lens, scale, sub=sub)
     return mod.cross_attention(q, kv, kv_lens, scale)

@@ -75,18 +75,24 @@ def availability(name: str, device: torch.device | str) -> str | None:
     return mod.availability(torch.device(device))
 
 
-def auto_backend(device: torch.device) -> str:
-    """The backend "auto" picks for ``device``.
+def auto_backend(device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None) -> str:
+    """The backend "auto" picks for an input on ``device`` (with ``dtype`` and ``head_dim`` if known).
 
-    CUDA: our Triton kernels. CPU: PyTorch SDPA (Triton runs on CPU only through its interpreter,
-    which is a correctness tool, not a fast path).
+    CUDA: our Triton kernels, for the dtypes and head dims they take (16-bit and fp32, D <= 128),
+    else SDPA. CPU: SDPA (Triton runs on CPU only through its interpreter, a correctness tool).
     """
-    if device.type == "cuda" and (torch.compiler.is_compiling() or availability("triton", device) is None):
+    from .triton_common import triton_takes
+
+    if device.type != "cuda" or not triton_takes(dtype, head_dim):
+        return "sdpa"
+    if torch.compiler.is_compiling() or availability("triton", device) is None:
         return "triton"
     return "sdpa"
 
 
-def resolve(backend: str, device: torch.device) -> tuple[ModuleType, str | None]:
+def resolve(
+    backend: str, device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None
+) -> tuple[ModuleType, str | None]:
     """Turn a backend name into its module (and sdpa sub-backend), or raise why it cannot run.
 
     Under torch.compile the availability check (package look-ups, environment, probes) is skipped:
@@ -95,7 +101,7 @@ def resolve(backend: str, device: torch.device) -> tuple[ModuleType, str | None]
     """
     base, sub = split_name(backend)
     if base == "auto":
-        base, sub = auto_backend(device), None
+        base, sub = auto_backend(device, dtype, head_dim), None
     if torch.compiler.is_compiling():
         return _LOADED[base], sub
     reason = availability(base if sub is None else f"{base}:{sub}", device)

@@ -12,9 +12,20 @@ from typing import Any
 import torch
 
 
+# Triton decides between interpreted and compiled kernels when @triton.jit runs, i.e. when this
+# package's kernel modules are imported (stdit.kernels imports them up front). Read the switch once,
+# here, so the backend's answers cannot drift from how its kernels actually run.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when our kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETING
+
+
+def triton_takes(dtype: torch.dtype | None, head_dim: int | None) -> bool:
+    """Whether the triton backend takes this dtype and head dim (None: unknown, assume yes)."""
+    return (dtype is None or dtype in TL_DTYPES) and (head_dim is None or 16 <= head_dim <= 128)
 
 
 def triton_availability(device: torch.device) -> str | None:

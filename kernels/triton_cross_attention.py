@@ -5,7 +5,8 @@ kv_lens[b] are real. Open-Sora 1.0 packs the valid tokens of all samples with ``
 (a copy) and calls xformers with a ``BlockDiagonalMask``; here every program reads its sample's
 length from ``kv_lens`` and masks (or skips) the padded keys, with no packing copy.
 
-Forward. The text is short (L <= 120 in Open-Sora 1.0), so when L <= BLOCK_L (128) one
+Forward. The text is short (L <= 120 in Open-Sora 1.0), so when L <= BLOCK_L (128 for 16-bit
+inputs, 32-64 for fp32: see TILES) one
 (sample, head)'s K and V (128 x 72 x 2 values, 37 KB in bf16) stay resident in the program while it
 streams query tiles of BLOCK_M rows: K/V are read once per program rather than once per query tile,
 and each query tile's softmax is exact in one pass (all its keys are present: no online rescaling).
@@ -21,7 +22,8 @@ Backward (P recomputed from the stored log-sum-exp; Delta_i = sum_d dO_id O_id):
 Two kernels, as in FlashAttention-2: one per query tile computes dQ over the sample's key blocks
 (and stores Delta); one per (key block, query chunk) accumulates dK and dV over the chunk's query
 tiles. Keeping dK/dV for all 120 keys of a program in registers would need ~160 fp32 registers per
-thread on top of K and V (it spills; `stdit inspect` shows it), so key blocks are 64 wide. Chunks
+thread on top of K and V (it spills; `stdit inspect` shows it), so key blocks are 64 wide (32 for
+fp32). Chunks
 write fp32 partials (chunks, B, L, 2, H, D), summed on the host: deterministic, no atomics, and
 text-sized. Padded keys (position >= kv_lens[b]) get exactly zero gradient.
 """
@@ -65,13 +67,13 @@ def _cross_fwd_kernel(
 ):  # fmt: skip
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # int64: batch/head offsets can pass 2^31 elements
+    h = (pid_bh % H).to(tl.int64)
     DTYPE: tl.constexpr = O.dtype.element_ty
     kv_len = tl.load(LENS + b)
-    q_head = b.to(tl.int64) * q_stride_b + h * q_stride_h
-    o_head = b.to(tl.int64) * o_stride_b + h * o_stride_h
-    k_head = b.to(tl.int64) * kv_stride_b + h * kv_stride_h
+    q_head = b * q_stride_b + h * q_stride_h
+    o_head = b * o_stride_b + h * o_stride_h
+    k_head = b * kv_stride_b + h * kv_stride_h
     v_head = k_head + kv_stride_2
     offs_m = tl.arange(0, BLOCK_M)
     offs_l = tl.arange(0, BLOCK_L)
@@ -148,22 +150,21 @@ def _cross_bwd_dq_kernel(
     """One query tile: dQ over the sample's key blocks; also stores Delta for the dK/dV kernel."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # int64: batch/head offsets can pass 2^31 elements
+    h = (pid_bh % H).to(tl.int64)
     DTYPE: tl.constexpr = DO.dtype.element_ty
     kv_len = tl.load(LENS + b)
-    b64 = b.to(tl.int64)
-    k_head = b64 * kv_stride_b + h * kv_stride_h
+    k_head = b * kv_stride_b + h * kv_stride_h
     v_head = k_head + kv_stride_2
     offs_m = tl.arange(0, BLOCK_M)
     offs_l = tl.arange(0, BLOCK_L)
     offs_d0 = tl.arange(0, BLOCK_D0)
     rows = pid_m * BLOCK_M + offs_m
     valid_m = rows < N
-    q_rows = _offsets(b64 * q_stride_b + h * q_stride_h, rows, q_stride_n, ALIGN)
-    o_rows = _offsets(b64 * o_stride_b + h * o_stride_h, rows, o_stride_n, ALIGN)
-    do_rows = _offsets(b64 * do_stride_b + h * do_stride_h, rows, do_stride_n, ALIGN)
-    dq_rows = _offsets(b64 * dq_stride_b + h * dq_stride_h, rows, dq_stride_n, ALIGN)
+    q_rows = _offsets(b * q_stride_b + h * q_stride_h, rows, q_stride_n, ALIGN)
+    o_rows = _offsets(b * o_stride_b + h * o_stride_h, rows, o_stride_n, ALIGN)
+    do_rows = _offsets(b * do_stride_b + h * do_stride_h, rows, do_stride_n, ALIGN)
+    dq_rows = _offsets(b * dq_stride_b + h * dq_stride_h, rows, dq_stride_n, ALIGN)
 
     q0 = _load(Q, q_rows, valid_m, offs_d0, D, UPCAST)
     do0 = _load(DO, do_rows, valid_m, offs_d0, D, UPCAST)
@@ -219,15 +220,14 @@ def _cross_bwd_dkdv_kernel(
     n_lblocks = tl.cdiv(L, BLOCK_L)
     pid_c = pid // n_lblocks
     start_l = (pid % n_lblocks) * BLOCK_L
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # int64: batch/head offsets can pass 2^31 elements
+    h = (pid_bh % H).to(tl.int64)
     DTYPE: tl.constexpr = DO.dtype.element_ty
     kv_len = tl.load(LENS + b)
-    b64 = b.to(tl.int64)
-    q_head = b64 * q_stride_b + h * q_stride_h
-    do_head = b64 * do_stride_b + h * do_stride_h
-    k_head = b64 * kv_stride_b + h * kv_stride_h
-    dk_head = pid_c.to(tl.int64) * dkv_stride_c + b64 * dkv_stride_b + h * dkv_stride_h
+    q_head = b * q_stride_b + h * q_stride_h
+    do_head = b * do_stride_b + h * do_stride_h
+    k_head = b * kv_stride_b + h * kv_stride_h
+    dk_head = pid_c.to(tl.int64) * dkv_stride_c + b * dkv_stride_b + h * dkv_stride_h
     offs_m = tl.arange(0, BLOCK_M)
     offs_l = start_l + tl.arange(0, BLOCK_L)
     offs_d0 = tl.arange(0, BLOCK_D0)
@@ -377,7 +377,8 @@ def _chunking(n_tiles: int, programs_per_chunk: int, device: torch.device) -> tu
 
 
 def _prepare(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor):
-    lens = kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    # clamped so that no key past L is ever read, even where validation was skipped (torch.compile)
+    lens = kv_lens.to(device=q.device, dtype=torch.int32).clamp(1, kv.shape[1]).contiguous()
     return _last_dim_contiguous(q), _last_dim_contiguous(kv), lens
 
 

@@ -54,6 +54,7 @@ from .triton_common import (
     SHIPPED_HEAD_DIMS,
     head_class,
     split_head_dim,
+    triton_takes,
     triton_availability,
 )
 
@@ -92,8 +93,9 @@ def _rows(pid_m, offs, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK: tl.constexpr, PACKED:
 def _offsets(head, tok, stride_n, ALIGN: tl.constexpr):
     """Element offset of each row's first element: head offset + token * token stride.
 
-    Every offset is a multiple of ALIGN (the host checks the strides), which tells Triton that rows
-    start 16-byte aligned, so loads along D vectorize (8 bf16 per access) even for D = 72.
+    Every offset is a multiple of ALIGN (the host checks strides and base addresses), which tells
+    Triton how aligned rows start; with the usual ALIGN of 16 bytes, loads along D vectorize
+    (8 bf16 per access) even for D = 72.
     """
     return tl.multiple_of(head + tok.to(tl.int64) * stride_n, ALIGN)
 
@@ -102,7 +104,7 @@ def _offsets(head, tok, stride_n, ALIGN: tl.constexpr):
 def _load(ptr, rows, valid, offs_d, D: tl.constexpr, UPCAST: tl.constexpr):
     """Load a (rows, len(offs_d)) tile: row r starts at ptr + rows[r]; masked past D / invalid rows."""
     x = tl.load(ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    if UPCAST:  # the interpreter cannot do arithmetic in bf16 (see FACTS.md): upcast after loading
+    if UPCAST:  # Triton's interpreter computes garbage in bf16 arithmetic: upcast right after loading
         x = x.to(tl.float32)
     return x
 
@@ -133,12 +135,12 @@ def _fwd_kernel(
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # int64: batch/head offsets can pass 2^31 elements
+    h = (pid_bh % H).to(tl.int64)
     DTYPE: tl.constexpr = O.dtype.element_ty
-    q_head = b.to(tl.int64) * stride_b + h * stride_h
+    q_head = b * stride_b + h * stride_h
     k_head = q_head + stride_3
-    v_head = q_head + 2 * stride_3
+    v_head = k_head + stride_3
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
@@ -191,7 +193,7 @@ def _fwd_kernel(
             acc1 = acc1 * alpha[:, None] + tl.dot(p_lp, v1, input_precision=DOT_PREC)
         m_i = m_new
 
-    o_head = b.to(tl.int64) * o_stride_b + h * o_stride_h
+    o_head = b * o_stride_b + h * o_stride_h
     o_rows = _offsets(o_head, tok_m, o_stride_n, ALIGN)
     inv_l = 1.0 / l_i
     _store(O, o_rows, valid_m, offs_d0, D, acc0 * inv_l[:, None])
@@ -215,17 +217,17 @@ def _bwd_packed_kernel(
     """One packed tile: G whole sequences; queries and keys are the same BLOCK rows."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # int64: batch/head offsets can pass 2^31 elements
+    h = (pid_bh % H).to(tl.int64)
     DTYPE: tl.constexpr = DO.dtype.element_ty
-    q_head = b.to(tl.int64) * stride_b + h * stride_h
+    q_head = b * stride_b + h * stride_h
     k_head = q_head + stride_3
-    v_head = q_head + 2 * stride_3
-    o_head = b.to(tl.int64) * o_stride_b + h * o_stride_h
-    do_head = b.to(tl.int64) * do_stride_b + h * do_stride_h
-    dq_head = b.to(tl.int64) * g_stride_b + h * g_stride_h
+    v_head = k_head + stride_3
+    o_head = b * o_stride_b + h * o_stride_h
+    do_head = b * do_stride_b + h * do_stride_h
+    dq_head = b * g_stride_b + h * g_stride_h
     dk_head = dq_head + g_stride_3
-    dv_head = dq_head + 2 * g_stride_3
+    dv_head = dk_head + g_stride_3
     offs = tl.arange(0, BLOCK)
     offs_d0 = tl.arange(0, BLOCK_D0)
     if BLOCK_D1 > 0:  # the masked second chunk of a non-power-of-two head dim
@@ -288,15 +290,15 @@ def _bwd_dq_kernel(
     """Streamed sequences, one query tile: dQ over all key tiles; also stores Delta for dK/dV."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # int64: batch/head offsets can pass 2^31 elements
+    h = (pid_bh % H).to(tl.int64)
     DTYPE: tl.constexpr = DO.dtype.element_ty
-    q_head = b.to(tl.int64) * stride_b + h * stride_h
+    q_head = b * stride_b + h * stride_h
     k_head = q_head + stride_3
-    v_head = q_head + 2 * stride_3
-    o_head = b.to(tl.int64) * o_stride_b + h * o_stride_h
-    do_head = b.to(tl.int64) * do_stride_b + h * do_stride_h
-    dq_head = b.to(tl.int64) * g_stride_b + h * g_stride_h
+    v_head = k_head + stride_3
+    o_head = b * o_stride_b + h * o_stride_h
+    do_head = b * do_stride_b + h * do_stride_h
+    dq_head = b * g_stride_b + h * g_stride_h
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
@@ -360,14 +362,14 @@ def _bwd_dkdv_kernel(
     """Streamed sequences, one key tile: dK and dV over all query tiles (transposed scores)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # int64: batch/head offsets can pass 2^31 elements
+    h = (pid_bh % H).to(tl.int64)
     DTYPE: tl.constexpr = DO.dtype.element_ty
-    q_head = b.to(tl.int64) * stride_b + h * stride_h
+    q_head = b * stride_b + h * stride_h
     k_head = q_head + stride_3
-    v_head = q_head + 2 * stride_3
-    do_head = b.to(tl.int64) * do_stride_b + h * do_stride_h
-    dk_head = b.to(tl.int64) * g_stride_b + h * g_stride_h + g_stride_3
+    v_head = k_head + stride_3
+    do_head = b * do_stride_b + h * do_stride_h
+    dk_head = b * g_stride_b + h * g_stride_h + g_stride_3
     dv_head = dk_head + g_stride_3
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -549,8 +551,10 @@ def check_supported(name: str, x: torch.Tensor) -> None:
             "(use backend='reference' for float64)"
         )
     D = x.shape[-1]
-    if not 16 <= D <= 128:
+    if not triton_takes(None, D):
         raise ValueError(f"{name}: the triton backend takes head dims 16..128, got D = {D}")
+    if x.shape[0] * x.shape[-2] > 65535:  # B*H is the grid's second axis, capped by CUDA
+        raise ValueError(f"{name}: the triton backend takes B*H <= 65535, got B*H = {x.shape[0] * x.shape[-2]}")
     reason = None if torch.compiler.is_compiling() else triton_availability(x.device)
     if reason is not None:
         from .backends import BackendUnavailable
@@ -567,7 +571,8 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 def alignment(*tensors: torch.Tensor) -> int:
     """The largest ALIGN (elements, <= 16 bytes' worth) dividing every row/head/batch stride and every
     base address: the kernels promise Triton that row offsets are multiples of it, which is what
-    lets loads along D vectorize. Open-Sora layouts (D = 72, H even) get the full 16 bytes."""
+    lets loads along D vectorize. Open-Sora layouts get the full 16 bytes (every stride is a
+    multiple of D = 72, itself a multiple of 8)."""
     size = tensors[0].element_size()
     align = 16 // size
     while align > 1 and not all(

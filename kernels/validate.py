@@ -29,7 +29,7 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     """Default the softmax scale to D^-0.5 and reject values that would give silent garbage."""
     if scale is None:
         return head_dim**-0.5
-    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
+    if isinstance(scale, (torch.Tensor, bool)) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
     scale = float(scale)
     if not (scale > 0.0 and scale < float("inf")):
