@@ -138,6 +138,15 @@ def test_self_attention_small_tiles(kind, T, S, D, block, dtype):
         _check(lambda x, backend: op(x, T, backend=backend), [qkv], dtype, gen)
 
 
+@pytest.mark.parametrize("dtype,S", [(torch.float32, 70), (torch.bfloat16, 200)], ids=str)
+def test_self_attention_shipped_streamed_tiles(dtype, S):
+    """The shipped tiles (no override) on a sequence longer than the packed tile: unequal query/key
+    blocks in the forward (e.g. 128 x 64) and dkdv (e.g. 32 x 64), the two-kernel backward."""
+    gen = torch.Generator().manual_seed(S)
+    qkv = _make((1, S, 3, H, 72), "linear", gen)
+    _check(lambda x, backend: K.spatial_attention(x, 1, backend=backend), [qkv], dtype, gen)
+
+
 def test_packing_is_block_diagonal():
     """Temporal attention of one position must not see other positions packed into its tile."""
     gen = torch.Generator().manual_seed(3)
