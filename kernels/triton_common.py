@@ -118,6 +118,15 @@ class KernelBuild:
 
 
 
+def build_tags(dtype: torch.dtype, D: int) -> dict[str, Any]:
+    """What `stdit inspect` reports beside a shipped build: its dtype, head dim, and for fp32 why
+    there is no wgmma (the exact-fp32 path multiplies on the FMA units, not the tensor cores)."""
+    tags: dict[str, Any] = {"dtype": TL_DTYPES[dtype], "head_dim": D}
+    if dtype == torch.float32:
+        tags["note"] = "fp32 uses exact fp32 dots (input_precision='ieee') on FMA units; wgmma is for 16-bit"
+    return tags
+
+
 # Pointer arguments of our kernels, and the element type of those that do not follow the input dtype.
 _POINTERS = {"QKV", "O", "DO", "DQKV", "Q", "KV", "DQ", "LSE", "DELTA", "DKV", "LENS"}
 _POINTER_DTYPES = {"LSE": "fp32", "DELTA": "fp32", "DKV": "fp32", "LENS": "i32"}

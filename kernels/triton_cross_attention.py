@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import SHIPPED_HEAD_DIMS, TL_DTYPES, KernelBuild, head_class, new_output, signature_of
+from .triton_common import SHIPPED_HEAD_DIMS, TL_DTYPES, KernelBuild, build_tags, head_class, new_output, signature_of
 from .triton_self_attention import (
     _ELEMENT_SIZE,
     LOG2E,
@@ -510,5 +510,10 @@ def shipped_builds() -> list[KernelBuild]:
                 if fn is _cross_fwd_kernel:
                     c["RESIDENT"] = name == "fwd_resident"
                 tag = f"D={D},{TL_DTYPES[dtype]},{t.block_m}x{t.block_n},w{t.num_warps}"
-                builds.append(KernelBuild(f"cross_attn_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages, uses_mma=dtype != torch.float32))
+                builds.append(
+                    KernelBuild(
+                        f"cross_attn_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages,
+                        uses_mma=dtype != torch.float32, tags=build_tags(dtype, D),
+                    )
+                )
     return builds

@@ -46,6 +46,7 @@ import triton.language as tl
 
 from .triton_common import (
     TL_DTYPES,
+    build_tags,
     KernelBuild,
     dot_precision,
     signature_of,
@@ -728,7 +729,12 @@ def shipped_builds() -> list[KernelBuild]:
                 t = tiles(name, D, dtype)
                 c = dict(consts, **blocks(t))
                 tag = f"D={D},{TL_DTYPES[dtype]},{t.block_m}x{t.block_n},w{t.num_warps}"
-                builds.append(KernelBuild(f"self_attn_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages, uses_mma=dtype != torch.float32))
+                builds.append(
+                    KernelBuild(
+                        f"self_attn_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages,
+                        uses_mma=dtype != torch.float32, tags=build_tags(dtype, D),
+                    )
+                )
     return builds
 
 
