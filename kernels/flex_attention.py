@@ -7,12 +7,14 @@ Which sequences flex sees, and why:
   block-diagonal ``q_idx // S == kv_idx // S`` mask, computes the same thing, but its tiles
   straddle frame boundaries whenever S is not a multiple of the 128-token block, so it does masked
   work that batching never does, and eager mode would materialize (T*S)^2 scores instead of T*S^2.
-- temporal: (B, T, S, H, D) -> (B*S, H, T, D), one copy of q, k, v (as Open-Sora's rearrange). The
-  copy-free alternative, a ``q_idx % S == kv_idx % S`` mask on the native token order, is a bad
-  trade: each query's T keys lie S tokens apart, so every (query block, key block) tile holds some
-  allowed pair and block sparsity skips nothing: O((T*S)^2) work for O(T^2 * S) useful. (On GPU,
-  packing several T-long sequences per tile after the same copy, with a ``q_idx // T == kv_idx // T``
-  block mask, would fill tiles better than T-long batches; not done here.)
+- temporal: one copy of q, k, v into position-major order (as Open-Sora's rearrange), then on CUDA
+  *packing*: the (B, H, S*T, D) sequence with a block-diagonal ``q_idx // T == kv_idx // T`` block
+  mask, so one 128-row flex tile holds 128 / T short sequences and flex skips every off-diagonal
+  block (T = 16: 8 sequences per tile, instead of one 16-row sequence padded to a 128-row tile). On
+  CPU, where flex runs eagerly and would materialize all (S*T)^2 scores, the same copy is batched
+  as (B*S, H, T, D) instead: the same math, no wasted scores. The copy-free alternative, a
+  ``q_idx % S == kv_idx % S`` mask on the native token order, is a bad trade: each query's T keys
+  lie S tokens apart, so every tile holds some allowed pair and block sparsity skips nothing.
 - full: (B, H, N, D), no mask.
 - cross: q (B, H, N, D), k/v (B, H, L, D) views; a block mask built from ``kv_idx < kv_lens[b]``
   hides padded keys (flex skips key blocks past the length, masks the partial one).
@@ -106,14 +108,37 @@ def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) 
         o = _flex(q, k, v, scale)
         return o.transpose(1, 2).reshape(B, N, H, D)
     if kind == "temporal":
-        # (B, T, S, H, D) -> (B, S, H, T, D) -> (B*S, H, T, D): the copy explained in the docstring
-        q, k, v = (x.unflatten(1, (T, S)).permute(0, 2, 3, 1, 4).reshape(B * S, H, T, D) for x in (q, k, v))
-        o = _flex(q, k, v, scale)  # (B*S, H, T, D)
-        return o.view(B, S, H, T, D).permute(0, 3, 1, 2, 4).reshape(B, N, H, D)
+        return _temporal(q, k, v, T, scale, packed=qkv.device.type == "cuda")
     if kind == "full":
         o = _flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)  # (B, H, N, D)
         return o.transpose(1, 2)
     raise ValueError(f"kind: expected 'spatial', 'temporal' or 'full', got {kind!r}")
+
+
+def _temporal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, T: int, scale: float, packed: bool) -> torch.Tensor:
+    """q/k/v (B, T*S, H, D) views -> out (B, T*S, H, D), attention across T at each position.
+
+    packed: one (B, H, S*T, D) sequence, position-major, under a block-diagonal block mask (several
+    T-long sequences per flex tile); otherwise (B*S, H, T, D) batches. Both make one copy of q/k/v.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, N, H, D = q.shape
+    S = N // T
+    # (B, T, S, H, D) -> (B, H, S, T, D): the copy explained in the module docstring
+    q, k, v = (x.unflatten(1, (T, S)).permute(0, 3, 2, 1, 4) for x in (q, k, v))
+    if packed:
+
+        def same_position(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            return q_idx // T == kv_idx // T
+
+        block_mask = create_block_mask(same_position, None, None, S * T, S * T, device=q.device)
+        q, k, v = (x.reshape(B, H, S * T, D) for x in (q, k, v))
+        o = _flex(q, k, v, scale, block_mask)  # (B, H, S*T, D)
+    else:
+        q, k, v = (x.transpose(1, 2).reshape(B * S, H, T, D) for x in (q, k, v))
+        o = _flex(q, k, v, scale).view(B, S, H, T, D).transpose(1, 2)  # (B, H, S, T, D)
+    return o.reshape(B, H, S, T, D).permute(0, 3, 2, 1, 4).reshape(B, N, H, D)
 
 
 def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, scale: float) -> torch.Tensor:

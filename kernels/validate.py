@@ -7,6 +7,8 @@ the argument's name and the form that was expected.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -50,8 +52,9 @@ def check_qkv(qkv: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def check_num_frames(num_frames: object, num_tokens: int) -> int:
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int):
-        raise TypeError(f"num_frames: expected a Python int, got {type(num_frames).__name__}")
+    if isinstance(num_frames, bool) or not hasattr(type(num_frames), "__index__"):
+        raise TypeError(f"num_frames: expected an int, got {type(num_frames).__name__}")
+    num_frames = operator.index(num_frames)  # numpy / 0-d torch integers are ints too
     if num_frames < 1:
         raise ValueError(f"num_frames: expected an int >= 1, got {num_frames}")
     if num_tokens % num_frames != 0:
