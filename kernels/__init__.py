@@ -6,6 +6,7 @@ backends. Optional packages (flash-attn, xformers) are imported lazily, never he
 
 from .api import cross_attention, full_attention, spatial_attention, temporal_attention
 from .backends import BACKENDS, BackendUnavailable, auto_backend, availability
+from .fused_ops import gated_residual, layernorm_modulate
 
 __all__ = [
     "spatial_attention",
@@ -16,6 +17,8 @@ __all__ = [
     "BackendUnavailable",
     "auto_backend",
     "availability",
+    "layernorm_modulate",
+    "gated_residual",
 ]
 
 from . import backends as _backends

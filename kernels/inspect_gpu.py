@@ -41,7 +41,11 @@ from .triton_common import KernelBuild
 
 # The Triton kernel modules whose `shipped_builds()` are inspected. STDIT_INSPECT_MODULES (comma
 # separated) replaces this list, e.g. to inspect an experimental module or a test's example kernels.
-KERNEL_MODULES = ["stdit.kernels.triton_self_attention", "stdit.kernels.triton_cross_attention"]
+KERNEL_MODULES = [
+    "stdit.kernels.triton_self_attention",
+    "stdit.kernels.triton_cross_attention",
+    "stdit.kernels.triton_modulate",
+]
 
 
 @dataclass(frozen=True)

@@ -128,21 +128,27 @@ def build_tags(dtype: torch.dtype, D: int) -> dict[str, Any]:
 
 
 # Pointer arguments of our kernels, and the element type of those that do not follow the input dtype.
-_POINTERS = {"QKV", "O", "DO", "DQKV", "Q", "KV", "DQ", "LSE", "DELTA", "DKV", "LENS"}
-_POINTER_DTYPES = {"LSE": "fp32", "DELTA": "fp32", "DKV": "fp32", "LENS": "i32"}
+_POINTERS = {
+    "QKV", "O", "DO", "DQKV", "Q", "KV", "DQ", "LSE", "DELTA", "DKV", "LENS",  # attention
+    "X", "Y", "SHIFT", "SCALE", "GATE", "OUT", "DX", "DY", "DOUT", "MEAN", "RSTD", "DSHIFT", "DSCALE", "DGATE",
+}  # fmt: skip
+_POINTER_DTYPES = {
+    "LSE": "fp32", "DELTA": "fp32", "DKV": "fp32", "LENS": "i32",
+    "MEAN": "fp32", "RSTD": "fp32", "DSHIFT": "fp32", "DSCALE": "fp32", "DGATE": "fp32",
+}  # fmt: skip
 
 
 def signature_of(fn: Any, dtype: torch.dtype, constexprs: dict[str, Any]) -> dict[str, str]:
     """Triton type strings for every argument of a kernel written in this package's convention:
     names in _POINTERS are pointers (of the input dtype unless listed in _POINTER_DTYPES), ``*_scale``
-    arguments are fp32, every other runtime argument is i32."""
+    and ``eps`` arguments are fp32, every other runtime argument is i32."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in _POINTERS:
             sig[name] = "*" + _POINTER_DTYPES.get(name, TL_DTYPES[dtype])
-        elif name.endswith("_scale"):
+        elif name.endswith("_scale") or name == "eps":
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
