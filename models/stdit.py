@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from stdit.kernels import cross_attention, spatial_attention, temporal_attention
+from stdit.kernels import cross_attention, gated_residual, layernorm_modulate, spatial_attention, temporal_attention
 
 __all__ = ["STDiT", "STDIT_PRESETS", "stdit_from_preset", "count_parameters"]
 
@@ -251,25 +251,43 @@ class STDiTBlock(nn.Module):
         num_frames: int,
         tpe: torch.Tensor | None,
         backend: str,
+        fused: str | None = None,
     ) -> torch.Tensor:
-        """x (B, T*S, C), y (B, L, C), t0 (B, 6C), y_lens (B,), tpe (1, T, C) or None -> (B, T*S, C)."""
+        """x (B, T*S, C), y (B, L, C), t0 (B, 6C), y_lens (B,), tpe (1, T, C) or None -> (B, T*S, C).
+
+        ``fused``: None runs LayerNorm + modulate and the gated residuals as separate torch ops
+        (Open-Sora's path); a backend name routes them through stdit.kernels.layernorm_modulate /
+        gated_residual instead (same math).
+        """
         B, N, C = x.shape
         mods = self.scale_shift_table[None] + t0.reshape(B, 6, C)  # (B, 6, C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)  # (B, 1, C) each
 
-        x_s = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), num_frames, backend)
-        x = x + self.drop_path(gate_msa * x_s)
+        x_s = self.attn(self._norm_modulate(self.norm1, x, shift_msa, scale_msa, fused), num_frames, backend)
+        x = self._gated_residual(x, gate_msa, x_s, fused)
 
         x_t = x
         if tpe is not None:
             S = N // num_frames
             x_t = (x.view(B, num_frames, S, C) + tpe[:, :, None]).view(B, N, C)  # frame t gets tpe[t]
-        x = x + self.drop_path(gate_msa * self.attn_temp(x_t, num_frames, backend))
+        x = self._gated_residual(x, gate_msa, self.attn_temp(x_t, num_frames, backend), fused)
 
         x = x + self.cross_attn(x, y, y_lens, backend)
 
-        x_m = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x + self.drop_path(gate_mlp * x_m)
+        x_m = self.mlp(self._norm_modulate(self.norm2, x, shift_mlp, scale_mlp, fused))
+        return self._gated_residual(x, gate_mlp, x_m, fused)
+
+    @staticmethod
+    def _norm_modulate(norm: nn.LayerNorm, x, shift, scale, fused: str | None) -> torch.Tensor:
+        if fused is None:
+            return modulate(norm(x), shift, scale)
+        return layernorm_modulate(x, shift, scale, eps=norm.eps, backend=fused)
+
+    def _gated_residual(self, x, gate, y, fused: str | None) -> torch.Tensor:
+        # drop_path scales a sample's branch by 0 or 1/keep, which commutes with the per-sample gate
+        if fused is None:
+            return x + self.drop_path(gate * y)
+        return gated_residual(x, gate, self.drop_path(y), backend=fused)
 
 
 class FinalLayer(nn.Module):
@@ -328,6 +346,9 @@ class STDiT(nn.Module):
     Args (ours):
         attention_backend: backend name passed to every stdit.kernels call ("auto", "triton",
             "sdpa", "reference", ...); may be changed on the instance at any time.
+        fused_ops: None (default) runs LayerNorm+modulate and the gated residuals as plain torch
+            ops, as Open-Sora does; a backend name ("reference", "triton", "auto") routes them
+            through stdit.kernels.layernorm_modulate / gated_residual.
         checkpoint: activation checkpointing per block (torch.utils.checkpoint, non-reentrant) in
             training mode.
     """
@@ -357,6 +378,7 @@ class STDiT(nn.Module):
         *,
         attention_backend: str = "auto",
         checkpoint: bool = False,
+        fused_ops: str | None = None,
     ):
         super().__init__()
         input_size, patch_size = tuple(input_size), tuple(patch_size)
@@ -378,6 +400,7 @@ class STDiT(nn.Module):
         self.dtype = _as_dtype(dtype)
         self.attention_backend = attention_backend
         self.checkpoint = checkpoint
+        self.fused_ops = fused_ops
         grid = tuple(s // p for s, p in zip(input_size, patch_size))  # (T', H', W')
         self._grid = grid
 
@@ -506,10 +529,10 @@ class STDiT(nn.Module):
             block_tpe = tpe if i == 0 else None
             if self.checkpoint and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(
-                    block, x, y, t0, y_lens, T, block_tpe, backend, use_reentrant=False
+                    block, x, y, t0, y_lens, T, block_tpe, backend, self.fused_ops, use_reentrant=False
                 )
             else:
-                x = block(x, y, t0, y_lens, T, block_tpe, backend)
+                x = block(x, y, t0, y_lens, T, block_tpe, backend, self.fused_ops)
 
         x = self.final_layer(x, t)  # (B, T*S, p_t*p_h*p_w*C_out)
         return self.unpatchify(x, grid).float()

@@ -73,6 +73,23 @@ def test_golden_forward(golden, golden_model, backend):
     assert err <= ATOL, f"{backend}: max |out - golden| = {err:.3g} > {ATOL}"
 
 
+@pytest.mark.parametrize("fused", ["reference", "triton"])
+def test_golden_forward_fused_ops(golden, golden_model, fused):
+    """LayerNorm+modulate and gated residuals through stdit.kernels' fused ops: same golden output."""
+    if fused == "triton" and availability("triton", "cpu") is not None:
+        pytest.skip(f"triton on CPU: {availability('triton', 'cpu')}")
+    _, _, io = golden
+    golden_model.attention_backend = "sdpa"
+    golden_model.fused_ops = fused
+    try:
+        with torch.no_grad():
+            out = golden_model(io["x"], io["timestep"], io["y"], io["mask"])
+    finally:
+        golden_model.fused_ops = None
+    err = (out - io["out"]).abs().max().item()
+    assert err <= ATOL, f"fused_ops={fused}: max |out - golden| = {err:.3g} > {ATOL}"
+
+
 def test_golden_mask_semantics(golden, golden_model):
     """mask=None equals all-ones; a non-prefix mask equals the prefix mask after moving the same
     tokens to the front (Open-Sora keeps the valid tokens in order, wherever they are)."""
@@ -170,6 +187,23 @@ def test_triton_gradients_match_sdpa():
         model(x, t, y, mask).square().mean().backward()
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for name, ref in grads["sdpa"].items():
+        torch.testing.assert_close(grads["triton"][name], ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item(), msg=name)
+
+
+def test_fused_ops_gradients_match_unfused():
+    """The whole model's backward with the fused Triton adaLN ops equals the plain torch ops'."""
+    if availability("triton", "cpu") is not None:
+        pytest.skip(f"triton on CPU: {availability('triton', 'cpu')}")
+    model = stdit_from_preset("STDiT-tiny", class_dropout_prob=0.0, attention_backend="sdpa")
+    _randomize(model)
+    x, t, y, mask = _tiny_inputs(model)
+    grads = {}
+    for fused in (None, "triton"):
+        model.zero_grad()
+        model.fused_ops = fused
+        model(x, t, y, mask).square().mean().backward()
+        grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, ref in grads[None].items():
         torch.testing.assert_close(grads["triton"][name], ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item(), msg=name)
 
 
