@@ -1,0 +1,300 @@
+"""Full-attention DiT: the baseline of Open-Sora 1.0's benchmark ("DiT with T5 conditioning like PixArt").
+
+Same embedders, conditioning, widths and presets as STDiT (everything below the blocks is imported
+from stdit.models.stdit); the difference is the block: one PixArt-alpha block per layer whose
+self-attention spans all N = T*S tokens of a clip, instead of STDiT's spatial + temporal pair.
+
+    x += gate_msa * FullAttn(modulate(LN(x), shift_msa, scale_msa))
+    x += CrossAttn(x, text)                                   (no norm, no gate)
+    x += gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
+
+Positions: the fixed spatial sin-cos table and the fixed temporal table are both added to the
+patch tokens once, before block 0 (full attention has no separate temporal input to add them to).
+
+The block takes the self-attention kind ("full", "spatial" or "temporal") as an argument, so Latte
+(stdit.models.latte) reuses it and this model class with a different block layout.
+
+Reads top-down: self-attention, block, model, presets. Dimension alphabet: B batch, T frames,
+S tokens per frame, N = T*S tokens, L text tokens, H heads, D head dim, C channels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from stdit.kernels import full_attention, spatial_attention, temporal_attention
+
+from .stdit import (
+    STDIT_PRESETS,
+    CaptionEmbedder,
+    CrossAttention,
+    DropPath,
+    FinalLayer,
+    Mlp,
+    PatchEmbed3D,
+    SelfAttention,
+    STDiT,
+    STDiTBlock,
+    TimestepEmbedder,
+    _as_dtype,
+    spatial_pos_embed,
+    temporal_pos_embed,
+)
+
+__all__ = ["DiT", "DIT_PRESETS", "dit_from_preset", "PixArtBlock", "VideoSelfAttention"]
+
+ATTENTION_KINDS = ("full", "spatial", "temporal")
+
+
+# ------------------------------------------------------------------------------------------------
+# Self-attention over a chosen token set
+# ------------------------------------------------------------------------------------------------
+
+
+class VideoSelfAttention(SelfAttention):
+    """STDiT's SelfAttention (keys qkv / proj) with a third kind, "full": all T*S tokens attend to
+    each other. "spatial" attends within a frame, "temporal" across frames at one position."""
+
+    def __init__(self, dim: int, num_heads: int, kind: str):
+        if kind not in ATTENTION_KINDS:
+            raise ValueError(f"kind: expected one of {ATTENTION_KINDS}, got {kind!r}")
+        super().__init__(dim, num_heads, kind)
+
+    def forward(self, x: torch.Tensor, num_frames: int, backend: str) -> torch.Tensor:
+        """x (B, T*S, C) -> (B, T*S, C)."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, D)
+        if self.kind == "full":
+            out = full_attention(qkv, backend=backend)  # (B, N, H, D)
+        elif self.kind == "spatial":
+            out = spatial_attention(qkv, num_frames, backend=backend)
+        else:
+            out = temporal_attention(qkv, num_frames, backend=backend)
+        return self.proj(out.flatten(2))
+
+
+# ------------------------------------------------------------------------------------------------
+# PixArt-alpha block
+# ------------------------------------------------------------------------------------------------
+
+
+class PixArtBlock(nn.Module):
+    """One PixArt-alpha block (adaLN-single) with self-attention of the given kind:
+
+    x += gate_msa * SelfAttn(modulate(LN(x), shift_msa, scale_msa))
+    x += CrossAttn(x, text)                                   (no norm, no gate)
+    x += gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
+
+    Parameter names are STDiTBlock's without attn_temp.
+    """
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, kind: str = "full"
+    ):
+        super().__init__()
+        self.kind = kind
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.attn = VideoSelfAttention(hidden_size, num_heads, kind)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), hidden_size)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        t0: torch.Tensor,
+        y_lens: torch.Tensor,
+        num_frames: int,
+        backend: str,
+        fused: str | None = None,
+    ) -> torch.Tensor:
+        """x (B, T*S, C), y (B, L, C), t0 (B, 6C), y_lens (B,) -> (B, T*S, C).
+
+        ``fused`` as in STDiTBlock: None for plain torch LayerNorm+modulate and gated residuals,
+        a backend name for stdit.kernels.layernorm_modulate / gated_residual.
+        """
+        B, N, C = x.shape
+        mods = self.scale_shift_table[None] + t0.reshape(B, 6, C)  # (B, 6, C)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)  # (B, 1, C) each
+
+        x_a = self.attn(self._norm_modulate(self.norm1, x, shift_msa, scale_msa, fused), num_frames, backend)
+        x = self._gated_residual(x, gate_msa, x_a, fused)
+
+        x = x + self.cross_attn(x, y, y_lens, backend)
+
+        x_m = self.mlp(self._norm_modulate(self.norm2, x, shift_mlp, scale_mlp, fused))
+        return self._gated_residual(x, gate_mlp, x_m, fused)
+
+    # The same helpers STDiT's block uses (they only read self.drop_path).
+    _norm_modulate = staticmethod(STDiTBlock._norm_modulate)
+    _gated_residual = STDiTBlock._gated_residual
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+
+
+class DiT(nn.Module):
+    """Full-attention video DiT with STDiT's embedders, conditioning, sizes and forward signature.
+
+    Args: as STDiT's (input_size, in_channels, patch_size, hidden_size, depth, num_heads,
+    mlp_ratio, class_dropout_prob, pred_sigma, drop_path, caption_channels, model_max_length,
+    dtype, space_scale, time_scale) and its switches attention_backend, checkpoint, fused_ops,
+    with the same meaning. STDiT's config-compatibility flags (enable_flashattn, freeze, ...) are
+    not taken: no Open-Sora checkpoint exists for this model.
+    """
+
+    def __init__(
+        self,
+        input_size: tuple[int, int, int] = (1, 32, 32),
+        in_channels: int = 4,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        pred_sigma: bool = True,
+        drop_path: float = 0.0,
+        caption_channels: int = 4096,
+        model_max_length: int = 120,
+        dtype: torch.dtype | str = torch.float32,
+        space_scale: float = 1.0,
+        time_scale: float = 1.0,
+        *,
+        attention_backend: str = "auto",
+        checkpoint: bool = False,
+        fused_ops: str | None = None,
+    ):
+        super().__init__()
+        input_size, patch_size = tuple(input_size), tuple(patch_size)
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size: {hidden_size} is not a multiple of num_heads = {num_heads}")
+        for size, p in zip(input_size, patch_size):
+            if size % p:
+                raise ValueError(f"input_size: {input_size} is not a multiple of patch_size {patch_size}")
+        self.input_size, self.patch_size = input_size, patch_size
+        self.in_channels = in_channels
+        self.pred_sigma = pred_sigma
+        self.out_channels = in_channels * 2 if pred_sigma else in_channels
+        self.hidden_size, self.num_heads, self.depth = hidden_size, num_heads, depth
+        self.mlp_ratio = mlp_ratio
+        self.space_scale, self.time_scale = space_scale, time_scale
+        self.dtype = _as_dtype(dtype)
+        self.attention_backend = attention_backend
+        self.checkpoint = checkpoint
+        self.fused_ops = fused_ops
+        grid = tuple(s // p for s, p in zip(input_size, patch_size))  # (T', H', W')
+        self._grid = grid
+
+        self.register_buffer("pos_embed", spatial_pos_embed(hidden_size, grid[1], grid[2], space_scale))
+        self.register_buffer("pos_embed_temporal", temporal_pos_embed(hidden_size, grid[0], time_scale))
+
+        self.x_embedder = PatchEmbed3D(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
+        rates = [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+        kinds = self.block_kinds(depth)
+        self.blocks = nn.ModuleList(
+            PixArtBlock(hidden_size, num_heads, mlp_ratio, r, kind) for r, kind in zip(rates, kinds)
+        )
+        self.final_layer = FinalLayer(hidden_size, math.prod(patch_size), self.out_channels)
+        self.initialize_weights()
+
+    @staticmethod
+    def block_kinds(depth: int) -> list[str]:
+        """Self-attention kind of each block: all "full" here (Latte overrides this)."""
+        return ["full"] * depth
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """STDiT's (PixArt-alpha's) init: xavier-uniform Linears with zero bias, xavier patch conv,
+        N(0, 0.02) for the timestep/caption MLPs and t_block, zeros for cross-attention output
+        projections and the final linear."""
+        if any(p.is_meta for p in self.parameters()):
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]):
+            nn.init.normal_(lin.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # Position tables for any grid, caption packing and unpatchify are STDiT's (they read only the
+    # attributes set above: pos_embed, pos_embed_temporal, _grid, hidden_size, scales, patch_size,
+    # out_channels).
+    _pos_tables = STDiT._pos_tables
+    _captions = STDiT._captions
+    unpatchify = STDiT.unpatchify
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        force_drop_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, C_in, T, H, W); timestep (B,); y (B, 1, L, caption_channels); mask (B, L) 0/1 or
+        None; force_drop_ids (B,) 0/1 -> (B, out_channels, T, H, W) float32. As STDiT.forward."""
+        x = x.to(self.dtype)
+        timestep = timestep.to(self.dtype)
+        y = y.to(self.dtype)
+        B, _, Tin, Hin, Win = x.shape
+        grid = (Tin // self.patch_size[0], Hin // self.patch_size[1], Win // self.patch_size[2])
+        T, S = grid[0], grid[1] * grid[2]
+
+        x = self.x_embedder(x)  # (B, T*S, C)
+        pos, tpe = self._pos_tables(grid, x)  # (1, S, C), (1, T, C)
+        x = (x.reshape(B, T, S, -1) + pos[:, None] + tpe[:, :, None]).reshape(B, T * S, -1)
+
+        t = self.t_embedder(timestep, dtype=x.dtype)  # (B, C)
+        t0 = self.t_block(t)  # (B, 6C)
+
+        y = self.y_embedder(y, self.training, force_drop_ids)  # (B, 1, L, C)
+        y, y_lens = self._captions(y, mask, B)  # (B, L, C), (B,)
+
+        backend = self.attention_backend
+        for block in self.blocks:
+            if self.checkpoint and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, y, t0, y_lens, T, backend, self.fused_ops, use_reentrant=False
+                )
+            else:
+                x = block(x, y, t0, y_lens, T, backend, self.fused_ops)
+
+        x = self.final_layer(x, t)  # (B, T*S, p_t*p_h*p_w*C_out)
+        return self.unpatchify(x, grid).float()
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets: STDiT's sizes under DiT names ("DiT-XL/2", "DiT-tiny", "DiT-mini")
+# ------------------------------------------------------------------------------------------------
+
+DIT_PRESETS: dict[str, dict] = {name.replace("STDiT", "DiT", 1): dict(cfg) for name, cfg in STDIT_PRESETS.items()}
+
+
+def dit_from_preset(name: str, **overrides) -> DiT:
+    """Build a preset by name (see DIT_PRESETS); keyword overrides win over the preset."""
+    if name not in DIT_PRESETS:
+        raise ValueError(f"name: unknown DiT preset {name!r}; expected one of {sorted(DIT_PRESETS)}")
+    return DiT(**{**DIT_PRESETS[name], **overrides})
