@@ -24,26 +24,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from stdit.kernels import full_attention, spatial_attention, temporal_attention
 
-from .stdit import (
-    STDIT_PRESETS,
-    CaptionEmbedder,
-    CrossAttention,
-    DropPath,
-    FinalLayer,
-    Mlp,
-    PatchEmbed3D,
-    SelfAttention,
-    STDiT,
-    STDiTBlock,
-    TimestepEmbedder,
-    _as_dtype,
-    spatial_pos_embed,
-    temporal_pos_embed,
-)
+from .stdit import STDIT_PRESETS, CrossAttention, DropPath, FinalLayer, Mlp, SelfAttention, STDiTBlock, VideoDiTBase
 
 __all__ = ["DiT", "DIT_PRESETS", "dit_from_preset", "PixArtBlock", "VideoSelfAttention"]
 
@@ -142,7 +126,7 @@ class PixArtBlock(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-class DiT(nn.Module):
+class DiT(VideoDiTBase):
     """Full-attention video DiT with STDiT's embedders, conditioning, sizes and forward signature.
 
     Args: as STDiT's (input_size, in_channels, patch_size, hidden_size, depth, num_heads,
@@ -175,34 +159,11 @@ class DiT(nn.Module):
         fused_ops: str | None = None,
     ):
         super().__init__()
-        input_size, patch_size = tuple(input_size), tuple(patch_size)
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size: {hidden_size} is not a multiple of num_heads = {num_heads}")
-        for size, p in zip(input_size, patch_size):
-            if size % p:
-                raise ValueError(f"input_size: {input_size} is not a multiple of patch_size {patch_size}")
-        self.input_size, self.patch_size = input_size, patch_size
-        self.in_channels = in_channels
-        self.pred_sigma = pred_sigma
-        self.out_channels = in_channels * 2 if pred_sigma else in_channels
-        self.hidden_size, self.num_heads, self.depth = hidden_size, num_heads, depth
-        self.mlp_ratio = mlp_ratio
-        self.space_scale, self.time_scale = space_scale, time_scale
-        self.dtype = _as_dtype(dtype)
-        self.attention_backend = attention_backend
-        self.checkpoint = checkpoint
-        self.fused_ops = fused_ops
-        grid = tuple(s // p for s, p in zip(input_size, patch_size))  # (T', H', W')
-        self._grid = grid
-
-        self.register_buffer("pos_embed", spatial_pos_embed(hidden_size, grid[1], grid[2], space_scale))
-        self.register_buffer("pos_embed_temporal", temporal_pos_embed(hidden_size, grid[0], time_scale))
-
-        self.x_embedder = PatchEmbed3D(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
-        rates = [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+        rates = self._build_trunk(
+            input_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
+            pred_sigma, drop_path, caption_channels, model_max_length, dtype, space_scale, time_scale,
+            attention_backend, checkpoint, fused_ops,
+        )  # fmt: skip
         kinds = self.block_kinds(depth)
         self.blocks = nn.ModuleList(
             PixArtBlock(hidden_size, num_heads, mlp_ratio, r, kind) for r, kind in zip(rates, kinds)
@@ -215,36 +176,10 @@ class DiT(nn.Module):
         """Self-attention kind of each block: all "full" here (Latte overrides this)."""
         return ["full"] * depth
 
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """STDiT's (PixArt-alpha's) init: xavier-uniform Linears with zero bias, xavier patch conv,
-        N(0, 0.02) for the timestep/caption MLPs and t_block, zeros for cross-attention output
-        projections and the final linear."""
-        if any(p.is_meta for p in self.parameters()):
-            return
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]):
-            nn.init.normal_(lin.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.cross_attn.proj.weight)
-            nn.init.zeros_(block.cross_attn.proj.bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-
-    # Position tables for any grid, caption packing and unpatchify are STDiT's (they read only the
-    # attributes set above: pos_embed, pos_embed_temporal, _grid, hidden_size, scales, patch_size,
-    # out_channels).
-    _pos_tables = STDiT._pos_tables
-    _captions = STDiT._captions
-    unpatchify = STDiT.unpatchify
+    def _silent_layers(self) -> list[nn.Linear]:
+        """Zero-initialized, as in PixArt-alpha: the cross-attention output projections (and the
+        final linear, added by initialize_weights)."""
+        return [block.cross_attn.proj for block in self.blocks]
 
     def forward(
         self,
@@ -256,32 +191,12 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         """x (B, C_in, T, H, W); timestep (B,); y (B, 1, L, caption_channels); mask (B, L) 0/1 or
         None; force_drop_ids (B,) 0/1 -> (B, out_channels, T, H, W) float32. As STDiT.forward."""
-        x = x.to(self.dtype)
-        timestep = timestep.to(self.dtype)
-        y = y.to(self.dtype)
-        B, _, Tin, Hin, Win = x.shape
-        grid = (Tin // self.patch_size[0], Hin // self.patch_size[1], Win // self.patch_size[2])
-        T, S = grid[0], grid[1] * grid[2]
-
-        x = self.x_embedder(x)  # (B, T*S, C)
-        pos, tpe = self._pos_tables(grid, x)  # (1, S, C), (1, T, C)
-        x = (x.reshape(B, T, S, -1) + pos[:, None] + tpe[:, :, None]).reshape(B, T * S, -1)
-
-        t = self.t_embedder(timestep, dtype=x.dtype)  # (B, C)
-        t0 = self.t_block(t)  # (B, 6C)
-
-        y = self.y_embedder(y, self.training, force_drop_ids)  # (B, 1, L, C)
-        y, y_lens = self._captions(y, mask, B)  # (B, L, C), (B,)
-
-        backend = self.attention_backend
+        x, t, t0, y, y_lens, grid, tpe = self._embed(x, timestep, y, mask, force_drop_ids)
+        B, N, C = x.shape
+        T = grid[0]
+        x = (x.view(B, T, N // T, C) + tpe[:, :, None]).view(B, N, C)  # temporal table, once, on the input
         for block in self.blocks:
-            if self.checkpoint and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(
-                    block, x, y, t0, y_lens, T, backend, self.fused_ops, use_reentrant=False
-                )
-            else:
-                x = block(x, y, t0, y_lens, T, backend, self.fused_ops)
-
+            x = self._run_block(block, x, y, t0, y_lens, T)
         x = self.final_layer(x, t)  # (B, T*S, p_t*p_h*p_w*C_out)
         return self.unpatchify(x, grid).float()
 

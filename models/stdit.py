@@ -321,7 +321,153 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return out
 
 
-class STDiT(nn.Module):
+class VideoDiTBase(nn.Module):
+    """What STDiT, DiT and Latte share: sizes, fixed position tables, the timestep / caption
+    embedders and adaLN-single t_block, the PixArt-style init, embedding the inputs, running a block
+    (with optional activation checkpointing) and unpatchifying. Subclasses add ``blocks`` and
+    ``final_layer`` after ``_build_trunk`` and say which layers start at zero."""
+
+    def _build_trunk(
+        self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
+        pred_sigma, drop_path, caption_channels, model_max_length, dtype, space_scale, time_scale,
+        attention_backend, checkpoint, fused_ops,
+    ) -> list[float]:  # fmt: skip
+        """Validate sizes, set the shared attributes and create the trunk in Open-Sora's order
+        (tables, x_embedder, t_embedder, t_block, y_embedder); returns per-block drop-path rates."""
+        input_size, patch_size = tuple(input_size), tuple(patch_size)
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size: {hidden_size} is not a multiple of num_heads = {num_heads}")
+        for size, p in zip(input_size, patch_size):
+            if size % p:
+                raise ValueError(f"input_size: {input_size} is not a multiple of patch_size {patch_size}")
+        self.input_size, self.patch_size = input_size, patch_size
+        self.in_channels = in_channels
+        self.pred_sigma = pred_sigma
+        self.out_channels = in_channels * 2 if pred_sigma else in_channels
+        self.hidden_size, self.num_heads, self.depth = hidden_size, num_heads, depth
+        self.mlp_ratio = mlp_ratio
+        self.space_scale, self.time_scale = space_scale, time_scale
+        self.dtype = _as_dtype(dtype)
+        self.attention_backend = attention_backend
+        self.checkpoint = checkpoint
+        self.fused_ops = fused_ops
+        grid = tuple(s // p for s, p in zip(input_size, patch_size))  # (T', H', W')
+        self._grid = grid
+
+        self.register_buffer("pos_embed", spatial_pos_embed(hidden_size, grid[1], grid[2], space_scale))
+        self.register_buffer("pos_embed_temporal", temporal_pos_embed(hidden_size, grid[0], time_scale))
+        self.x_embedder = PatchEmbed3D(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
+        return [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+
+    def _silent_layers(self) -> list[nn.Linear]:
+        """Block layers that start at zero (the final linear always does)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Open-Sora 1.0's (PixArt-alpha's) init: xavier-uniform Linears with zero bias, xavier patch
+        conv, N(0, 0.02) for the timestep/caption MLPs and t_block, zeros for _silent_layers() and
+        the final linear."""
+        if any(p.is_meta for p in self.parameters()):
+            return  # nothing to initialise on the meta device
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]):
+            nn.init.normal_(lin.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        for lin in [*self._silent_layers(), self.final_layer.linear]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def _pos_tables(self, grid: tuple[int, int, int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The spatial (1, S, C) and temporal (1, T, C) tables for a (T', H', W') patch grid: the
+        buffers at the configured size, else rebuilt for this grid with the same scales."""
+        T, Hg, Wg = grid
+        if (Hg, Wg) == self._grid[1:]:
+            pos = self.pos_embed
+        else:
+            pos = spatial_pos_embed(self.hidden_size, Hg, Wg, self.space_scale).to(like.device)
+        if T == self._grid[0]:
+            tpe = self.pos_embed_temporal
+        else:
+            tpe = temporal_pos_embed(self.hidden_size, T, self.time_scale).to(like.device)
+        return pos.to(like.dtype), tpe.to(like.dtype)
+
+    def _captions(
+        self, y: torch.Tensor, mask: torch.Tensor | None, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, L, C) embedded captions and a 0/1 mask -> y (B, L, C) with each sample's valid
+        tokens moved to the front (stable, so order is kept) and their counts y_lens (B,).
+
+        Open-Sora packs the valid tokens of all samples into one sequence and uses a block-diagonal
+        mask; padded kv with per-sample lengths is the same attention.
+        """
+        y = y.squeeze(1)  # (B, L, C)
+        L = y.shape[1]
+        if mask is None:
+            return y, torch.full((batch,), L, dtype=torch.int64, device=y.device)
+        mask = mask.reshape(mask.shape[0], -1)  # accepts (B, L) or (B, 1, 1, L)
+        if mask.shape[0] != batch:  # a CFG batch reusing one mask per prompt, as Open-Sora allows
+            if batch % mask.shape[0]:
+                raise ValueError(f"mask: batch {mask.shape[0]} does not divide the input batch {batch}")
+            mask = mask.repeat(batch // mask.shape[0], 1)
+        if mask.shape[1] != L:
+            raise ValueError(f"mask: expected shape ({batch}, {L}) to match y, got {tuple(mask.shape)}")
+        keep = mask != 0
+        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)  # valid tokens first
+        y = y.gather(1, order[:, :, None].expand_as(y))
+        return y, keep.sum(dim=1)
+
+    def _embed(self, x, timestep, y, mask, force_drop_ids):
+        """Inputs -> (x (B, T*S, C) patch tokens + spatial pos-emb, t (B, C), t0 (B, 6C), y (B, L, C),
+        y_lens (B,), grid (T', H', W'), temporal pos-emb (1, T, C))."""
+        x = x.to(self.dtype)
+        timestep = timestep.to(self.dtype)  # as the reference: in bf16, step 711 becomes 712
+        y = y.to(self.dtype)
+        B, _, Tin, Hin, Win = x.shape
+        grid = (Tin // self.patch_size[0], Hin // self.patch_size[1], Win // self.patch_size[2])
+        T, S = grid[0], grid[1] * grid[2]
+
+        x = self.x_embedder(x)  # (B, T*S, C)
+        pos, tpe = self._pos_tables(grid, x)
+        x = (x.reshape(B, T, S, -1) + pos[:, None]).reshape(B, T * S, -1)
+
+        t = self.t_embedder(timestep, dtype=x.dtype)  # (B, C)
+        t0 = self.t_block(t)  # (B, 6C)
+
+        y = self.y_embedder(y, self.training, force_drop_ids)  # (B, 1, L, C)
+        y, y_lens = self._captions(y, mask, B)  # (B, L, C), (B,)
+        return x, t, t0, y, y_lens, grid, tpe
+
+    def _run_block(self, block: nn.Module, *args) -> torch.Tensor:
+        """block(*args, attention backend, fused ops), checkpointed when asked for in training."""
+        args = (*args, self.attention_backend, self.fused_ops)
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, T'*H'*W', p_t*p_h*p_w*C_out) -> (B, C_out, T'*p_t, H'*p_h, W'*p_w).
+
+        Each token's outputs are ordered (p_t, p_h, p_w, C_out), C_out fastest, as in Open-Sora.
+        """
+        B = x.shape[0]
+        (T, Hg, Wg), (pt, ph, pw) = grid, self.patch_size
+        x = x.view(B, T, Hg, Wg, pt, ph, pw, self.out_channels)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C_out, T, p_t, H', p_h, W', p_w)
+        return x.reshape(B, self.out_channels, T * pt, Hg * ph, Wg * pw)
+
+
+class STDiT(VideoDiTBase):
     """Open-Sora 1.0's STDiT with its constructor keywords and state-dict names.
 
     Args (Open-Sora 1.0's, same defaults):
@@ -381,39 +527,16 @@ class STDiT(nn.Module):
         fused_ops: str | None = None,
     ):
         super().__init__()
-        input_size, patch_size = tuple(input_size), tuple(patch_size)
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size: {hidden_size} is not a multiple of num_heads = {num_heads}")
         if freeze not in (None, "not_temporal", "text"):
             raise ValueError(f"freeze: expected None, 'not_temporal' or 'text', got {freeze!r}")
-        for size, p in zip(input_size, patch_size):
-            if size % p:
-                raise ValueError(f"input_size: {input_size} is not a multiple of patch_size {patch_size}")
-        self.input_size, self.patch_size = input_size, patch_size
-        self.in_channels = in_channels
-        self.pred_sigma = pred_sigma
-        self.out_channels = in_channels * 2 if pred_sigma else in_channels
-        self.hidden_size, self.num_heads, self.depth = hidden_size, num_heads, depth
-        self.mlp_ratio = mlp_ratio
-        self.space_scale, self.time_scale = space_scale, time_scale
-        self.no_temporal_pos_emb = no_temporal_pos_emb  # unused, as in Open-Sora 1.0
-        self.dtype = _as_dtype(dtype)
-        self.attention_backend = attention_backend
-        self.checkpoint = checkpoint
-        self.fused_ops = fused_ops
-        grid = tuple(s // p for s, p in zip(input_size, patch_size))  # (T', H', W')
-        self._grid = grid
-
-        self.register_buffer("pos_embed", spatial_pos_embed(hidden_size, grid[1], grid[2], space_scale))
-        self.register_buffer("pos_embed_temporal", temporal_pos_embed(hidden_size, grid[0], time_scale))
-
         # Creation order matches Open-Sora's, so the default init draws the same random numbers
         # (e.g. y_embedding equals the reference's under the same seed).
-        self.x_embedder = PatchEmbed3D(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
-        rates = [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+        rates = self._build_trunk(
+            input_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
+            pred_sigma, drop_path, caption_channels, model_max_length, dtype, space_scale, time_scale,
+            attention_backend, checkpoint, fused_ops,
+        )  # fmt: skip
+        self.no_temporal_pos_emb = no_temporal_pos_emb  # unused, as in Open-Sora 1.0
         self.blocks = nn.ModuleList(STDiTBlock(hidden_size, num_heads, mlp_ratio, r) for r in rates)
         self.final_layer = FinalLayer(hidden_size, math.prod(patch_size), self.out_channels)
 
@@ -426,71 +549,10 @@ class STDiT(nn.Module):
                 if "cross_attn" in name:
                     p.requires_grad_(False)
 
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """Open-Sora 1.0's init: xavier-uniform Linears with zero bias, xavier patch conv, N(0, 0.02)
-        for the timestep/caption MLPs and t_block, zeros for the layers a stage-2 model adds or must
-        start silent (temporal and cross output projections, final linear)."""
-        if any(p.is_meta for p in self.parameters()):
-            return  # nothing to initialise on the meta device
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]):
-            nn.init.normal_(lin.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
-        for block in self.blocks:
-            for lin in (block.attn_temp.proj, block.cross_attn.proj):
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-
-    # --------------------------------------------------------------------------------------------
-
-    def _pos_tables(self, grid: tuple[int, int, int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The spatial (1, S, C) and temporal (1, T, C) tables for a (T', H', W') patch grid: the
-        buffers at the configured size, else rebuilt for this grid with the same scales."""
-        T, Hg, Wg = grid
-        if (Hg, Wg) == self._grid[1:]:
-            pos = self.pos_embed
-        else:
-            pos = spatial_pos_embed(self.hidden_size, Hg, Wg, self.space_scale).to(like.device)
-        if T == self._grid[0]:
-            tpe = self.pos_embed_temporal
-        else:
-            tpe = temporal_pos_embed(self.hidden_size, T, self.time_scale).to(like.device)
-        return pos.to(like.dtype), tpe.to(like.dtype)
-
-    def _captions(
-        self, y: torch.Tensor, mask: torch.Tensor | None, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, L, C) embedded captions and a 0/1 mask -> y (B, L, C) with each sample's valid
-        tokens moved to the front (stable, so order is kept) and their counts y_lens (B,).
-
-        Open-Sora packs the valid tokens of all samples into one sequence and uses a block-diagonal
-        mask; padded kv with per-sample lengths is the same attention.
-        """
-        y = y.squeeze(1)  # (B, L, C)
-        L = y.shape[1]
-        if mask is None:
-            return y, torch.full((batch,), L, dtype=torch.int64, device=y.device)
-        mask = mask.reshape(mask.shape[0], -1)  # accepts (B, L) or (B, 1, 1, L)
-        if mask.shape[0] != batch:  # a CFG batch reusing one mask per prompt, as Open-Sora allows
-            if batch % mask.shape[0]:
-                raise ValueError(f"mask: batch {mask.shape[0]} does not divide the input batch {batch}")
-            mask = mask.repeat(batch // mask.shape[0], 1)
-        if mask.shape[1] != L:
-            raise ValueError(f"mask: expected shape ({batch}, {L}) to match y, got {tuple(mask.shape)}")
-        keep = mask != 0
-        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)  # valid tokens first
-        y = y.gather(1, order[:, :, None].expand_as(y))
-        return y, keep.sum(dim=1)
+    def _silent_layers(self) -> list[nn.Linear]:
+        """Zero-initialized: temporal and cross output projections (a stage-2 model starts as the
+        image model), plus the final linear (added by initialize_weights)."""
+        return [lin for block in self.blocks for lin in (block.attn_temp.proj, block.cross_attn.proj)]
 
     def forward(
         self,
@@ -507,46 +569,11 @@ class STDiT(nn.Module):
         force_drop_ids (B,) 0/1 replaces captions by the null embedding where 1.
         Returns (B, out_channels, T, H, W) float32.
         """
-        x = x.to(self.dtype)
-        timestep = timestep.to(self.dtype)  # as the reference: in bf16, step 711 becomes 712
-        y = y.to(self.dtype)
-        B, _, Tin, Hin, Win = x.shape
-        grid = (Tin // self.patch_size[0], Hin // self.patch_size[1], Win // self.patch_size[2])
-        T, S = grid[0], grid[1] * grid[2]
-
-        x = self.x_embedder(x)  # (B, T*S, C)
-        pos, tpe = self._pos_tables(grid, x)
-        x = (x.reshape(B, T, S, -1) + pos[:, None]).reshape(B, T * S, -1)
-
-        t = self.t_embedder(timestep, dtype=x.dtype)  # (B, C)
-        t0 = self.t_block(t)  # (B, 6C)
-
-        y = self.y_embedder(y, self.training, force_drop_ids)  # (B, 1, L, C)
-        y, y_lens = self._captions(y, mask, B)  # (B, L, C), (B,)
-
-        backend = self.attention_backend
-        for i, block in enumerate(self.blocks):
-            block_tpe = tpe if i == 0 else None
-            if self.checkpoint and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(
-                    block, x, y, t0, y_lens, T, block_tpe, backend, self.fused_ops, use_reentrant=False
-                )
-            else:
-                x = block(x, y, t0, y_lens, T, block_tpe, backend, self.fused_ops)
-
+        x, t, t0, y, y_lens, grid, tpe = self._embed(x, timestep, y, mask, force_drop_ids)
+        for i, block in enumerate(self.blocks):  # temporal pos-emb: block 0's temporal input only
+            x = self._run_block(block, x, y, t0, y_lens, grid[0], tpe if i == 0 else None)
         x = self.final_layer(x, t)  # (B, T*S, p_t*p_h*p_w*C_out)
         return self.unpatchify(x, grid).float()
-
-    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """(B, T'*H'*W', p_t*p_h*p_w*C_out) -> (B, C_out, T'*p_t, H'*p_h, W'*p_w).
-
-        Each token's outputs are ordered (p_t, p_h, p_w, C_out), C_out fastest, as in Open-Sora.
-        """
-        B = x.shape[0]
-        (T, Hg, Wg), (pt, ph, pw) = grid, self.patch_size
-        x = x.view(B, T, Hg, Wg, pt, ph, pw, self.out_channels)
-        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C_out, T, p_t, H', p_h, W', p_w)
-        return x.reshape(B, self.out_channels, T * pt, Hg * ph, Wg * pw)
 
 
 # ------------------------------------------------------------------------------------------------
