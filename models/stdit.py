@@ -22,6 +22,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from stdit.kernels import cross_attention, gated_residual, layernorm_modulate, spatial_attention, temporal_attention
+from stdit.kernels.backends import BACKENDS
+from stdit.kernels.fused_ops import FUSED_BACKENDS
+
+BACKEND_NAMES = ("auto", *BACKENDS)  # plus "sdpa:<flash|efficient|cudnn|math>"
 
 __all__ = ["STDiT", "STDIT_PRESETS", "stdit_from_preset", "count_parameters"]
 
@@ -335,6 +339,10 @@ class VideoDiTBase(nn.Module):
         """Validate sizes, set the shared attributes and create the trunk in Open-Sora's order
         (tables, x_embedder, t_embedder, t_block, y_embedder); returns per-block drop-path rates."""
         input_size, patch_size = tuple(input_size), tuple(patch_size)
+        if attention_backend not in BACKEND_NAMES and not str(attention_backend).startswith("sdpa:"):
+            raise ValueError(f"attention_backend: unknown backend {attention_backend!r}; expected one of {BACKEND_NAMES}")
+        if fused_ops is not None and fused_ops not in FUSED_BACKENDS:
+            raise ValueError(f"fused_ops: expected None or one of {FUSED_BACKENDS}, got {fused_ops!r}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size: {hidden_size} is not a multiple of num_heads = {num_heads}")
         for size, p in zip(input_size, patch_size):
@@ -427,9 +435,55 @@ class VideoDiTBase(nn.Module):
         y = y.gather(1, order[:, :, None].expand_as(y))
         return y, keep.sum(dim=1)
 
+    def _check_inputs(self, x, timestep, y, mask, force_drop_ids) -> torch.Tensor:
+        """Raise a ValueError/TypeError naming the argument for inputs that do not fit the model;
+        returns timestep as a (B,) tensor (a 0-d timestep is broadcast over the batch)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or not x.is_floating_point():
+            got = f"a {x.dim()}-D {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected a floating (B, C={self.in_channels}, T, H, W) latent video, got {got}")
+        B, C = x.shape[:2]
+        if C != self.in_channels:
+            raise ValueError(f"x: expected {self.in_channels} channels (in_channels), got shape {tuple(x.shape)}")
+        for name, size, p in zip("THW", x.shape[2:], self.patch_size):
+            if size % p or size == 0:
+                raise ValueError(f"x: {name} = {size} is not a positive multiple of the patch size {p} ({tuple(x.shape)})")
+        if not isinstance(timestep, torch.Tensor):
+            timestep = torch.as_tensor(timestep, device=x.device)
+        if timestep.dim() == 0:
+            timestep = timestep.expand(B)
+        if tuple(timestep.shape) != (B,):
+            raise ValueError(f"timestep: expected shape ({B},) (one step per sample), got {tuple(timestep.shape)}")
+        cap, L_max = self.y_embedder.y_embedding.shape[1], self.y_embedder.y_embedding.shape[0]
+        if not isinstance(y, torch.Tensor) or y.dim() != 4 or y.shape[1] != 1 or y.shape[3] != cap:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y: expected text features of shape (B, 1, L, caption_channels={cap}), got {got}")
+        if y.shape[0] != B:
+            raise ValueError(f"y: batch {y.shape[0]} does not match x's batch {B}")
+        if not 1 <= y.shape[2] <= L_max:
+            raise ValueError(f"y: {y.shape[2]} text tokens; expected 1 to model_max_length = {L_max}")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.is_complex() or mask.dim() < 2:
+                got = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise TypeError(f"mask: expected a 0/1 or bool tensor of shape (B, L), got {got}")
+            if not torch.compiler.is_compiling():  # data-dependent checks stay out of compiled graphs
+                if not ((mask == 0) | (mask == 1)).all():
+                    raise ValueError("mask: expected 0/1 (or bool) values marking real text tokens")
+                flat = mask.reshape(mask.shape[0], -1)
+                if flat.shape[1] == y.shape[2] and not (flat != 0).any(dim=1).all():
+                    raise ValueError(
+                        "mask: every sample needs at least one real text token (for an unconditional "
+                        "sample pass force_drop_ids, which uses the null caption)"
+                    )
+        if force_drop_ids is not None and (
+            not isinstance(force_drop_ids, torch.Tensor) or tuple(force_drop_ids.shape) != (B,)
+        ):
+            raise ValueError(f"force_drop_ids: expected a ({B},) tensor of 0/1, got {force_drop_ids!r:.80}")
+        return timestep
+
     def _embed(self, x, timestep, y, mask, force_drop_ids):
         """Inputs -> (x (B, T*S, C) patch tokens + spatial pos-emb, t (B, C), t0 (B, 6C), y (B, L, C),
         y_lens (B,), grid (T', H', W'), temporal pos-emb (1, T, C))."""
+        timestep = self._check_inputs(x, timestep, y, mask, force_drop_ids)
         x = x.to(self.dtype)
         timestep = timestep.to(self.dtype)  # as the reference: in bf16, step 711 becomes 712
         y = y.to(self.dtype)
