@@ -1,0 +1,163 @@
+"""Benchmark results: one long-format row per measurement, stored as JSON Lines.
+
+A row is a flat dict with the columns in ``COLUMNS`` (all of them present; None where a value does
+not apply). The identity of a measurement is ``KEY`` (suite, op, backend, shape, mode, dtype,
+device): writing a row whose key is already in the file replaces the old row, so re-running a suite
+updates its rows in place and running another suite appends (idempotent). Files are rewritten
+atomically (temporary file + rename), so an interrupted run never leaves a half-written file.
+
+Every file starts with a header line ``{"stdit_results": SCHEMA_VERSION}``. A file without it, from
+another schema version, or with a line that is not a JSON object with every column is refused with
+a ``ResultsError`` that says which line and why; it is never read half-way into a report.
+
+Columns
+    suite       "kernels" | "fused" | "blocks" | "models" (and future suites: "train", "parallel")
+    op          what ran: "spatial_attention", "temporal_attention", "full_attention",
+                "cross_attention", "layernorm_modulate", "gated_residual", "stdit_block", "STDiT",
+                "DiT", "Latte", ...
+    backend     implementation label, e.g. "triton", "sdpa:flash", "flex", "reference",
+                "opensora" (Open-Sora 1.0's path), "ours", "torch.compile"
+    ours        True for this project's implementation (the numerator of every speedup)
+    shape       shape label, e.g. "16x256x256" (frames x height x width of the video) or "B8 T16 S256"
+    frames, resolution, batch, tokens   numbers behind the shape (None where not meaningful)
+    dims        JSON object with every size (B, T, S, H, D, L, C, ...)
+    mode        "fwd" | "fwd+bwd" | "train_step"
+    dtype       "bf16" | "fp16" | "fp32" | "fp64"
+    median_ms, p20_ms, p80_ms, reps      timing (None unless status == "ok")
+    flops, bytes                         cost model (stdit.bench.costs) for this op and shape
+    tflops, gbs, pct_roofline, bound     achieved rates and % of the roofline bound
+    peak_flops, peak_bytes_per_s, peak_source   the device peaks the roofline used, and where from
+                                         ("table: H100 SXM" or "probed: matmul 8192^3 bf16, copy 1 GiB")
+    peak_mem_mb                          peak device memory of the measurement (CUDA), else None
+    status      "ok" | "oom" | "unsupported: <why>" | "not timed: <why>" | "error: <message>"
+    device, device_kind, driver, torch, triton, cuda, python, git_commit, date   environment
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+SCHEMA_VERSION = 1
+HEADER = {"stdit_results": SCHEMA_VERSION}
+
+KEY = ("suite", "op", "backend", "shape", "mode", "dtype", "device")
+TIMING = ("median_ms", "p20_ms", "p80_ms", "reps")
+COST = ("flops", "bytes", "tflops", "gbs", "pct_roofline", "bound", "peak_flops", "peak_bytes_per_s", "peak_source")
+ENV = ("device", "device_kind", "driver", "torch", "triton", "cuda", "python", "git_commit", "date")
+COLUMNS = (
+    "suite", "op", "backend", "ours", "shape", "frames", "resolution", "batch", "tokens", "dims",
+    "mode", "dtype", *TIMING, *COST, "peak_mem_mb", "status", *ENV,
+)  # fmt: skip
+
+
+class ResultsError(ValueError):
+    """A results file that cannot be trusted: wrong schema, corrupt line, missing columns."""
+
+
+def key_of(row: dict) -> tuple:
+    return tuple(row[k] for k in KEY)
+
+
+def check_row(row: object, where: str = "row") -> dict:
+    """The row itself if it has every column (extra columns are refused too), else ResultsError."""
+    if not isinstance(row, dict):
+        raise ResultsError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [c for c in COLUMNS if c not in row]
+    extra = [c for c in row if c not in COLUMNS]
+    if missing or extra:
+        raise ResultsError(f"{where}: columns do not match schema {SCHEMA_VERSION} (missing {missing}, unknown {extra})")
+    if not isinstance(row["status"], str) or not row["status"]:
+        raise ResultsError(f"{where}: status must be a non-empty string, got {row['status']!r}")
+    if row["status"] == "ok" and not isinstance(row["median_ms"], (int, float)):
+        raise ResultsError(f"{where}: an 'ok' row needs a numeric median_ms, got {row['median_ms']!r}")
+    return row
+
+
+def new_row(**values) -> dict:
+    """A row with every column, None where not given; unknown column names raise ValueError."""
+    unknown = [k for k in values if k not in COLUMNS]
+    if unknown:
+        raise ValueError(f"new_row: unknown columns {unknown}; expected some of {list(COLUMNS)}")
+    return {c: values.get(c) for c in COLUMNS}
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """All rows of a results file (an empty list if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ResultsError(f"{path}:{n}: not valid JSON ({e.msg}); the file is corrupt") from None
+            if n == 1:
+                if obj != HEADER:
+                    version = obj.get("stdit_results") if isinstance(obj, dict) else None
+                    what = f"schema version {version}" if version is not None else "no stdit results header"
+                    raise ResultsError(
+                        f"{path}: {what}; this stdit reads schema {SCHEMA_VERSION}. "
+                        "Re-run the benchmark into a new file (stdit bench --results NEW.jsonl)."
+                    )
+                continue
+            rows.append(check_row(obj, f"{path}:{n}"))
+    if not rows and path.stat().st_size and not _has_header(path):
+        raise ResultsError(f"{path}: no stdit results header")
+    return rows
+
+
+def _has_header(path: Path) -> bool:
+    with path.open(encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        return json.loads(first) == HEADER
+    except json.JSONDecodeError:
+        return False
+
+
+def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Write exactly these rows (header first), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [check_row(r) for r in rows]
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(HEADER) + "\n")
+            for r in rows:
+                f.write(json.dumps(r, sort_keys=False, default=_jsonable) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def merge_rows(old: list[dict], new: Iterable[dict]) -> list[dict]:
+    """old with every row whose key appears in new replaced (in place), and the rest appended."""
+    merged = {key_of(r): r for r in old}
+    for r in new:
+        merged[key_of(check_row(r))] = r
+    return list(merged.values())
+
+
+def upsert_rows(path: str | os.PathLike, new: Iterable[dict]) -> list[dict]:
+    """Merge rows into the file (replace same-key rows, append the rest); returns all rows."""
+    rows = merge_rows(read_rows(path), new)
+    write_rows(path, rows)
+    return rows
+
+
+def _jsonable(obj):
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
