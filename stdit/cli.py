@@ -1,4 +1,4 @@
-"""The `stdit` command: `stdit info`, `stdit inspect`."""
+"""The `stdit` command: `stdit bench`, `stdit report`, `stdit info`, `stdit inspect`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stdit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from stdit.bench.cli import add_bench_parser, add_report_parser
+
+    add_bench_parser(sub)
+    add_report_parser(sub)
+
     p = sub.add_parser("info", help="devices, versions and which attention backends can run here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_info)
@@ -39,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError) as e:  # bad input: one clear line, no traceback
+        parser.exit(2, f"stdit {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":
