@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The main job: set up .venv/ if needed, then run `stdit info` (devices, versions, backends).
-# Extra arguments go to `stdit` instead (e.g. `scripts/main.sh inspect`).
+# The main job: set up .venv/ if needed, then `stdit bench`: the quick benchmark suite on the best
+# local device (CUDA if there is a GPU, else the CPU), written to reports/<device>/ (results.jsonl,
+# README.md with tables, PNG plots). Arguments go to `stdit bench` (e.g. `--size full`); to run
+# another command, name it first: `scripts/main.sh info`, `scripts/main.sh inspect`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ $# -eq 0 ]; then set -- info; fi
-exec .venv/bin/stdit "$@"
+case "${1:-}" in
+    bench|report|info|inspect|train|prepare|sample) exec .venv/bin/stdit "$@" ;;
+    *) exec .venv/bin/stdit bench "$@" ;;
+esac

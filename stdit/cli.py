@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError) as e:  # bad input: one clear line, no traceback
+    except (ValueError, TypeError, FileExistsError) as e:  # bad input: one clear line, no traceback
         parser.exit(2, f"stdit {args.command}: error: {e}\n")
 
 

@@ -1,0 +1,414 @@
+"""Benchmark suites: what to measure, at which shapes, against which peers.
+
+A suite is a list of ``Case``s. A case names one measurement (suite, op, backend, shape, mode,
+dtype), carries its analytic cost (stdit.bench.costs) and a ``build(device)`` that allocates the
+inputs and returns the zero-argument callable to time. Building is lazy, so listing a suite is free
+and a case that fails to build (out of memory, backend missing) becomes a row with that status.
+
+Shapes come from Open-Sora 1.0's train configs (FACTS §1): a video ``FxRxR`` of F frames at R
+pixels is a latent of F x R/8 x R/8 (VAE), patchified 2x2, so T = F frames of S = (R/16)^2 tokens,
+at Open-Sora's per-GPU batch. Sizes:
+
+- ``full``  (GPU): STDiT-XL/2 widths (C 1152, 16 heads of 72, T5's 120 text tokens), bf16, shapes
+  16x256x256 B8, 16x512x512 B8, 64x512x512 B4; the model suite sweeps frames 16 -> 128 at 256 and
+  512 (batch 1) with the full depth of 28 blocks.
+- ``quick`` (the main job on any device; CPU-sized): same head dim 72, fewer heads and smaller
+  videos, fp32 on CPU (bf16 on CPU is neither fast nor what GPUs run), debug-depth models.
+- ``tiny``  (tests, pytest bench/ smoke runs): the smallest shapes that still exercise every path.
+
+Suites: ``kernels`` (the four attentions x every backend, fwd and fwd+bwd), ``fused``
+(LayerNorm+modulate and gated residual: ours vs eager vs torch.compile), ``blocks`` (one STDiT block
+as Open-Sora 1.0 ran it vs ours, eager and compiled), ``models`` (STDiT vs full-attention DiT vs
+Latte training step across frame counts). Training and parallel suites plug in through ``SUITES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from stdit.kernels import backends as kb
+from stdit.kernels import cross_attention, full_attention, gated_residual, layernorm_modulate
+from stdit.kernels import spatial_attention, temporal_attention
+from stdit.kernels.fused_ops import reference_gated_residual, reference_layernorm_modulate
+
+from . import costs
+from .env import triton_interpreted
+
+MODES = ("fwd", "fwd+bwd")
+ATTENTION_OPS = ("spatial_attention", "temporal_attention", "cross_attention", "full_attention")
+FUSED_OPS = ("layernorm_modulate", "gated_residual")
+MODEL_OPS = ("STDiT", "DiT", "Latte")
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+INTERPRETED = "not timed: triton runs under the CPU interpreter (a correctness tool, not a performance measurement)"
+
+
+@dataclass(frozen=True)
+class VideoShape:
+    """A training shape: ``frames`` x ``resolution``^2 pixels at ``batch`` samples per device."""
+
+    frames: int
+    resolution: int
+    batch: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.frames}x{self.resolution}x{self.resolution}"
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        return (self.frames, self.resolution // 8, self.resolution // 8)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.resolution // 16) ** 2
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * self.tokens_per_frame
+
+
+@dataclass(frozen=True)
+class Size:
+    """Widths and shapes of one size preset (see the module docstring)."""
+
+    name: str
+    hidden: int
+    heads: int
+    text_len: int
+    shapes: tuple[VideoShape, ...]  # kernels, fused and blocks suites
+    model_preset: dict  # model sizes for the models suite (depth, hidden, heads, caption...)
+    model_sweep: tuple[VideoShape, ...]  # models suite: frame sweep
+    compile_blocks: bool = True  # the compiled block variants (slow to compile on a CPU)
+
+
+_XL = dict(depth=28, hidden_size=1152, num_heads=16, patch_size=(1, 2, 2), caption_channels=4096, model_max_length=120)
+SIZES: dict[str, Size] = {
+    "full": Size(
+        "full", 1152, 16, 120,
+        shapes=(VideoShape(16, 256, 8), VideoShape(16, 512, 8), VideoShape(64, 512, 4)),
+        model_preset=_XL,
+        model_sweep=tuple(VideoShape(f, 256, 1) for f in (16, 32, 64, 128))
+        + tuple(VideoShape(f, 512, 1) for f in (16, 32, 64)),
+    ),
+    "quick": Size(
+        "quick", 288, 4, 32,
+        shapes=(VideoShape(8, 128, 2), VideoShape(16, 128, 2), VideoShape(16, 256, 1)),
+        model_preset=dict(depth=2, hidden_size=144, num_heads=2, patch_size=(1, 2, 2), caption_channels=64,
+                          model_max_length=16),
+        model_sweep=tuple(VideoShape(f, 128, 1) for f in (4, 8, 16, 32)),
+    ),  # fmt: skip
+    "tiny": Size(
+        "tiny", 144, 2, 8,
+        shapes=(VideoShape(4, 64, 1),),
+        model_preset=dict(depth=1, hidden_size=72, num_heads=1, patch_size=(1, 2, 2), caption_channels=16,
+                          model_max_length=8),
+        model_sweep=(VideoShape(2, 64, 1), VideoShape(4, 64, 1)),
+        compile_blocks=False,
+    ),  # fmt: skip
+}
+
+
+@dataclass
+class Case:
+    suite: str
+    op: str
+    backend: str
+    ours: bool
+    shape: VideoShape
+    mode: str
+    dtype: torch.dtype
+    dims: dict
+    build: Callable[[torch.device], Callable[[], object]]
+    cost: costs.Cost | None
+    skip: str | None = None  # a status that means "do not run" ("unsupported: ...", "not timed: ...")
+    tokens: int | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def id(self) -> str:
+        return "-".join((self.suite, self.op, self.backend, self.shape.label, self.mode, self.dtype_name))
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _grad_thunk(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], mode: str) -> Callable[[], object]:
+    """fwd: forward(); fwd+bwd: forward() then the gradients of every input (not accumulated)."""
+    if mode == "fwd":
+
+        def run_fwd():
+            with torch.no_grad():
+                return forward()
+
+        return run_fwd
+    for t in inputs:
+        t.requires_grad_(True)
+
+    def run_fwd_bwd():
+        out = forward()
+        return torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+    return run_fwd_bwd
+
+
+def _compiled(fn):
+    """torch.compile for one case: Dynamo's caches are reset first, so every case compiles for its
+    own shapes instead of hitting the recompile limit and silently running eagerly."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+def _randn(shape, device, dtype, seed=0) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=g, device=device, dtype=dtype)
+
+
+def _backend_skip(backend: str, device: torch.device, mode: str) -> str | None:
+    """Why an attention backend cannot be timed here, or None."""
+    base = backend.partition(":")[0]
+    if base == "triton" and triton_interpreted(device):
+        return INTERPRETED
+    reason = kb.availability(backend, device)
+    if reason is not None:
+        return f"unsupported: {reason}"
+    if base == "flex" and mode != "fwd" and device.type != "cuda":
+        return "unsupported: FlexAttention has no backward on CPU in this torch"
+    return None
+
+
+def attention_backends(device: torch.device) -> list[str]:
+    """Every attention backend name worth a row on this device (unavailable ones become status rows)."""
+    names = ["triton", "sdpa", *(f"sdpa:{s}" for s in ("flash", "efficient", "cudnn", "math"))]
+    return names + ["flex", "flash_attn", "xformers", "reference"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels: the four attentions x backends
+# ----------------------------------------------------------------------------------------------------
+
+
+def _attention_case(op: str, backend: str, shape: VideoShape, size: Size, mode: str, dtype, device) -> Case:
+    B, T, S, H = shape.batch, shape.frames, shape.tokens_per_frame, size.heads
+    D, L, N = size.hidden // size.heads, size.text_len, shape.tokens
+    kind = op.removesuffix("_attention")
+    cost = costs.attention_cost(
+        kind, batch=B, frames=T, tokens_per_frame=S, heads=H, head_dim=D, text_len=L, mode=mode,
+        elem_bytes=costs.dtype_bytes(dtype),
+    )  # fmt: skip
+
+    def build(dev: torch.device) -> Callable[[], object]:
+        if op == "cross_attention":
+            q = _randn((B, N, H, D), dev, dtype, 1)
+            kv = _randn((B, L, 2, H, D), dev, dtype, 2)
+            lens = torch.tensor([L - (i * L) // (2 * B) for i in range(B)], device=dev)  # uneven, as captions are
+            return _grad_thunk(lambda: cross_attention(q, kv, lens, backend=backend), [q, kv], mode)
+        qkv = _randn((B, N, 3, H, D), dev, dtype, 1)
+        fn = {"spatial": spatial_attention, "temporal": temporal_attention}.get(kind)
+        if fn is None:
+            return _grad_thunk(lambda: full_attention(qkv, backend=backend), [qkv], mode)
+        return _grad_thunk(lambda: fn(qkv, T, backend=backend), [qkv], mode)
+
+    dims = dict(B=B, T=T, S=S, N=N, H=H, D=D, L=L)
+    return Case("kernels", op, backend, backend == "triton", shape, mode, dtype, dims, build, cost,
+                skip=_backend_skip(backend, device, mode), tokens=N)  # fmt: skip
+
+
+def kernels_suite(size: Size, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    return [
+        _attention_case(op, backend, shape, size, mode, dtype, device)
+        for shape in size.shapes
+        for op in ATTENTION_OPS
+        for mode in MODES
+        for backend in attention_backends(device)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused: LayerNorm + modulate and gated residual, ours vs eager vs torch.compile
+# ----------------------------------------------------------------------------------------------------
+
+
+def _fused_case(op: str, backend: str, shape: VideoShape, size: Size, mode: str, dtype, device) -> Case:
+    B, N, C = shape.batch, shape.tokens, size.hidden
+    eb = costs.dtype_bytes(dtype)
+    cost_fn = costs.layernorm_modulate_cost if op == "layernorm_modulate" else costs.gated_residual_cost
+    cost = cost_fn(tokens=N, channels=C, batch=B, mode=mode, elem_bytes=eb)
+
+    def build(dev: torch.device) -> Callable[[], object]:
+        x = _randn((B, N, C), dev, dtype, 1)
+        a = _randn((B, 1, C), dev, dtype, 2) * 0.1
+        b = _randn((B, 1, C), dev, dtype, 3) * 0.1
+        if op == "layernorm_modulate":
+            ref = reference_layernorm_modulate
+            ours = lambda x, a, b: layernorm_modulate(x, a, b, backend="triton")  # noqa: E731
+            inputs = [x, a, b]
+        else:
+            y = _randn((B, N, C), dev, dtype, 4)
+            ref = reference_gated_residual
+            ours = lambda x, a, y: gated_residual(x, a, y, backend="triton")  # noqa: E731
+            inputs = [x, a, y]
+        fn = {"triton": ours, "reference": ref, "torch.compile": _compiled(ref)}[backend]
+        return _grad_thunk(lambda: fn(*inputs), inputs, mode)
+
+    skip = INTERPRETED if backend == "triton" and triton_interpreted(device) else None
+    if backend == "triton" and skip is None:
+        reason = kb.availability("triton", device)
+        skip = f"unsupported: {reason}" if reason else None
+    dims = dict(B=B, N=N, C=C)
+    return Case("fused", op, backend, backend == "triton", shape, mode, dtype, dims, build, cost, skip=skip, tokens=N)
+
+
+def fused_suite(size: Size, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    return [
+        _fused_case(op, backend, shape, size, mode, dtype, device)
+        for shape in size.shapes
+        for op in FUSED_OPS
+        for mode in MODES
+        for backend in ("triton", "reference", "torch.compile")
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# blocks: one STDiT block, Open-Sora's switches vs ours
+# ----------------------------------------------------------------------------------------------------
+
+# label -> (attention backend, fused ops, compiled, ours)
+BLOCK_VARIANTS: dict[str, tuple[str, str | None, bool, bool]] = {
+    "opensora": ("reference", None, False, False),  # Open-Sora 1.0's eager math, unfused
+    "opensora-sdpa": ("sdpa", None, False, False),  # the same with PyTorch's fused attention
+    "opensora-sdpa+compile": ("sdpa", None, True, False),  # ... and torch.compile over the block
+    "ours": ("triton", "triton", False, True),
+    "ours+compile": ("triton", "triton", True, True),
+}
+
+
+def _block_case(label: str, shape: VideoShape, size: Size, mode: str, dtype, device) -> Case:
+    from stdit.models.stdit import STDiTBlock
+
+    attn, fused, compiled, ours = BLOCK_VARIANTS[label]
+    B, T, S, C, H, L = shape.batch, shape.frames, shape.tokens_per_frame, size.hidden, size.heads, size.text_len
+    cost = costs.block_cost(
+        "stdit", hidden=C, heads=H, batch=B, frames=T, tokens_per_frame=S, text_len=L, mode=mode,
+        elem_bytes=costs.dtype_bytes(dtype),
+    )  # fmt: skip
+
+    def build(dev: torch.device) -> Callable[[], object]:
+        torch.manual_seed(0)
+        block = STDiTBlock(C, H).to(dev, dtype)
+        with torch.no_grad():
+            for p in block.parameters():
+                p.normal_(0.0, 0.02)
+        x = _randn((B, T * S, C), dev, dtype, 1)
+        y = _randn((B, L, C), dev, dtype, 2)
+        t0 = _randn((B, 6 * C), dev, dtype, 3) * 0.1
+        tpe = _randn((1, T, C), dev, dtype, 4) * 0.1
+        lens = torch.tensor([L - (i * L) // (2 * B) for i in range(B)], device=dev)
+        fn = _compiled(block) if compiled else block
+        if mode == "fwd":
+            block.requires_grad_(False)
+        return _grad_thunk(lambda: fn(x, y, t0, lens, T, tpe, attn, fused), [x], mode)
+
+    skip = _backend_skip(attn, device, mode)
+    dims = dict(B=B, T=T, S=S, N=T * S, C=C, H=H, D=C // H, L=L)
+    return Case("blocks", "stdit_block", label, ours, shape, mode, dtype, dims, build, cost, skip=skip, tokens=T * S)
+
+
+def blocks_suite(size: Size, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    labels = [lb for lb, v in BLOCK_VARIANTS.items() if size.compile_blocks or not v[2]]
+    return [_block_case(lb, shape, size, mode, dtype, device) for shape in size.shapes for mode in MODES for lb in labels]
+
+
+# ----------------------------------------------------------------------------------------------------
+# models: STDiT vs DiT vs Latte training step across frame counts
+# ----------------------------------------------------------------------------------------------------
+
+
+def _model_case(op: str, backend: str, shape: VideoShape, size: Size, dtype, device) -> Case:
+    from stdit.models import DiT, Latte, STDiT
+
+    cls = {"STDiT": STDiT, "DiT": DiT, "Latte": Latte}[op]
+    cfg = dict(size.model_preset)
+    T, Hl, Wl = shape.latent
+    B, L = shape.batch, cfg["model_max_length"]
+    checkpoint = shape.tokens >= 32768  # what fits: Open-Sora trained 64x512 with checkpointing
+    cost = costs.model_cost(
+        op.lower(), frames=shape.frames, height=shape.resolution, width=shape.resolution, batch=B, text_len=L,
+        mode="train_step", checkpoint=checkpoint, elem_bytes=costs.dtype_bytes(dtype),
+        depth=cfg["depth"], hidden=cfg["hidden_size"], heads=cfg["num_heads"],
+        caption_channels=cfg["caption_channels"],
+    )  # fmt: skip
+
+    def build(dev: torch.device) -> Callable[[], object]:
+        torch.manual_seed(0)
+        model = cls(input_size=(T, Hl, Wl), attention_backend=backend, checkpoint=checkpoint, **cfg)
+        model = model.to(dev, dtype).train()
+        model.y_embedder.uncond_prob = 0.0  # no random caption drop: every step does the same work
+        x = _randn((B, 4, T, Hl, Wl), dev, dtype, 1)
+        t = torch.randint(0, 1000, (B,), device=dev)
+        y = _randn((B, 1, L, cfg["caption_channels"]), dev, dtype, 2)
+        mask = torch.ones(B, L, dtype=torch.int64, device=dev)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step():
+            out = model(x, t, y, mask)
+            return torch.autograd.grad(out.float().square().mean(), params)
+
+        return step
+
+    skip = _backend_skip(backend, device, "fwd+bwd")
+    dims = dict(B=B, T=T, S=shape.tokens_per_frame, N=shape.tokens, C=cfg["hidden_size"], depth=cfg["depth"],
+                H=cfg["num_heads"], L=L, checkpoint=checkpoint)  # fmt: skip
+    return Case("models", op, backend, backend == "triton", shape, "train_step", dtype, dims, build, cost,
+                skip=skip, tokens=shape.tokens)  # fmt: skip
+
+
+def models_suite(size: Size, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    backends = ["triton", "sdpa"] if device.type == "cuda" else ["sdpa"]
+    return [_model_case(op, b, shape, size, dtype, device) for b in backends for shape in size.model_sweep for op in MODEL_OPS]
+
+
+SUITES: dict[str, Callable[[Size, torch.device, torch.dtype], list[Case]]] = {
+    "kernels": kernels_suite,
+    "fused": fused_suite,
+    "blocks": blocks_suite,
+    "models": models_suite,
+}
+
+
+def build_cases(suites, size: str, device: torch.device, dtype: torch.dtype | None = None, only: str | None = None) -> list[Case]:
+    """The cases of the named suites at a size preset; ``only``: keep case ids containing it."""
+    if isinstance(suites, str):
+        suites = [s for s in suites.split(",") if s]
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown or not suites:
+        raise ValueError(f"suite: unknown suite(s) {unknown or suites}; expected some of {list(SUITES)}")
+    if size not in SIZES:
+        raise ValueError(f"size: unknown size {size!r}; expected one of {list(SIZES)}")
+    dtype = dtype or default_dtype(device)
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype: expected one of {list(DTYPE_NAMES.values())}, got {dtype}")
+    cases = [c for s in suites for c in SUITES[s](SIZES[size], device, dtype)]
+    if only:
+        cases = [c for c in cases if only in c.id]
+    return cases
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    by_name = {v: k for k, v in DTYPE_NAMES.items()}
+    if name not in by_name:
+        raise ValueError(f"dtype: unknown dtype {name!r}; expected one of {list(by_name)}")
+    return by_name[name]
+

@@ -1,0 +1,130 @@
+"""Timing that is right for the device it runs on.
+
+CUDA: CUDA events around each call (device time, not host time of an asynchronous launch), warm-up
+calls first that absorb compilation and autotuning, the L2 cache flushed before every timed call
+(a 256 MiB buffer is zeroed: larger than any current GPU's L2), the median with p20/p80 over the
+repetitions, the peak memory allocated during a call, and an optional CUDA-graph mode that replays
+a captured call (for microsecond-scale kernels where launch overhead would dominate).
+
+CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (which sizes blocks of calls so timer
+resolution does not matter), median / p20 / p80 over its blocks.
+
+Nothing here times interpreted Triton: the runner marks such rows "not timed" before reaching it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.utils.benchmark as tbench
+
+L2_FLUSH_BYTES = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+    peak_mem_mb: float | None = None
+    note: str = ""
+
+
+def _quantiles(times_ms: list[float], reps: int, peak: float | None = None, note: str = "") -> Timing:
+    a = np.asarray(times_ms, dtype=np.float64)
+    p20, med, p80 = np.percentile(a, [20, 50, 80])
+    return Timing(float(med), float(p20), float(p80), reps, peak, note)
+
+
+def time_cpu(fn: Callable[[], object], *, min_run_time: float = 0.5, warmup: int = 1) -> Timing:
+    """Median/p20/p80 of ``fn()`` on the CPU via torch.utils.benchmark (blocked autorange)."""
+    for _ in range(warmup):
+        fn()
+    # Timer defaults to one thread; time with the threads torch would really use.
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    times_ms = [t * 1e3 for t in m.times]
+    return _quantiles(times_ms, m.number_per_run * len(m.times))
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    return torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+
+
+def time_cuda(
+    fn: Callable[[], object],
+    device: torch.device | str = "cuda",
+    *,
+    target_s: float = 1.0,
+    min_reps: int = 5,
+    max_reps: int = 200,
+    warmup_s: float = 0.25,
+    flush_l2: bool = True,
+    cuda_graph: bool = False,
+) -> Timing:
+    """Device time of ``fn()`` with CUDA events (see the module docstring)."""
+    device = torch.device(device)
+    with torch.cuda.device(device):
+        # Warm-up: at least two calls (the first compiles / autotunes), then until warmup_s has passed.
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        calls = 0
+        while calls < 2 or time.perf_counter() - start < warmup_s:
+            fn()
+            torch.cuda.synchronize()
+            calls += 1
+            if calls >= 50:
+                break
+        est_s = (time.perf_counter() - start) / calls
+        torch.cuda.reset_peak_memory_stats(device)  # peak of one call, before the flush buffer exists
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device) / 1024**2
+
+        note = ""
+        run = fn
+        if cuda_graph:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    fn()  # warm the side stream's allocator pool
+                torch.cuda.current_stream().wait_stream(side)
+                with torch.cuda.graph(graph):
+                    fn()
+                run = graph.replay
+                note = "cuda graph"
+            except Exception as e:  # not capturable (host sync, dynamic allocation): time eagerly
+                note = f"cuda graph failed ({type(e).__name__}); timed eagerly"
+                run = fn
+
+        reps = int(min(max_reps, max(min_reps, math.ceil(target_s / max(est_s, 1e-6)))))
+        flush = _flush_buffer(device) if flush_l2 else None
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        torch.cuda.synchronize()
+        for i in range(reps):
+            if flush is not None:
+                flush.zero_()
+            starts[i].record()
+            run()
+            ends[i].record()
+        torch.cuda.synchronize()
+        del flush
+        times_ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return _quantiles(times_ms, reps, peak, note)
+
+
+def measure(fn: Callable[[], object], device: torch.device | str, *, quick: bool = False, cuda_graph: bool = False) -> Timing:
+    """Time ``fn`` on ``device`` with the right clock; ``quick`` shortens the run (CPU smoke runs)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return time_cuda(fn, device, target_s=0.3 if quick else 1.0, cuda_graph=cuda_graph)
+    return time_cpu(fn, min_run_time=0.2 if quick else 0.5)

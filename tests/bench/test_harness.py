@@ -1,0 +1,195 @@
+"""The benchmark harness: results files, suites, the runner's statuses, CPU timing, the CLI and the
+pytest-benchmark front end. Timings are never asserted (they are measurements, not tests)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stdit.bench import results
+from stdit.bench.run import run_cases
+from stdit.bench.suites import SIZES, Case, VideoShape, build_cases
+from stdit.bench.timing import time_cpu
+
+REPO = Path(__file__).resolve().parents[2]
+CPU = torch.device("cpu")
+
+
+def _row(**kw):
+    base = dict(suite="kernels", op="spatial_attention", backend="sdpa", shape="4x64x64", mode="fwd",
+                dtype="fp32", device="cpu", status="ok", median_ms=1.0)  # fmt: skip
+    return results.new_row(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------------------------------------
+# results files
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_upsert_replaces_same_key_and_appends_others(tmp_path):
+    path = tmp_path / "r.jsonl"
+    results.upsert_rows(path, [_row(), _row(backend="reference")])
+    results.upsert_rows(path, [_row(median_ms=2.0), _row(mode="fwd+bwd")])
+    rows = results.read_rows(path)
+    assert [(r["backend"], r["mode"], r["median_ms"]) for r in rows] == [
+        ("sdpa", "fwd", 2.0), ("reference", "fwd", 1.0), ("sdpa", "fwd+bwd", 1.0)
+    ]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]  # no temporary files left
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"stdit_results": 1}\n{"suite": "kernels"\n', r"r.jsonl:2: not valid JSON"),
+        ('{"stdit_results": 0}\n', r"schema version 0; this stdit reads schema 1"),
+        ('{"op": "x"}\n', r"no stdit results header"),
+        ('{"stdit_results": 1}\n{"suite": "kernels"}\n', r"r.jsonl:2: columns do not match schema 1"),
+        ("not json at all\n", r"r.jsonl:1: not valid JSON"),
+    ],
+)
+def test_corrupt_or_foreign_results_are_refused(tmp_path, content, message):
+    path = tmp_path / "r.jsonl"
+    path.write_text(content)
+    with pytest.raises(results.ResultsError, match=message):
+        results.read_rows(path)
+    with pytest.raises(results.ResultsError):  # and the runner refuses before measuring anything
+        run_cases([], CPU, path, progress=False)
+    assert path.read_text() == content  # never rewritten
+
+
+def test_new_row_rejects_unknown_columns():
+    with pytest.raises(ValueError, match=r"unknown columns \['speed'\]"):
+        results.new_row(speed=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# suites
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_suite_names_are_checked():
+    with pytest.raises(ValueError, match=r"suite: unknown suite\(s\) \['kernel'\]; expected some of \['kernels'"):
+        build_cases("kernel", "tiny", CPU)
+    with pytest.raises(ValueError, match=r"size: unknown size 'huge'; expected one of \['full', 'quick', 'tiny'\]"):
+        build_cases("kernels", "huge", CPU)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_cases_are_unique_and_costed(size):
+    cases = build_cases("kernels,fused,blocks,models", size, CPU)
+    ids = [c.id for c in cases]
+    assert len(ids) == len(set(ids))
+    assert all(c.cost is not None and c.cost.flops >= 0 and c.cost.bytes > 0 for c in cases)
+    assert {c.suite for c in cases} == {"kernels", "fused", "blocks", "models"}
+    triton = [c for c in cases if c.backend in ("triton", "ours", "ours+compile")]
+    assert triton and all(c.skip and c.skip.startswith("not timed") for c in triton)  # CPU: interpreted
+
+
+def test_full_size_uses_opensora_shapes():
+    cases = build_cases("kernels", "full", CPU, only="spatial_attention-sdpa-")
+    assert {(c.shape.label, c.dims["B"], c.dims["S"], c.dims["H"], c.dims["D"]) for c in cases} == {
+        ("16x256x256", 8, 256, 16, 72), ("16x512x512", 8, 1024, 16, 72), ("64x512x512", 4, 1024, 16, 72)
+    }  # fmt: skip
+    sweep = build_cases("models", "full", CPU)
+    assert {c.shape.frames for c in sweep if c.shape.resolution == 256} == {16, 32, 64, 128}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the runner: one row per case, whatever happens
+# ---------------------------------------------------------------------------------------------------
+
+
+def _case(build, skip=None, backend="sdpa"):
+    from stdit.bench.costs import Cost
+
+    return Case("kernels", "spatial_attention", backend, False, VideoShape(4, 64, 1), "fwd", torch.float32,
+                {"B": 1}, build, Cost(1e6, 1e5), skip=skip, tokens=64)  # fmt: skip
+
+
+def test_runner_statuses(tmp_path):
+    def never(device):
+        raise AssertionError("a skipped case must not be built")
+
+    def oom(device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    def broken(device):
+        raise RuntimeError("kernel\nexploded")
+
+    def fine(device):
+        x = torch.randn(64, 64)
+        return lambda: x @ x
+
+    cases = [
+        _case(never, skip="not timed: interpreted", backend="triton"),
+        _case(oom, backend="flex"),
+        _case(broken, backend="reference"),
+        _case(fine, backend="sdpa:math"),
+    ]
+    path = tmp_path / "r.jsonl"
+    rows = run_cases(cases, CPU, path, quick=True, progress=False)
+    assert [r["status"] for r in rows] == ["not timed: interpreted", "oom", "error: RuntimeError: kernel exploded", "ok"]
+    ok = rows[-1]
+    assert ok["p20_ms"] <= ok["median_ms"] <= ok["p80_ms"] and ok["reps"] >= 1
+    assert ok["tflops"] == pytest.approx(1e6 / (ok["median_ms"] * 1e-3) / 1e12)
+    assert 0 < ok["pct_roofline"] and ok["peak_flops"] > 0 and ok["peak_source"]
+    assert ok["device_kind"] == "cpu" and ok["torch"] == torch.__version__ and ok["date"]
+    assert all(r["median_ms"] is None for r in rows[:3])
+    assert len(results.read_rows(path)) == 4
+
+
+def test_time_cpu_quantiles_are_ordered():
+    x = torch.randn(128, 128)
+    t = time_cpu(lambda: x @ x, min_run_time=0.05)
+    assert 0 < t.p20_ms <= t.median_ms <= t.p80_ms and t.reps >= 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line and pytest-benchmark
+# ---------------------------------------------------------------------------------------------------
+
+
+def _stdit(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "stdit", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_bench_writes_results_and_report(tmp_path):
+    out = tmp_path / "rep"
+    proc = _stdit("bench", "--size", "tiny", "--suite", "kernels,models", "--only=-sdpa-", "--quiet",
+                  "--results", str(out / "results.jsonl"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = results.read_rows(out / "results.jsonl")
+    assert {r["suite"] for r in rows} == {"kernels", "models"} and all(r["status"] == "ok" for r in rows)
+    readme = (out / "README.md").read_text()
+    assert "STDiT" in readme and "sdpa" in readme
+    assert list(out.glob("*.png"))
+
+
+def test_cli_bad_names_give_one_clear_line(tmp_path):
+    proc = _stdit("bench", "--suite", "kernels,nope", "--list")
+    assert proc.returncode == 2 and "suite: unknown suite(s) ['nope']" in proc.stderr and "Traceback" not in proc.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"stdit_results": 99}\n')
+    proc = _stdit("report", "--results", str(bad), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "schema version 99" in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_pytest_bench_writes_valid_benchmark_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--bench-size", "tiny",
+           "--bench-suite", "kernels", "-k", "temporal_attention and (sdpa- or triton-) and fwd-",
+           f"--benchmark-json={out}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {"machine_info", "commit_info", "benchmarks", "datetime", "version"} <= set(data)
+    (bench,) = data["benchmarks"]  # triton is skipped on CPU (interpreted), sdpa measured
+    assert bench["extra_info"]["backend"] == "sdpa" and bench["extra_info"]["flops"] > 0
+    assert 0 < bench["stats"]["min"] <= bench["stats"]["median"] <= bench["stats"]["max"]
+    compare = subprocess.run(
+        [sys.executable, "-m", "pytest_benchmark.cli", "compare", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert compare.returncode == 0, compare.stderr

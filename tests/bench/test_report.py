@@ -1,0 +1,327 @@
+"""stdit.bench.report: README tables, speedups, figures, and refusal of bad input."""
+
+import matplotlib
+import pytest
+
+from stdit.bench import report, results
+from stdit.bench.results import ResultsError, new_row
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+H100 = dict(
+    device="NVIDIA H100 80GB HBM3", device_kind="cuda", driver="570.1", torch="2.11.0", triton="3.6.0",
+    cuda="12.8", python="3.12.3", git_commit="abc1234", date="2026-11-25",
+    peak_flops=989e12, peak_bytes_per_s=3.35e12, peak_source="table: H100 SXM",
+)  # fmt: skip
+PUBLISHED = [
+    dict(setting="16x256", frames=16, resolution=256, flop_ratio=1.14, published_ratio=0.97,
+         published_dit_samples_per_s=7.20, published_stdit_samples_per_s=7.00),
+    dict(setting="16x512", frames=16, resolution=512, flop_ratio=2.13, published_ratio=1.71,
+         published_dit_samples_per_s=0.85, published_stdit_samples_per_s=1.45),
+    dict(setting="64x512", frames=64, resolution=512, flop_ratio=6.37, published_ratio=5.0,
+         published_dit_samples_per_s=0.08, published_stdit_samples_per_s=0.40),
+]  # fmt: skip
+
+
+def ok(suite, op, backend, shape, ms, *, ours=False, mode="fwd", dtype="bf16", env=H100, **kw):
+    return new_row(suite=suite, op=op, backend=backend, ours=ours, shape=shape, mode=mode, dtype=dtype,
+                   median_ms=ms, p20_ms=ms * 0.95, p80_ms=ms * 1.05, reps=20, status="ok", **env, **kw)  # fmt: skip
+
+
+def bad(suite, op, backend, shape, status, *, ours=False, mode="fwd", dtype="bf16", env=H100, **kw):
+    return new_row(suite=suite, op=op, backend=backend, ours=ours, shape=shape, mode=mode, dtype=dtype,
+                   status=status, **env, **kw)  # fmt: skip
+
+
+def gpu_rows():
+    s1, s2 = "B2 T16 S256", "B2 T16 S1024"
+    return [
+        # kernels: spatial attention, two shapes; sdpa 3.0/1.5 -> 2.00x, 4.0/1.0 -> 4.00x, geomean sqrt(8) = 2.83x
+        ok("kernels", "spatial_attention", "triton", s1, 1.5, ours=True, flops=4e9, bytes=2e7),
+        ok("kernels", "spatial_attention", "sdpa", s1, 3.0, flops=4e9, bytes=2e7),
+        ok("kernels", "spatial_attention", "flex", s1, 2.25, flops=4e9, bytes=2e7),
+        ok("kernels", "spatial_attention", "triton", s2, 1.0, ours=True, flops=6.4e10, bytes=8e7),
+        ok("kernels", "spatial_attention", "sdpa", s2, 4.0, flops=6.4e10, bytes=8e7),
+        bad("kernels", "spatial_attention", "flex", s2, "oom"),
+        bad("kernels", "spatial_attention", "flash_attn", s2, "unsupported: flash-attn not installed"),
+        ok("kernels", "temporal_attention", "triton", s1, 0.5, ours=True, mode="fwd+bwd", flops=1e8, bytes=4e7),
+        ok("kernels", "temporal_attention", "sdpa", s1, 0.6, mode="fwd+bwd", flops=1e8, bytes=4e7),
+        # fused: reference 0.9/0.3 = 3.00x, torch.compile 0.45/0.3 = 1.50x
+        ok("fused", "layernorm_modulate", "triton", s1, 0.3, ours=True, flops=1e7, bytes=3e7),
+        ok("fused", "layernorm_modulate", "reference", s1, 0.9, flops=1e7, bytes=3e7),
+        ok("fused", "layernorm_modulate", "torch.compile", s1, 0.45, flops=1e7, bytes=3e7),
+        bad("fused", "gated_residual", "triton", s1, "error: boom", ours=True),
+        ok("fused", "gated_residual", "reference", s1, 0.2),
+        # blocks: fastest ours is ours+compile 2.0; opensora 5.0 -> 2.50x, opensora+compile 3.0 -> 1.50x
+        ok("blocks", "stdit_block", "ours", "16x256x256", 2.5, ours=True, mode="fwd+bwd"),
+        ok("blocks", "stdit_block", "ours+compile", "16x256x256", 2.0, ours=True, mode="fwd+bwd"),
+        ok("blocks", "stdit_block", "opensora", "16x256x256", 5.0, mode="fwd+bwd"),
+        ok("blocks", "stdit_block", "opensora+compile", "16x256x256", 3.0, mode="fwd+bwd"),
+        # models: DiT/STDiT 16f: 110/100 = 1.10x; 64f: 500/100 = 5.00x (flops ratio 6.0)
+        *model_rows(),
+    ]
+
+
+def model_rows():
+    rows = []
+    for frames, stdit, dit, latte, fs, fd in ((16, 100.0, 110.0, 105.0, 1e12, 1.2e12), (64, 100.0, 500.0, 250.0, 1e12, 6e12)):
+        shape = f"{frames}x256x256"
+        kw = dict(mode="train_step", frames=frames, resolution=256, batch=4)
+        rows.append(ok("models", "STDiT", "ours", shape, stdit, flops=fs, **kw))
+        rows.append(ok("models", "DiT", "ours", shape, dit, flops=fd, **kw))
+        rows.append(ok("models", "Latte", "ours", shape, latte, **kw))
+    rows.append(bad("models", "DiT", "ours", "64x512x512", "oom", mode="train_step", frames=64, resolution=512, batch=4))
+    return rows
+
+
+def read_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 5000, (path, len(data))
+    return data
+
+
+@pytest.fixture(scope="module")
+def gpu_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu") / "report"
+    path = report.write_report(gpu_rows(), out, published=PUBLISHED)
+    return out, path.read_text(encoding="utf-8")
+
+
+def test_readme_sections_in_order(gpu_report):
+    out, text = gpu_report
+    assert (out / "README.md").exists()
+    assert text.splitlines()[2].startswith("# stdit benchmarks — NVIDIA H100 80GB HBM3")
+    heads = ["## Environment", "## How to read", "## Speedups of ours", "### kernels", "### fused", "### blocks",
+             "## Absolute numbers", "## Models: STDiT vs DiT", "## Figures", "## Status"]  # fmt: skip
+    pos = [text.index(h) for h in heads]
+    assert pos == sorted(pos)
+    assert "table: H100 SXM" in text  # peak source named
+    assert "not timed" not in text.lower()
+
+
+def test_speedup_values_and_geomean(gpu_report):
+    _, text = gpu_report
+    spd = text[text.index("## Speedups of ours") : text.index("## Absolute numbers")]
+    assert "| spatial_attention | B2 T16 S256 | fwd | bf16 | triton 1.5 ms | 2.00× | 1.50× |" in spd
+    assert "| spatial_attention | B2 T16 S1024 | fwd | bf16 | triton 1 ms | 4.00× |  |" in spd  # flex oom -> empty
+    gm = f"{(2.0 * 4.0 * 1.2) ** (1 / 3):.2f}×"  # sdpa over three cases: 2, 4, 0.6/0.5 -> 2.13x
+    assert f"{gm} (n=3)" in spd
+    assert "3.00×" in spd and "1.50× (n=1)" in spd  # fused: reference, torch.compile
+    assert "ours+compile 2 ms | 2.50× | 1.50× |" in spd  # blocks: fastest ours
+    assert "1 of 2 (op, shape, mode, dtype) cases have no ok row of ours" in spd  # gated_residual
+
+
+def test_summarize_headline():
+    s = report.summarize(gpu_rows())
+    assert s["devices"] == ["NVIDIA H100 80GB HBM3"]
+    assert s["n_rows"] == len(gpu_rows()) and s["n_not_ok"] == 4 and s["n_ok"] == s["n_rows"] - 4
+    assert s["status_counts"]["oom"] == 2 and not s["not_timed"]
+    gm = {(g["suite"], g["peer"]): g for g in s["geomean_speedup"]}
+    assert gm[("kernels", "sdpa")]["geomean"] == pytest.approx((2.0 * 4.0 * 1.2) ** (1 / 3))
+    assert gm[("kernels", "sdpa")]["n"] == 3
+    assert gm[("fused", "reference")]["geomean"] == pytest.approx(3.0)
+    assert gm[("blocks", "opensora")]["geomean"] == pytest.approx(2.5)
+    assert ("fused", "torch.compile") in gm and ("kernels", "flash_attn") not in gm
+    sv = s["stdit_vs_dit"]
+    assert sv["frames"] == 64 and len(sv["points"]) == 1
+    p = sv["points"][0]
+    assert p["dit_over_stdit"] == pytest.approx(5.0) and p["flop_ratio"] == pytest.approx(6.0)
+    assert p["dit_over_latte"] == pytest.approx(2.0) and p["resolution"] == 256
+
+
+def test_summary_paragraph_and_models_table(gpu_report):
+    _, text = gpu_report
+    intro = text[: text.index("## Environment")]
+    assert "4 not ok" in intro and "kernels: 2.13× over sdpa (n=3), 1.50× over flex (n=1);" in intro
+    assert "(64 frames): 5.00× at 256px" in intro
+    models = text[text.index("## Models") : text.index("## Figures")]
+    # 64 frames: samples/s = 4 / 0.1 s = 40; DiT/STDiT 5.00x; FLOP ratio 6.00x
+    row64 = next(line for line in models.splitlines() if line.startswith("| ours | bf16 | train_step | 4 | 64 | 256 |"))
+    assert "| 40 |" in row64 and "5.00×" in row64 and "6.00×" in row64 and "2.00×" in row64
+    row16 = next(line for line in models.splitlines() if line.startswith("| ours | bf16 | train_step | 4 | 16 | 256 |"))
+    assert "1.10×" in row16 and "16x256" in row16 and "0.97×" in row16  # matched published point
+    assert "| 64 | 512 |" in models and "oom" in models
+    assert "| 64x512 | 64 | 512 | 6.37× | 5.00× | 0.08 | 0.4 |" in models
+
+
+def test_environment_lists_distinct_values(tmp_path):
+    other = dict(H100, device="NVIDIA H200", driver=None, git_commit="def5678", peak_bytes_per_s=4.8e12, peak_source="table: H200")
+    rows = gpu_rows()[:5] + [ok("kernels", "cross_attention", "triton", "B2 L120", 0.2, ours=True, env=other, flops=1e8, bytes=1e6),
+                         ok("kernels", "cross_attention", "xformers", "B2 L120", 0.3, env=other, flops=1e8, bytes=1e6)]  # fmt: skip
+    text = report.write_report(rows, tmp_path, published=PUBLISHED).read_text()
+    assert "| git_commit | abc1234; def5678 |" in text
+    assert "| device | NVIDIA H100 80GB HBM3; NVIDIA H200 |" in text
+    assert "| driver | 570.1 |" in text  # None values are not listed
+    assert "| NVIDIA H200 | cross_attention | B2 L120 | fwd | bf16 | triton 0.2 ms |" in text  # device column
+    nodev = [new_row(**{**r, "device": None, "driver": None, "torch": None}) for r in gpu_rows()[:3]]
+    text = report.write_report(nodev, tmp_path / "nodev", published=[]).read_text()
+    assert "unknown device" in text and "| torch | — |" in text
+
+
+def test_figures_are_pngs_with_captions(gpu_report):
+    out, text = gpu_report
+    names = {"speedup_vs_frames.png", "roofline.png", "backends_kernels_spatial_attention_fwd.png",
+             "backends_kernels_temporal_attention_fwd_bwd.png", "backends_fused_layernorm_modulate_fwd.png",
+             "backends_fused_gated_residual_fwd.png", "backends_blocks_stdit_block_fwd_bwd.png"}  # fmt: skip
+    assert names <= {p.name for p in out.glob("*.png")}
+    for n in names:
+        read_png(out / n)
+        assert f"]({n})" in text
+    assert "![DiT/STDiT speedup vs frames — train_step, bf16, NVIDIA H100 80GB HBM3]" in text
+
+
+def test_figure_titles_name_op_mode_dtype_device():
+    figs, skipped = report.build_figures(gpu_rows(), published=PUBLISHED)
+    try:
+        assert not skipped
+        for f in figs:
+            t = f.fig.axes[0].get_title()
+            assert t.replace("\n", " ") == f.title and "bf16" in t and "NVIDIA H100 80GB HBM3" in t
+        by = {f.filename: f for f in figs}
+        t = by["backends_kernels_spatial_attention_fwd.png"].title
+        assert "spatial_attention" in t and "fwd" in t
+        ax = by["backends_kernels_spatial_attention_fwd.png"].fig.axes[0]
+        assert ax.get_yscale() == "linear"  # spread 4/1 is small
+        roof = by["roofline.png"].fig.axes[0]
+        assert roof.get_xscale() == "log" and roof.get_yscale() == "log"
+        assert any(line.get_label().startswith("roofline") for line in roof.get_lines())
+        sp = by["speedup_vs_frames.png"].fig.axes[0]
+        labels = [line.get_label() for line in sp.get_lines()]
+        assert any(lb.startswith("DiT/STDiT") for lb in labels) and any(lb.startswith("FLOP ratio") for lb in labels)
+        assert any(lb.startswith("DiT/Latte") for lb in labels)
+    finally:
+        for f in figs:
+            f.fig.clear()
+
+
+def cpu_rows():
+    cpu = dict(device="cpu", device_kind="cpu", torch="2.13.0", python="3.12.3", date="2026-11-25")
+    nt = "not timed: triton runs interpreted on CPU"
+    return [
+        bad("kernels", "spatial_attention", "triton", "B1 T4 S64", nt, ours=True, env=cpu),
+        ok("kernels", "spatial_attention", "sdpa", "B1 T4 S64", 0.8, env=cpu),
+        ok("kernels", "spatial_attention", "sdpa:math", "B1 T4 S64", 1.6, env=cpu),
+        ok("kernels", "spatial_attention", "reference", "B1 T4 S64", 200.0, env=cpu),
+        bad("fused", "layernorm_modulate", "triton", "B1 T4 S64", nt, ours=True, env=cpu),
+        bad("fused", "layernorm_modulate", "reference", "B1 T4 S64", "error: x", env=cpu),
+    ]
+
+
+def test_cpu_not_timed_falls_back_to_median_table(tmp_path):
+    text = report.write_report(cpu_rows(), tmp_path, published=PUBLISHED).read_text()
+    assert "Triton kernels ran under the CPU interpreter and were not timed" in text
+    assert "interpreted Triton is not a performance measurement" in text
+    end = text.index("## Speedups over Open-Sora") if "## Speedups over Open-Sora" in text else text.index("## Absolute")
+    spd = text[text.index("## Speedups of ours") : end]
+    assert "There are no speedups of ours in this suite: no row of ours ran ok" in spd
+    assert "`not timed: triton runs interpreted on CPU` ×1" in spd
+    assert "| spatial_attention | B1 T4 S64 | fwd | bf16 | 0.8 (0.76–0.84) | 1.6 (1.52–1.68) | 200 (190–210) |" in spd
+    assert "No backend ran ok in this suite." in spd  # fused
+    assert "×" not in spd.replace("` ×1", "").replace("` ×", "")
+    # skipped figures are listed; the spatial bar chart uses a log axis (spread 250x)
+    assert "`speedup_vs_frames.png`: no frame count" in text and "`roofline.png`: no ok row" in text
+    assert "`backends_fused_layernorm_modulate_fwd.png`: no ok measurement" in text
+    read_png(tmp_path / "backends_kernels_spatial_attention_fwd.png")
+    assert not (tmp_path / "roofline.png").exists()
+    s = report.summarize(cpu_rows())
+    assert s["not_timed"] and s["geomean_speedup"] == [] and s["ours_without_ok"] == ["kernels", "fused"]
+    assert s["stdit_vs_dit"] == {"frames": None, "points": []}
+    backend = matplotlib.get_backend()
+    figs, _ = report.build_figures(cpu_rows(), published=[])
+    assert figs[0].fig.axes[0].get_yscale() == "log"
+    assert matplotlib.get_backend() == backend  # the caller's backend is left alone (own Agg canvas)
+
+
+def test_status_table(gpu_report):
+    _, text = gpu_report
+    st = text[text.index("## Status") :]
+    assert "4 rows are not ok" in st
+    assert "| kernels | spatial_attention | flash_attn | B2 T16 S1024 | fwd | unsupported: flash-attn not installed |" in st
+    assert "| fused | gated_residual | triton | B2 T16 S256 | fwd | error: boom |" in st
+
+
+def test_reads_results_file_and_rejects_corrupt(tmp_path):
+    good = tmp_path / "r.jsonl"
+    results.write_rows(good, cpu_rows())
+    assert report.write_report(good, tmp_path / "a", published=[]).exists()
+    corrupt = tmp_path / "bad.jsonl"
+    corrupt.write_text(good.read_text() + "{not json\n")
+    with pytest.raises(ResultsError):
+        report.write_report(corrupt, tmp_path / "b", published=[])
+    assert not (tmp_path / "b" / "README.md").exists()
+    old = tmp_path / "old.jsonl"
+    old.write_text('{"stdit_results": 0}\n')
+    with pytest.raises(ResultsError, match="schema version 0"):
+        report.write_report(old, tmp_path / "c", published=[])
+    assert not (tmp_path / "c").exists()
+
+
+def test_empty_input_raises(tmp_path):
+    with pytest.raises(ValueError, match="rows: no results to report"):
+        report.write_report([], tmp_path / "x")
+    with pytest.raises(ValueError, match="rows: no results to report"):
+        report.summarize(tmp_path / "missing.jsonl")
+    with pytest.raises(ResultsError):
+        report.write_report([{"suite": "kernels"}], tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_leaves_foreign_files_alone(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "plot.png").write_bytes(b"user png")
+    report.write_report(cpu_rows(), tmp_path, published=[])
+    report.write_report(cpu_rows(), tmp_path, published=[])  # our own files are rewritten
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "plot.png").read_bytes() == b"user png"
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "README.md").write_text("# my notes\n")
+    with pytest.raises(FileExistsError):
+        report.write_report(cpu_rows(), user, published=[])
+    assert (user / "README.md").read_text() == "# my notes\n"
+    assert not list(user.glob("*.png"))
+    (user / "README.md").unlink()
+    (user / "backends_kernels_spatial_attention_fwd.png").write_bytes(PNG_MAGIC + b"someone else's")
+    with pytest.raises(FileExistsError):
+        report.write_report(cpu_rows(), user, published=[])
+    assert not (user / "README.md").exists()
+
+
+def test_markdown_table_escapes_and_aligns():
+    import pandas as pd
+
+    t = report.markdown_table(pd.DataFrame({"a": ["x|y", None], "n": [1.5, float("nan")]}))
+    assert t.splitlines() == ["| a | n |", "|---|---:|", "| x\\|y | 1.5 |", "|  |  |"]
+
+
+def test_format_summary_lines():
+    lines = report.format_summary(report.summarize(gpu_rows()))
+    assert "measurements: 25 (21 ok, 4 not ok)" in lines
+    assert "kernels: ours 2.13× vs sdpa (geomean of 3)" in lines
+    assert any(line.startswith("STDiT vs DiT train step at 64 frames 256px") and "5.00×" in line for line in lines)
+    assert any("not timed" in line for line in report.format_summary(report.summarize(cpu_rows())))
+
+
+def test_default_published_points_from_cost_model(tmp_path):
+    costs = pytest.importorskip("stdit.bench.costs")
+    if not hasattr(costs, "opensora_flop_ratios"):
+        pytest.skip("stdit.bench.costs.opensora_flop_ratios not available")
+    text = report.write_report(model_rows(), tmp_path).read_text()
+    models = text[text.index("## Models") : text.index("## Figures")]
+    assert "Open-Sora 1.0's published points" in models and "5.00×" in models
+    assert "published points are unavailable" not in text
+
+
+def test_speedups_over_opensora_path(tmp_path):
+    """Every backend against Open-Sora's path (reference / opensora) measured beside it."""
+    rows = [
+        ok("kernels", "temporal_attention", "reference", "B1 T4 S64", 4.0),
+        ok("kernels", "temporal_attention", "sdpa", "B1 T4 S64", 1.0),
+        bad("kernels", "temporal_attention", "triton", "B1 T4 S64", "not timed: interpreted", ours=True),
+        ok("blocks", "stdit_block", "opensora", "B1 T4 S64", 9.0),
+        ok("blocks", "stdit_block", "opensora-sdpa", "B1 T4 S64", 3.0),
+    ]
+    text = report.write_report(rows, tmp_path, published=[]).read_text()
+    sec = text[text.index("## Speedups over Open-Sora 1.0's path") : text.index("## Absolute numbers")]
+    assert "| temporal_attention | B1 T4 S64 | fwd | bf16 | 4 | 4.00× |" in sec
+    assert "| stdit_block | B1 T4 S64 | fwd | bf16 | 9 | 3.00× |" in sec
