@@ -126,5 +126,5 @@ def measure(fn: Callable[[], object], device: torch.device | str, *, quick: bool
     """Time ``fn`` on ``device`` with the right clock; ``quick`` shortens the run (CPU smoke runs)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return time_cuda(fn, device, target_s=0.3 if quick else 1.0, cuda_graph=cuda_graph)
+        return time_cuda(fn, device, target_s=0.3 if quick else 0.5, cuda_graph=cuda_graph)
     return time_cpu(fn, min_run_time=0.2 if quick else 0.5)
