@@ -1,0 +1,547 @@
+"""Video-text data pipeline for Open-Sora-style training: CSV -> decoded, cropped clips -> batches.
+
+CSV format
+----------
+One row per sample: the media ``path`` and its caption ``text``, optionally the video's frame count
+``num_frames``. Two layouts are accepted (``read_csv``):
+
+* with a header row naming the columns, in any order (``path``, ``text``, optional ``num_frames``; other
+  columns are ignored). A header is recognised by a cell that reads ``path``;
+* headerless ``path,text[,num_frames]`` -- what Open-Sora 1.0's ``DatasetFromCSV`` read (a plain
+  ``csv.reader``, ``row[0]`` path and ``row[1]`` caption, no header).
+
+Captions containing commas must be quoted (standard CSV; parsed with the ``csv`` module). Relative paths
+resolve against ``root`` (default: the CSV's folder). ``num_frames`` is only a hint for containers that do
+not report their frame count.
+
+Samples
+-------
+``VideoTextDataset[i]`` returns ``dict(video, text, path, index, num_frames)`` where ``video`` is a float32
+tensor (C=3, T, H, W) in [-1, 1]; T = ``num_frames`` for videos and T = 1 for images (``.png .jpg .jpeg
+.webp .bmp``; PixArt-style image training), whatever ``num_frames`` says.
+
+Temporal sampling (``sample_frame_indices``): T frames taken every ``frame_interval`` frames from a random
+start; every start whose clip fits is equally likely (Open-Sora 1.0's TemporalRandomCrop draws the start
+in ``[0, total - span - 1]`` and then spreads T indices over the window with ``linspace``, which gives
+uneven steps such as 3,3,3,3,3,3,3,4,...; we keep the stride exact). Short videos -- our decision:
+
+* ``total >= (T-1)*interval + 1``: exact stride ``frame_interval``;
+* else, if ``total >= T``: the largest stride that fits, ``(total-1) // (T-1)`` (>= 1), random start. The
+  clip stays uniformly spaced (constant apparent speed), it just covers less time. Open-Sora 1.0 also
+  shrinks the spacing here (linspace over the whole video);
+* else (``total < T``): all frames, then the last frame repeated to length T. Open-Sora 1.0 rejects such
+  videos (assertion, then retries a random other index); looping would insert a fake cut, a frozen tail is
+  the milder artefact, and the sample is still used.
+
+Spatial: the frame is scaled so that it covers ``image_size`` = (H, W) keeping its aspect (for a square
+target: the shorter side becomes the target), centre-cropped to (H, W) (the crop is taken first, in source
+pixels, then resized -- the same picture as resize-then-crop up to sub-pixel rounding, and cheaper),
+resized bilinearly with antialiasing, and mapped to [-1, 1] (x / 127.5 - 1).
+
+Randomness is a function of (seed, epoch, index) only (``set_epoch``), never of the worker or call order,
+so a sample is reproducible and changes from epoch to epoch. A user ``transform`` is applied to the final
+(C, T, H, W) tensor under a torch RNG seeded from the same triple.
+
+Bad files
+---------
+A missing, truncated, corrupt or otherwise unreadable file never stops the run: ``__getitem__`` warns
+(``BadSampleWarning``, naming the file and the error) and returns ``None``. ``collate_skip_bad`` drops the
+Nones and reports how many it dropped as ``batch["skipped"]``; a batch whose samples were all bad comes
+back as ``None`` (skip it). **Source of truth for the count**: the sum of ``batch["skipped"]`` over the
+batches, plus the size of each ``None`` batch (all of it was bad: ``batch_size``, or for the last batch
+of a ``drop_last=False`` epoch, what was left). ``count_skipped(batch, batch_size)`` does that sum's
+arithmetic. This works for any ``num_workers``; ``dataset.bad_files`` / ``dataset.num_bad`` are only
+filled in the process that ran ``__getitem__`` (so: only with ``num_workers=0``).
+
+Batches and mixed T
+-------------------
+Samples in one batch must share T. ``make_dataloader`` batches by kind (images, T = 1, apart from videos),
+so a CSV that mixes images and videos still works and every batch is single-kind (Open-Sora 1.0 used one
+kind per stage). ``collate_skip_bad`` given a mixed batch anyway (a hand-made DataLoader) keeps the most
+common T, warns, and reports the others as ``batch["dropped_mixed"]`` -- it never stacks unequal T.
+
+Resuming
+--------
+``make_dataloader`` uses ``ResumableBatchSampler``: the epoch's order is a deterministic permutation of
+(seed, epoch) (or the identity without shuffle), cut into batches (per kind). A checkpoint stores the data
+position as (epoch, batches consumed in that epoch); resume with ``dataset.set_epoch(epoch)`` and
+``make_dataloader(..., start_index=batches_consumed * batch_size)``: the loader then yields exactly the
+batches the interrupted run had not consumed yet, and later epochs start from 0. For a single-kind CSV
+``start_index`` may be any sample count (the rest of the permutation is served); with mixed kinds it must
+be a multiple of ``batch_size``. The sampler follows ``dataset.epoch``, so ``dataset.set_epoch(e)`` before
+each epoch drives both the order and the per-sample randomness (keep ``persistent_workers`` off -- it is,
+in ``make_dataloader`` -- so that workers see the new epoch).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = [
+    "IMAGE_EXTS",
+    "BadSampleWarning",
+    "CsvSample",
+    "read_csv",
+    "sample_frame_indices",
+    "center_crop_box",
+    "resize_center_crop",
+    "VideoTextDataset",
+    "collate_skip_bad",
+    "count_skipped",
+    "ResumableBatchSampler",
+    "make_dataloader",
+]
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# Tags keep the per-sample and the sampler random streams apart (numpy SeedSequence entropy).
+_TAG_SAMPLE = 0x5A3F1
+_TAG_ORDER = 0x0D3E2
+
+
+class BadSampleWarning(UserWarning):
+    """A sample was skipped because its file is missing or could not be decoded."""
+
+
+@dataclass(frozen=True)
+class CsvSample:
+    path: str  # resolved (absolute if root was)
+    text: str
+    num_frames: int | None  # the CSV's hint, None when absent / not a positive int
+
+    @property
+    def is_image(self) -> bool:
+        return is_image_path(self.path)
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    return os.path.splitext(str(path))[1].lower() in IMAGE_EXTS
+
+
+def _parse_frames(cell: str | None) -> int | None:
+    if cell is None:
+        return None
+    cell = cell.strip()
+    if not cell:
+        return None
+    try:
+        v = int(float(cell))
+    except ValueError:
+        return None
+    return v if v > 0 else None
+
+
+def read_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[CsvSample]:
+    """Parse an Open-Sora CSV (header with named columns in any order, or headerless path,text[,num_frames]).
+
+    Raises FileNotFoundError (csv_path) or ValueError (no path/text column, no rows).
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"csv_path: no such CSV file: {str(csv_path)!r}")
+    root_dir = Path(root) if root is not None else csv_path.parent
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise ValueError(f"csv_path: {str(csv_path)!r} has no rows; expected path,text[,num_frames] rows")
+    first = [c.strip().lower() for c in rows[0]]
+    if "path" in first:
+        cols = {name: i for i, name in reversed(list(enumerate(first)))}  # first occurrence wins
+        text_key = "text" if "text" in cols else ("caption" if "caption" in cols else None)
+        if text_key is None:
+            raise ValueError(f"csv_path: {str(csv_path)!r} has a header {rows[0]!r} without a 'text' column; "
+                             "expected columns path,text[,num_frames]")
+        ip, it, inf = cols["path"], cols[text_key], cols.get("num_frames")
+        body = rows[1:]
+        start_line = 2
+    else:
+        if len(rows[0]) < 2:
+            raise ValueError(f"csv_path: {str(csv_path)!r} row 1 is {rows[0]!r}; expected a header with "
+                             "path and text columns or headerless rows path,text[,num_frames]")
+        ip, it, inf = 0, 1, 2
+        body = rows
+        start_line = 1
+    out = []
+    for ln, row in enumerate(body, start_line):
+        if len(row) <= max(ip, it):
+            raise ValueError(f"csv_path: {str(csv_path)!r} row {ln} {row!r} has no path/text value; "
+                             "expected path,text[,num_frames]")
+        p = row[ip].strip()
+        if not p:
+            raise ValueError(f"csv_path: {str(csv_path)!r} row {ln} has an empty path")
+        path = p if os.path.isabs(p) else str(root_dir / p)
+        nf = _parse_frames(row[inf]) if inf is not None and inf < len(row) else None
+        out.append(CsvSample(path=path, text=row[it].strip(), num_frames=nf))
+    if not out:
+        raise ValueError(f"csv_path: {str(csv_path)!r} has a header but no data rows")
+    return out
+
+
+def sample_frame_indices(total: int, num_frames: int, frame_interval: int,
+                         rng: np.random.Generator) -> list[int]:
+    """Indices of the ``num_frames`` frames to take from a ``total``-frame video (see the module doc)."""
+    if total < 1:
+        raise ValueError(f"total: video has no frames ({total})")
+    n, step = num_frames, frame_interval
+    if n == 1:
+        return [int(rng.integers(0, total))]
+    span = (n - 1) * step + 1
+    if total < span:
+        if total >= n:
+            step = (total - 1) // (n - 1)
+            span = (n - 1) * step + 1
+        else:  # too short even at stride 1: all frames, then repeat the last one
+            return list(range(total)) + [total - 1] * (n - total)
+    start = int(rng.integers(0, total - span + 1))
+    return [start + k * step for k in range(n)]
+
+
+def center_crop_box(h: int, w: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, crop_h, crop_w) of the centred source region that, scaled keeping aspect, covers ``size``."""
+    th, tw = size
+    scale = max(th / h, tw / w)
+    ch = min(h, max(1, round(th / scale)))
+    cw = min(w, max(1, round(tw / scale)))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def resize_center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(T, 3, h, w) float in [0, 255] -> (T, 3, H, W): scale to cover (H, W) keeping aspect, centre crop,
+    antialiased bilinear resize."""
+    top, left, ch, cw = center_crop_box(frames.shape[-2], frames.shape[-1], size)
+    return _resize(frames[..., top:top + ch, left:left + cw], size)
+
+
+def _resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (T, 3, h, w) float to ``size``, antialiased when shrinking."""
+    h, w = frames.shape[-2:]
+    if (h, w) == tuple(size):
+        return frames
+    return F.interpolate(frames, size=tuple(size), mode="bilinear", align_corners=False,
+                         antialias=(h > size[0] or w > size[1]))
+
+
+def _check_pos_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive int (>= 1), got {value!r}")
+    return int(value)
+
+
+class _ShortRead(Exception):
+    def __init__(self, decoded: int):
+        super().__init__(f"stream ended after {decoded} frames")
+        self.decoded = decoded
+
+
+class VideoTextDataset(Dataset):
+    """Open-Sora-style video/image + caption dataset read from a CSV (see the module docstring)."""
+
+    def __init__(self, csv_path: str | os.PathLike, *, num_frames: int = 16, frame_interval: int = 3,
+                 image_size: Sequence[int] = (256, 256), root: str | os.PathLike | None = None,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0):
+        self.num_frames = _check_pos_int("num_frames", num_frames)
+        self.frame_interval = _check_pos_int("frame_interval", frame_interval)
+        if (isinstance(image_size, (str, bytes)) or not isinstance(image_size, Sequence) or len(image_size) != 2
+                or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0
+                           for s in image_size)):
+            raise ValueError(f"image_size: expected (H, W), two positive ints, got {image_size!r}")
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+        self.seed = int(seed)
+        if transform is not None and not callable(transform):
+            raise ValueError(f"transform: expected a callable or None, got {transform!r}")
+        self.transform = transform
+        if root is not None and not Path(root).is_dir():
+            raise FileNotFoundError(f"root: no such directory: {str(root)!r}")
+        self.csv_path = str(csv_path)
+        self.root = str(root) if root is not None else str(Path(csv_path).parent)
+        self.samples = read_csv(csv_path, root)
+        self.epoch = 0
+        self.bad_files: list[tuple[str, str]] = []  # (path, error) -- this process only
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch: expected a non-negative int, got {epoch!r}")
+        self.epoch = int(epoch)
+
+    @property
+    def num_bad(self) -> int:
+        return len(self.bad_files)
+
+    def group_key(self, index: int) -> int:
+        """The T a sample will have (1 for images, num_frames for videos): batches must share it."""
+        return 1 if self.samples[index].is_image else self.num_frames
+
+    def group_keys(self) -> list[int]:
+        return [self.group_key(i) for i in range(len(self))]
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The random stream of sample ``index`` in the current epoch."""
+        return np.random.default_rng([_TAG_SAMPLE, self.seed, self.epoch, int(index)])
+
+    # -- loading ---------------------------------------------------------------------------------
+    def __getitem__(self, index: int):
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        s = self.samples[index]
+        rng = self.rng(index)
+        try:
+            if not os.path.exists(s.path):
+                raise FileNotFoundError(f"no such file: {s.path}")
+            if s.is_image:
+                frames = self._load_image(s.path)
+            else:
+                frames = self._load_video(s.path, s.num_frames, rng)
+            video = self._to_tensor(frames)
+            if self.transform is not None:
+                tseed = int(rng.integers(0, 2**63 - 1))
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(tseed)
+                    video = self.transform(video)
+        except Exception as e:  # noqa: BLE001 -- any failure of one file must not stop training
+            msg = f"{type(e).__name__}: {e}"
+            self.bad_files.append((s.path, msg))
+            warnings.warn(f"VideoTextDataset: skipping sample {index} ({s.path}): {msg}", BadSampleWarning,
+                          stacklevel=2)
+            return None
+        return {"video": video, "text": s.text, "path": s.path, "index": index, "num_frames": video.shape[1]}
+
+    @staticmethod
+    def _load_image(path: str) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.load()
+            arr = np.array(im.convert("RGB"))  # writable copy
+        return arr[None]  # (1, h, w, 3)
+
+    def _load_video(self, path: str, hint: int | None, rng: np.random.Generator) -> np.ndarray:
+        import av
+
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            total = container.streams.video[0].frames or hint or 0
+        if total <= 0:  # container does not say and the CSV does not either: count packets
+            total = self._count_frames(path)
+        idx = sample_frame_indices(total, self.num_frames, self.frame_interval, rng)
+        try:
+            return self._decode(path, idx)
+        except _ShortRead as e:  # metadata promised more frames than the file holds (e.g. cut short)
+            if e.decoded < 1:
+                raise RuntimeError("no decodable video frames") from None
+            idx = sample_frame_indices(e.decoded, self.num_frames, self.frame_interval, rng)
+            return self._decode(path, idx)
+
+    @staticmethod
+    def _count_frames(path: str) -> int:
+        import av
+
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            n = sum(1 for p in container.demux(stream) if p.size)
+        if n < 1:
+            raise RuntimeError("video has no frames")
+        return n
+
+    @staticmethod
+    def _decode(path: str, indices: list[int]) -> np.ndarray:
+        """Decode sequentially up to the last needed frame; keep only the needed ones."""
+        import av
+
+        wanted = sorted(set(indices))
+        last = wanted[-1]
+        got: dict[int, np.ndarray] = {}
+        k = -1
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            want = set(wanted)
+            for k, frame in enumerate(container.decode(stream)):
+                if k in want:
+                    got[k] = frame.to_ndarray(format="rgb24")
+                if k >= last:
+                    break
+        if last not in got:
+            raise _ShortRead(k + 1)
+        return np.stack([got[i] for i in indices])
+
+    def _to_tensor(self, frames: np.ndarray) -> torch.Tensor:
+        """(T, h, w, 3) uint8 -> (3, T, H, W) float32 in [-1, 1]. The crop is cut in uint8 and the float
+        resize runs a few frames at a time, so a 1080p clip never exists as a full-size float tensor."""
+        t, h, w, _ = frames.shape
+        top, left, ch, cw = center_crop_box(h, w, self.image_size)
+        crop = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + ch, left:left + cw]))
+        out = torch.empty((t, 3) + self.image_size, dtype=torch.float32)
+        step = max(1, (4 * 1024 * 1024) // max(1, ch * cw * 3))  # ~16 MB of float32 per chunk
+        for i in range(0, t, step):
+            x = crop[i:i + step].permute(0, 3, 1, 2).float()
+            out[i:i + step] = _resize(x, self.image_size)
+        out.div_(127.5).sub_(1.0).clamp_(-1.0, 1.0)
+        return out.permute(1, 0, 2, 3).contiguous()
+
+
+def collate_skip_bad(batch: list):
+    """Drop ``None`` samples, stack the rest; ``None`` if nothing is left (see the module docstring).
+
+    Returns dict(video=(B, 3, T, H, W), text=list, path=list, index=LongTensor(B), num_frames=T,
+    skipped=#bad samples dropped, dropped_mixed=#good samples dropped because their T differed).
+    """
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None
+    ts = [b["video"].shape[1] for b in good]
+    dropped_mixed = 0
+    if len(set(ts)) > 1:
+        counts = Counter(ts)
+        keep_t = max(counts, key=lambda t: (counts[t], t))
+        dropped_mixed = len(good) - counts[keep_t]
+        warnings.warn(f"collate_skip_bad: batch mixes T={sorted(counts)}; kept the {counts[keep_t]} samples with "
+                      f"T={keep_t}, dropped {dropped_mixed} (use make_dataloader, which batches by kind)",
+                      RuntimeWarning, stacklevel=2)
+        good = [b for b in good if b["video"].shape[1] == keep_t]
+    return {
+        "video": torch.stack([b["video"] for b in good]),
+        "text": [b["text"] for b in good],
+        "path": [b["path"] for b in good],
+        "index": torch.tensor([b["index"] for b in good], dtype=torch.long),
+        "num_frames": good[0]["video"].shape[1],
+        "skipped": skipped,
+        "dropped_mixed": dropped_mixed,
+    }
+
+
+def count_skipped(batch, batch_size: int) -> int:
+    """Bad samples in one collated batch: ``batch["skipped"]``, or ``batch_size`` for a ``None`` batch
+    (exact except for the short last batch of a ``drop_last=False`` epoch, where it is an upper bound)."""
+    return batch_size if batch is None else int(batch["skipped"])
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Deterministic, resumable batches: permutation of (seed, epoch), cut into per-group batches.
+
+    ``group_keys[i]`` is the group of sample i (samples of one group share T); a batch never mixes groups.
+    Walking the epoch's order, each sample joins its group's pending batch, which is emitted when full;
+    with ``drop_last=False`` the pending partial batches follow at the end. ``start_index`` (samples, see
+    the module docstring) applies to the first pass only. The epoch is ``epoch_source()`` when given,
+    else the value of ``set_epoch``.
+    """
+
+    def __init__(self, group_keys: Sequence, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = True, start_index: int = 0, epoch: int = 0,
+                 epoch_source: Callable[[], int] | None = None):
+        self.batch_size = _check_pos_int("batch_size", batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+        if isinstance(start_index, bool) or not isinstance(start_index, (int, np.integer)) or start_index < 0:
+            raise ValueError(f"start_index: expected a non-negative int (samples consumed), got {start_index!r}")
+        self.group_keys = list(group_keys)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.start_index = int(start_index)
+        self._epoch = int(epoch)
+        self.epoch_source = epoch_source
+        single = len(set(self.group_keys)) <= 1
+        if not single and self.start_index % self.batch_size:
+            raise ValueError(f"start_index: with images and videos batched separately it must be a multiple of "
+                             f"batch_size={self.batch_size} (batches consumed * batch_size), got {start_index}")
+
+    @property
+    def epoch(self) -> int:
+        return int(self.epoch_source()) if self.epoch_source is not None else self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = int(epoch)
+
+    def order(self, epoch: int | None = None) -> list[int]:
+        """The epoch's sample order (before batching)."""
+        epoch = self.epoch if epoch is None else epoch
+        n = len(self.group_keys)
+        if not self.shuffle:
+            return list(range(n))
+        return np.random.default_rng([_TAG_ORDER, self.seed, int(epoch)]).permutation(n).tolist()
+
+    def _batches(self, order: list[int]) -> list[list[int]]:
+        pending: dict = {}
+        out = []
+        for i in order:
+            b = pending.setdefault(self.group_keys[i], [])
+            b.append(i)
+            if len(b) == self.batch_size:
+                out.append(b)
+                pending[self.group_keys[i]] = []
+        if not self.drop_last:
+            out.extend(b for b in pending.values() if b)
+        return out
+
+    def _current(self) -> list[list[int]]:
+        order = self.order()
+        if self.start_index == 0:
+            return self._batches(order)
+        if len(set(self.group_keys)) <= 1:
+            return self._batches(order[self.start_index:])
+        return self._batches(order)[self.start_index // self.batch_size:]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._current()
+        self.start_index = 0  # later passes (epochs) start from the beginning
+        yield from batches
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+
+class _DatasetEpoch:
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __call__(self) -> int:
+        return int(getattr(self.dataset, "epoch", 0))
+
+
+def make_dataloader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, num_workers: int = 0,
+                    seed: int = 0, drop_last: bool = True, start_index: int = 0,
+                    pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over ``dataset`` with deterministic, resumable, kind-grouped batches.
+
+    Order: a permutation of (seed, dataset.epoch) (identity when ``shuffle=False``); batches never mix T
+    (``dataset.group_key``; a dataset without it is one group). ``start_index`` = samples of the current
+    epoch already consumed (= batches consumed * batch_size) -- the loader serves the rest, then later
+    epochs whole; call ``dataset.set_epoch(e)`` before each epoch. Collation is ``collate_skip_bad`` (a
+    batch may be ``None``: skip it). The loader's generator is seeded with ``seed`` (worker base seeds);
+    the data's randomness does not depend on it.
+    """
+    if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
+        raise ValueError(f"num_workers: expected an int >= 0, got {num_workers!r}")
+    if hasattr(dataset, "group_key"):
+        keys = [dataset.group_key(i) for i in range(len(dataset))]
+    else:
+        keys = [0] * len(dataset)
+    sampler = ResumableBatchSampler(keys, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                    start_index=start_index, epoch_source=_DatasetEpoch(dataset))
+    gen = torch.Generator()
+    gen.manual_seed(int(seed))
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=int(num_workers),
+                      collate_fn=collate_skip_bad, generator=gen, pin_memory=pin_memory,
+                      persistent_workers=False)
