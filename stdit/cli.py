@@ -1,4 +1,4 @@
-"""The `stdit` command: `stdit bench`, `stdit report`, `stdit info`, `stdit inspect`."""
+"""The `stdit` command: `stdit bench`, `stdit report`, `stdit train`, `stdit sample`, `stdit info`, `stdit inspect`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     add_report_parser(sub)
+    from stdit.train.cli import add_train_parsers
+
+    add_train_parsers(sub)
 
     p = sub.add_parser("info", help="devices, versions and which attention backends can run here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileExistsError) as e:  # bad input: one clear line, no traceback
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         parser.exit(2, f"stdit {args.command}: error: {e}\n")
 
 

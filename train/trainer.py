@@ -1,0 +1,392 @@
+"""One training stage of Open-Sora's recipe, and chains of stages.
+
+``train_stage(config)`` runs one stage from a :mod:`stdit.train.config` file:
+
+1. seeds every RNG, picks the device (CUDA when present unless the config says otherwise);
+2. builds the encoders (VAE per frame, T5 text; "tiny" random ones built in code for demos/tests,
+   or local weight directories) and the model (a preset with the data's latent size, the text
+   encoder's width, the configured attention backend, fused ops and activation checkpointing);
+3. initialises from ``stage.init_from``: a previous stage's run (its latest checkpoint's EMA
+   weights, as Open-Sora initialised each stage from the last one's EMA) or ``pixart:FILE`` (a
+   PixArt-alpha state dict mapped into STDiT's spatial part); fixed sin-cos buffers whose shape
+   changed (another frame count or resolution) are rebuilt, and ``stage.zero_temporal`` zeroes
+   ``attn_temp.proj`` so the video model starts as the image model;
+4. resumes automatically from ``run.out_dir``'s latest complete checkpoint (model, EMA, optimizer,
+   step, RNG states, data position), so a killed run continues the same loss trajectory;
+5. trains: IDDPM loss (stdit.train.diffusion) at uniformly drawn timesteps, AdamW (fused on CUDA;
+   apex FusedAdam when asked for and installed), grad-norm clipping, EMA, bf16 autocast on GPU;
+   logs loss, samples/s, tokens/s and memory to ``out_dir/log.csv`` with a progress bar;
+   checkpoints atomically every ``ckpt_every`` steps and at the end.
+
+Data come either from a CSV of videos/images encoded online every step (what Open-Sora 1.0 did) or
+from a ``stdit prepare`` cache of latents and text embeddings (encode once).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import ConfigError, StageConfig, load_config
+
+LOG_COLUMNS = ("step", "epoch", "loss", "mse", "vb", "grad_norm", "samples_per_s", "tokens_per_s", "mem_mb", "skipped")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"[run] device: {name!r} was asked for but torch sees no CUDA device")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_encoders(cfg: StageConfig, device: torch.device):
+    """(VideoVAE, TextEncoder) per cfg.encoders: "tiny" (random, built in code, seeded) or a local dir."""
+    from .encoders import TextEncoder, VideoVAE
+
+    e = cfg.encoders
+    if e.vae == "tiny":
+        vae = VideoVAE.tiny(seed=0)
+    else:
+        vae = VideoVAE.from_pretrained(e.vae)
+    vae.micro_batch_size = e.vae_micro_batch
+    if e.text == "tiny":
+        text = TextEncoder.tiny(seed=0, model_max_length=e.model_max_length)
+    else:
+        text = TextEncoder.from_pretrained(e.text, model_max_length=e.model_max_length)
+    return vae.to(device), text.to(device)
+
+
+def build_model(cfg: StageConfig, caption_channels: int, device: torch.device):
+    from stdit.models import from_preset
+
+    m, d = cfg.model, cfg.data
+    H, W = d.image_size
+    overrides = dict(
+        input_size=(d.num_frames, H // 8, W // 8), caption_channels=caption_channels,
+        model_max_length=cfg.encoders.model_max_length, class_dropout_prob=m.class_dropout_prob,
+        attention_backend=m.attention_backend, fused_ops=m.fused_ops, checkpoint=m.checkpoint,
+    )  # fmt: skip
+    for key in ("space_scale", "time_scale", "freeze"):
+        if getattr(m, key) is not None:
+            overrides[key] = getattr(m, key)
+    return from_preset(m.preset, **overrides).to(device)
+
+
+def load_pixart_into_stdit(model, state_dict: dict) -> None:
+    """PixArt-alpha weights into STDiT's spatial part (Open-Sora's stage 1 -> 2 initialisation).
+
+    PixArt's 2D patch conv (C, 4, 2, 2) becomes the (C, 4, 1, 2, 2) 3D conv; its fixed position
+    buffer is rebuilt; every other key must exist in STDiT with the same shape. STDiT's temporal
+    attention (absent in PixArt) keeps its initialisation (zero output projection).
+    """
+    sd = dict(state_dict.get("state_dict", state_dict))
+    w = sd.get("x_embedder.proj.weight")
+    if w is not None and w.dim() == 4:
+        sd["x_embedder.proj.weight"] = w.unsqueeze(2)
+    sd.pop("pos_embed", None)
+    own = model.state_dict()
+    wrong = [k for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    unexpected = [k for k in sd if k not in own]
+    missing = [k for k in own if k not in sd and not k.startswith("pos_embed") and ".attn_temp." not in k]
+    if wrong or unexpected or missing:
+        raise ValueError(
+            "init_from: not a PixArt-alpha state dict for this STDiT "
+            f"(shape mismatches {wrong[:4]}, unexpected {unexpected[:4]}, missing {missing[:4]})"
+        )
+    model.load_state_dict(sd, strict=False)
+
+
+def checkpoint_weights(ckpt: Path, *, prefer_ema: bool = True, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint directory: model.safetensors with the EMA averages laid
+    over it (the EMA tracks trainable parameters and buffers; frozen ones come from the model)."""
+    from .checkpoint import _load_safetensors
+
+    weights = {k: v for k, v in _load_safetensors(ckpt / "model.safetensors", device).items() if torch.is_tensor(v)}
+    ema_file = ckpt / "ema.safetensors"
+    if prefer_ema and ema_file.is_file():
+        for k, v in _load_safetensors(ema_file, device).items():
+            if k.startswith("shadow.") and torch.is_tensor(v) and k[len("shadow."):] in weights:
+                name = k[len("shadow."):]
+                weights[name] = v.to(weights[name].dtype)
+    return weights
+
+
+def init_from_previous(model, source: str, zero_temporal: bool) -> str:
+    """Load initial weights (see the module docstring); returns a description of what was loaded."""
+    from .checkpoint import latest_checkpoint
+
+    if source.startswith("pixart:"):
+        path = Path(source.removeprefix("pixart:"))
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from: no PixArt-alpha checkpoint at {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        load_pixart_into_stdit(model, sd)
+        what = f"PixArt-alpha weights from {path}"
+    else:
+        path = Path(source)
+        ckpt = path if (path / "meta.json").is_file() else latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"init_from: no complete checkpoint in {path}")
+        sd = checkpoint_weights(ckpt)
+        own = model.state_dict()
+        keep = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        # Only the fixed sin-cos tables may differ (another frame count or resolution): rebuilt here.
+        bad = [k for k in set(sd) ^ set(own) | {k for k in sd if k in own and k not in keep} if not k.startswith("pos_embed")]
+        if bad:
+            raise ValueError(f"init_from: {ckpt} does not fit this model (mismatched keys {sorted(bad)[:5]})")
+        model.load_state_dict(keep, strict=False)  # position tables keep this stage's sizes
+        what = f"EMA weights of {ckpt}"
+    if zero_temporal:
+        with torch.no_grad():
+            for block in getattr(model, "blocks", []):
+                if hasattr(block, "attn_temp"):
+                    block.attn_temp.proj.weight.zero_()
+                    block.attn_temp.proj.bias.zero_()
+        what += "; temporal attention output zeroed"
+    return what
+
+
+def build_optimizer(cfg: StageConfig, params, device: torch.device):
+    o = cfg.optim
+    if o.optimizer == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            raise ConfigError(
+                "[optim] optimizer = 'apex' needs NVIDIA apex, which is not on PyPI: build it from "
+                "https://github.com/NVIDIA/apex (pip install -v --no-build-isolation ...), or use 'adamw'"
+            ) from None
+        return FusedAdam(params, lr=o.lr, weight_decay=o.weight_decay, adam_w_mode=True)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=device.type == "cuda")
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    skipped: int
+
+
+class BatchSource:
+    """Batches of (latents, text features, mask), from a CSV encoded online or a prepare cache,
+    with a resumable data position (epoch, batches consumed in the epoch)."""
+
+    def __init__(self, cfg: StageConfig, vae, text, device: torch.device):
+        from .data import VideoTextDataset
+
+        d = cfg.data
+        self.cfg, self.vae, self.text, self.device = cfg, vae, text, device
+        if d.csv:
+            self.dataset = VideoTextDataset(
+                d.csv, num_frames=d.num_frames, frame_interval=d.frame_interval, image_size=tuple(d.image_size),
+                seed=cfg.run.seed,
+            )  # fmt: skip
+        else:
+            from .prepare import CachedLatentDataset
+
+            self.dataset = CachedLatentDataset(d.cached)
+        if len(self.dataset) < d.batch_size:
+            raise ConfigError(f"[data] batch_size {d.batch_size} is larger than the dataset ({len(self.dataset)} samples)")
+        self.epoch, self.batches_in_epoch = 0, 0
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+
+    def restore(self, pos: dict | None) -> None:
+        if pos:
+            self.epoch, self.batches_in_epoch = int(pos["epoch"]), int(pos["batches_in_epoch"])
+
+    def __iter__(self):
+        from .data import make_dataloader
+
+        d = self.cfg.data
+        while True:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
+            loader = make_dataloader(
+                self.dataset, d.batch_size, shuffle=True, num_workers=d.num_workers, seed=self.cfg.run.seed,
+                start_index=self.batches_in_epoch * d.batch_size,
+            )  # fmt: skip
+            if hasattr(self.dataset, "set_epoch") is False and hasattr(loader.batch_sampler, "set_epoch"):
+                loader.batch_sampler.set_epoch(self.epoch)
+            for raw in loader:
+                self.batches_in_epoch += 1
+                if raw is None:  # every sample of the batch was unreadable
+                    continue
+                yield self._encode(raw)
+            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+
+    @torch.no_grad()
+    def _encode(self, raw: dict) -> Batch:
+        if "latents" in raw:  # cached
+            lat, y, mask = raw["latents"], raw["y"], raw["mask"]
+        else:
+            lat = self.vae.encode(raw["video"].to(self.device))
+            y, mask = self.text.encode(list(raw["text"]))
+        return Batch(lat.to(self.device).float(), y.to(self.device).float(), mask.to(self.device),
+                     int(raw.get("skipped", 0)))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------------
+
+
+def _append_log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows after ``step`` (a resumed run rewrites them)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_steps: int | None = None) -> dict:
+    """Run (or resume) one stage; returns a summary (steps, first/last mean loss, paths).
+
+    ``max_steps`` stops early after that many steps of this invocation (tests, crash simulations).
+    """
+    from .checkpoint import EMA, latest_checkpoint, load_checkpoint, save_checkpoint
+    from .diffusion import IDDPM
+
+    if not isinstance(cfg, StageConfig):
+        cfg = load_config(cfg)
+    r = cfg.run
+    out = Path(r.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(r.device)
+    seed_everything(r.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and r.dtype == "bf16")
+
+    vae, text = build_encoders(cfg, device)
+    model = build_model(cfg, text.hidden_size, device)
+    ema = EMA(model, decay=cfg.optim.ema_decay)
+    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
+    diffusion = IDDPM()
+    source = BatchSource(cfg, vae, text, device)
+    log_path = out / "log.csv"
+
+    step, init_note = 0, "random init"
+    resume = latest_checkpoint(out)
+    if resume is not None:
+        meta = load_checkpoint(resume, model=model, ema=ema, optimizer=optimizer, map_location=str(device))
+        step = int(meta["step"])
+        source.restore(meta.get("data_position"))
+        _truncate_log(log_path, step)
+        init_note = f"resumed from {resume}"
+    else:
+        if cfg.stage.init_from:
+            init_note = init_from_previous(model, cfg.stage.init_from, cfg.stage.zero_temporal)
+            ema = EMA(model, decay=cfg.optim.ema_decay)  # the average starts from the loaded weights
+        seed_everything(r.seed)  # the run's randomness does not depend on how it was initialised
+    print(f"[{cfg.stage.name}] {init_note}; training to step {r.steps} on {device}", file=sys.stderr)
+
+    def checkpoint(at: int) -> Path:
+        return save_checkpoint(
+            out, step=at, model=model, ema=ema, optimizer=optimizer, data_position=source.position(),
+            extra={"config": cfg.to_dict(), "stage": cfg.stage.name}, keep_last=r.keep_last,
+        )  # fmt: skip
+
+    losses, t_last, done_here = [], time.perf_counter(), 0
+    model.train()
+    batches = iter(source)
+    bar = tqdm(total=r.steps, initial=step, desc=cfg.stage.name, unit="step", file=sys.stderr, disable=not progress)
+    window = {"samples": 0, "tokens": 0, "skipped": 0}
+    while step < r.steps and (max_steps is None or done_here < max_steps):
+        batch = next(batches)
+        x0 = batch.latents
+        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=device)
+        with autocast:
+            terms = diffusion.training_losses(model, x0, t, model_kwargs=dict(y=batch.y, mask=batch.mask))
+        loss = terms["loss"].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        ema.update(model)
+        step += 1
+        done_here += 1
+        losses.append(loss.item())
+        window["samples"] += x0.shape[0]
+        window["tokens"] += x0.shape[0] * math.prod(x0.shape[2:]) // 4  # patch tokens (2x2 patches)
+        window["skipped"] += batch.skipped
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if step % r.log_every == 0 or step == r.steps:
+            now = time.perf_counter()
+            dt = max(now - t_last, 1e-9)
+            mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+            _append_log(log_path, dict(
+                step=step, epoch=source.epoch, loss=f"{losses[-1]:.6f}", mse=f"{terms['mse'].mean().item():.6f}",
+                vb=f"{terms['vb'].mean().item():.6f}", grad_norm=f"{float(grad_norm):.4f}",
+                samples_per_s=f"{window['samples'] / dt:.3f}", tokens_per_s=f"{window['tokens'] / dt:.1f}",
+                mem_mb=f"{mem:.0f}" if mem is not None else "", skipped=window["skipped"],
+            ))  # fmt: skip
+            t_last, window = now, {"samples": 0, "tokens": 0, "skipped": 0}
+        if step % r.ckpt_every == 0 or step == r.steps:
+            checkpoint(step)
+    bar.close()
+    last = latest_checkpoint(out)
+    k = max(1, len(losses) // 5)
+    return {
+        "stage": cfg.stage.name, "step": step, "steps_this_run": done_here, "out_dir": str(out),
+        "checkpoint": str(last) if last else None, "init": init_note,
+        "loss_first": float(np.mean(losses[:k])) if losses else None,
+        "loss_last": float(np.mean(losses[-k:])) if losses else None,
+    }  # fmt: skip
+
+
+def train_chain(configs: list[str | Path], *, progress: bool = True) -> list[dict]:
+    """Run stages in order; a stage whose ``init_from`` is "previous" starts from the one before."""
+    loaded = [load_config(c) for c in configs]
+    summaries = []
+    for i, cfg in enumerate(loaded):
+        if cfg.stage.init_from == "previous":
+            if i == 0:
+                raise ConfigError(f"{cfg.source}: [stage] init_from = 'previous' but it is the first stage of the chain")
+            cfg.stage.init_from = loaded[i - 1].run.out_dir
+        summaries.append(train_stage(cfg, progress=progress))
+    return summaries
