@@ -13,7 +13,9 @@
    ``attn_temp.proj`` so the video model starts as the image model;
 4. resumes automatically from ``run.out_dir``'s latest complete checkpoint (model, EMA, optimizer,
    step, RNG states, data position), so a killed run continues the same loss trajectory;
-5. trains: IDDPM loss (stdit.train.diffusion) at uniformly drawn timesteps, AdamW (fused on CUDA;
+5. in an image stage (num_frames = 1) freezes the temporal attention, which stays at its zero
+   initialisation as in PixArt-alpha (so a following video stage starts as the image model);
+6. trains: IDDPM loss (stdit.train.diffusion) at uniformly drawn timesteps, AdamW (fused on CUDA;
    apex FusedAdam when asked for and installed), grad-norm clipping, EMA, bf16 autocast on GPU;
    logs loss, samples/s, tokens/s and memory to ``out_dir/log.csv`` with a progress bar;
    checkpoints atomically every ``ckpt_every`` steps and at the end.
@@ -303,6 +305,10 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
 
     vae, text = build_encoders(cfg, device)
     model = build_model(cfg, text.hidden_size, device)
+    if cfg.data.num_frames == 1:  # image stage (PixArt-alpha has no temporal attention): keep it at zero
+        for name, p in model.named_parameters():
+            if ".attn_temp." in name:
+                p.requires_grad_(False)
     ema = EMA(model, decay=cfg.optim.ema_decay)
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
     diffusion = IDDPM()

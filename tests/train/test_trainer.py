@@ -1,0 +1,202 @@
+"""Training stages end to end at debug size on generated data: resume after a crash continues the
+same trajectory bitwise, SIGKILL never costs a run, stage 2 starts as the stage-1 image model,
+corrupt files are skipped and counted, configs are validated, and sampling writes a video."""
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stdit.train.config import ConfigError, from_dict, load_config
+from stdit.train.trainer import build_model, checkpoint_weights, init_from_previous, load_pixart_into_stdit, train_stage
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from stdit.train.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    return make_synthetic_dataset(root, num_videos=6, num_images=2, frames=10, size=(32, 32), seed=1, corrupt=2)
+
+
+def _cfg(data, out, **over):
+    raw = {
+        "stage": {"name": "test"},
+        "model": {"preset": "STDiT-mini", "attention_backend": "reference"},
+        "data": {"csv": str(data), "num_frames": 4, "frame_interval": 2, "image_size": [32, 32], "batch_size": 2},
+        "encoders": {"model_max_length": 16},
+        "optim": {"lr": 1e-3, "ema_decay": 0.9},
+        "run": {"out_dir": str(out), "steps": 6, "seed": 3, "log_every": 1, "ckpt_every": 2},
+    }
+    for key, value in over.items():
+        table, _, name = key.partition("__")
+        raw[table][name] = value
+    return from_dict(raw)
+
+
+def _log(out: Path) -> list[dict]:
+    with (Path(out) / "log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _weights(out: Path) -> dict:
+    from stdit.train.checkpoint import latest_checkpoint
+
+    return load_file(str(latest_checkpoint(out) / "model.safetensors"))
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_continues_the_same_trajectory_bitwise(data, tmp_path):
+    full = train_stage(_cfg(data, tmp_path / "full"), progress=False)
+    assert full["step"] == 6
+    part = train_stage(_cfg(data, tmp_path / "part"), progress=False, max_steps=3)  # "crash" after step 3
+    assert part["step"] == 3
+    rest = train_stage(_cfg(data, tmp_path / "part"), progress=False)  # resumes from step 2's checkpoint
+    assert rest["init"].startswith("resumed from") and rest["step"] == 6
+    assert [r["loss"] for r in _log(tmp_path / "part")] == [r["loss"] for r in _log(tmp_path / "full")]
+    _assert_same_weights(_weights(tmp_path / "part"), _weights(tmp_path / "full"))
+
+
+def test_sigkill_at_random_moments_then_resume(data, tmp_path):
+    """Kill the training process with SIGKILL at random moments; every resume picks up the last
+    complete checkpoint, and the finished run equals an uninterrupted one bitwise."""
+    import tomllib  # noqa: F401  (configs are TOML files for the subprocess)
+
+    ref = train_stage(_cfg(data, tmp_path / "ref", run__steps=8), progress=False)
+    out = tmp_path / "killed"
+    cfg_file = tmp_path / "stage.toml"
+    cfg_file.write_text(
+        f"""[model]\npreset = "STDiT-mini"\nattention_backend = "reference"\n
+[data]\ncsv = "{data}"\nnum_frames = 4\nframe_interval = 2\nimage_size = [32, 32]\nbatch_size = 2\n
+[encoders]\nmodel_max_length = 16\n[optim]\nlr = 1e-3\nema_decay = 0.9\n
+[run]\nout_dir = "{out}"\nsteps = 8\nseed = 3\nlog_every = 1\nckpt_every = 1\n"""
+    )
+    rng = random.Random(7)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "stdit.train", "train", "--config", str(cfg_file), "--quiet"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+        time.sleep(rng.uniform(4.0, 9.0))  # start-up takes a few seconds; then steps and checkpoint writes
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        from stdit.train.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(out, verify=True)
+        assert last is None or (last / "meta.json").is_file()
+    done = train_stage(load_config(cfg_file), progress=False)
+    assert done["step"] == 8 and kills >= 1
+    _assert_same_weights(_weights(out), _weights(tmp_path / "ref"))
+    assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(tmp_path / "ref")]
+    assert ref["step"] == 8
+
+
+def test_stage2_starts_as_the_stage1_image_model(data, tmp_path):
+    """Stage 1 (T = 1) -> stage 2 (T = 4) with temporal attention zeroed: on single-frame input the
+    stage-2 model reproduces the stage-1 model's output, and on video every frame is the image model."""
+    s1 = _cfg(data, tmp_path / "s1", data__num_frames=1, run__steps=3)
+    train_stage(s1, progress=False)
+    s2 = _cfg(data, tmp_path / "s2", stage__init_from=str(tmp_path / "s1"), stage__zero_temporal=True)
+    from stdit.train.checkpoint import latest_checkpoint
+
+    image_model = build_model(s1, 32, torch.device("cpu"))
+    image_model.load_state_dict(checkpoint_weights(latest_checkpoint(tmp_path / "s1")))
+    video_model = build_model(s2, 32, torch.device("cpu"))
+    note = init_from_previous(video_model, s2.stage.init_from, zero_temporal=True)
+    assert "temporal attention output zeroed" in note
+    image_model.eval(), video_model.eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 4, 4, 4, generator=g)
+    t, y = torch.tensor([10, 500]), torch.randn(2, 1, 16, 32, generator=g)
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    with torch.no_grad():
+        torch.testing.assert_close(video_model(x[:, :, :1], t, y, mask), image_model(x[:, :, :1], t, y, mask))
+        per_frame = torch.cat([image_model(x[:, :, i : i + 1], t, y, mask) for i in range(4)], dim=2)
+        torch.testing.assert_close(video_model(x, t, y, mask), per_frame, rtol=1e-5, atol=1e-5)
+
+
+def test_pixart_state_dict_loads_into_the_spatial_part():
+    cfg = from_dict({"data": {"csv": "x.csv", "num_frames": 2, "image_size": [32, 32]}, "run": {"out_dir": "o"},
+                     "model": {"preset": "STDiT-mini"}, "encoders": {"model_max_length": 16}})  # fmt: skip
+    torch.manual_seed(0)
+    donor = build_model(cfg, 32, torch.device("cpu"))
+    pixart = {k: v for k, v in donor.state_dict().items() if ".attn_temp." not in k and not k.startswith("pos_embed_t")}
+    pixart["x_embedder.proj.weight"] = pixart["x_embedder.proj.weight"][:, :, 0]  # PixArt's 2D conv
+    model = build_model(cfg, 32, torch.device("cpu"))
+    load_pixart_into_stdit(model, pixart)
+    for k, v in donor.state_dict().items():
+        if ".attn_temp." not in k:
+            assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="init_from: not a PixArt-alpha state dict"):
+        load_pixart_into_stdit(model, {"foo": torch.zeros(1)})
+
+
+def test_corrupt_files_are_skipped_and_counted(data, tmp_path):
+    """The synthetic set has 2 broken entries; training finishes and the log counts skips."""
+    summary = train_stage(_cfg(data, tmp_path / "c", run__steps=12, data__batch_size=3), progress=False)
+    assert summary["step"] == 12
+    assert sum(int(r["skipped"]) for r in _log(tmp_path / "c")) >= 1
+
+
+def test_config_errors_name_table_and_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[optim\] unknown key 'learning_rate'; expected some of \['ema_decay'"):
+        from_dict({"optim": {"learning_rate": 1}, "data": {"csv": "a"}, "run": {"out_dir": "o"}})
+    with pytest.raises(ConfigError, match=r"unknown table\(s\) \['trainer'\]"):
+        from_dict({"trainer": {}})
+    with pytest.raises(ConfigError, match=r"\[data\] needs exactly one of csv"):
+        from_dict({"run": {"out_dir": "o"}})
+    with pytest.raises(ConfigError, match=r"\[run\] steps: expected a int, got 'ten'"):
+        from_dict({"data": {"csv": "a"}, "run": {"out_dir": "o", "steps": "ten"}})
+    with pytest.raises(ConfigError, match=r"image_size must be \[H, W\], positive multiples of 16"):
+        from_dict({"data": {"csv": "a", "image_size": [30, 30]}, "run": {"out_dir": "o"}})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\nout_dir = 1")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config: no such file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_demo_chain_and_sample_command(data, tmp_path):
+    """The CPU demo's shape, shortened: three chained stages from the command line, then a video."""
+    cfgs = []
+    for i, (frames, size, init) in enumerate([(1, 32, ""), (4, 32, "previous"), (4, 48, "previous")]):
+        path = tmp_path / f"s{i}.toml"
+        path.write_text(
+            f"""[stage]\nname = "s{i}"\ninit_from = "{init}"\nzero_temporal = {str(i == 1).lower()}\n
+[model]\npreset = "STDiT-mini"\n[data]\ncsv = "{data}"\nnum_frames = {frames}\nimage_size = [{size}, {size}]\nbatch_size = 2\n
+[encoders]\nmodel_max_length = 16\n[run]\nout_dir = "{tmp_path / f"run{i}"}"\nsteps = 2\nckpt_every = 2\n"""
+        )
+        cfgs += ["--config", str(path)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "stdit", "train", *cfgs, "--quiet"], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"step": 2') == 3
+    video = tmp_path / "v.mp4"
+    proc = subprocess.run([sys.executable, "-m", "stdit", "sample", "--checkpoint", str(tmp_path / "run2"), "--prompt",
+                           "a red circle moving left", "--out", str(video), "--steps", "3", "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import av
+
+    with av.open(str(video)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 4 and frames[0].shape == (48, 48, 3)
