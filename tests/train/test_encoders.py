@@ -1,0 +1,160 @@
+"""Frozen encoders: tiny random VAE / T5 built in code, offline reload from save_pretrained folders."""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from stdit.train.encoders import OPEN_SORA_SCALING_FACTOR, TextEncoder, VideoVAE  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return VideoVAE.tiny(seed=0)
+
+
+@pytest.fixture(scope="module")
+def t5():
+    return TextEncoder.tiny(seed=0, d_model=32, model_max_length=16)
+
+
+def _video(B=2, T=3, H=32, W=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, 3, T, H, W, generator=g) * 2 - 1
+
+
+# ------------------------------------------------------------------------------------------------- VAE
+
+
+def test_vae_frozen_eval(vae):
+    assert not vae.training and not vae.vae.training
+    assert all(not p.requires_grad for p in vae.parameters())
+    vae.train()
+    assert not vae.vae.training
+    assert vae.scaling_factor == OPEN_SORA_SCALING_FACTOR and vae.downsample == 8
+
+
+def test_vae_latent_shape_and_scaling(vae):
+    x = _video()
+    z = vae.encode(x, sample=False)
+    assert z.shape == (2, 4, 3, 4, 6)
+    assert not z.requires_grad
+    frames = x.permute(0, 2, 1, 3, 4).reshape(6, 3, 32, 48)
+    with torch.no_grad():
+        raw = vae.vae.encode(frames).latent_dist.mode()
+    ref = (raw * 0.18215).reshape(2, 3, 4, 4, 6).permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_vae_micro_batch_matches_one_batch(vae):
+    x = _video(B=2, T=5)
+    one = VideoVAE(vae.vae, micro_batch_size=64).encode(x, sample=False)
+    for mb in (1, 3):
+        got = VideoVAE(vae.vae, micro_batch_size=mb).encode(x, sample=False)
+        torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-6)
+
+
+def test_vae_sampling_deterministic_with_generator(vae):
+    x = _video()
+    a = vae.encode(x, generator=torch.Generator().manual_seed(3))
+    b = vae.encode(x, generator=torch.Generator().manual_seed(3))
+    c = vae.encode(x, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_vae_decode_round_trip_shape(vae):
+    x = _video(B=1, T=2)
+    z = vae.encode(x, sample=False)
+    y = vae.decode(z)
+    assert y.shape == x.shape
+    assert y.min() >= -1 and y.max() <= 1
+
+
+def test_vae_shape_errors(vae):
+    with pytest.raises(ValueError, match="videos"):
+        vae.encode(torch.zeros(3, 2, 16, 16))
+    with pytest.raises(ValueError, match="videos"):
+        vae.encode(torch.zeros(1, 3, 2, 12, 16))
+    with pytest.raises(ValueError, match="latents"):
+        vae.decode(torch.zeros(1, 3, 2, 2, 2))
+
+
+def test_vae_from_pretrained_offline(vae, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    vae.save_pretrained(tmp_path / "vae")
+    loaded = VideoVAE.from_pretrained(tmp_path / "vae", dtype=torch.float32, device="cpu")
+    x = _video(B=1, T=2)
+    torch.testing.assert_close(loaded.encode(x, sample=False), vae.encode(x, sample=False))
+    assert all(not p.requires_grad for p in loaded.parameters())
+
+
+def test_vae_missing_dir_guidance(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"sd-vae-ft-ema.*config\.json.*diffusion_pytorch_model\.safetensors"):
+        VideoVAE.from_pretrained(tmp_path / "nope")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="missing weights"):
+        VideoVAE.from_pretrained(tmp_path / "half")
+
+
+# ------------------------------------------------------------------------------------------------- T5
+
+
+def test_t5_shapes_and_mask(t5):
+    caps = ["a cat", "", "héllo", None]
+    y, mask = t5.encode(caps)
+    assert y.shape == (4, 1, 16, 32) and mask.shape == (4, 16) and mask.dtype == torch.int64
+    lens = [len("a cat".encode()) + 1, 1, len("héllo".encode()) + 1, 1]  # bytes + EOS
+    assert mask.sum(1).tolist() == lens
+    for row, n in zip(mask, lens):
+        assert row[:n].eq(1).all() and row[n:].eq(0).all()
+    assert torch.isfinite(y).all()
+    assert not t5.training and all(not p.requires_grad for p in t5.parameters())
+
+
+def test_t5_truncation_and_determinism(t5):
+    long = "x" * 100
+    ids, mask = t5.tokenize([long])
+    assert mask.sum().item() == 16 and ids[0, -1].item() == t5.tokenizer.eos_token_id
+    y1, _ = t5.encode([long, "b"])
+    y2, _ = t5.encode([long, "b"])
+    assert torch.equal(y1, y2)
+    # an independent tiny model with the same seed is the same model
+    y3, _ = TextEncoder.tiny(seed=0, d_model=32, model_max_length=16).encode([long, "b"])
+    torch.testing.assert_close(y1, y3)
+
+
+def test_t5_default_length_is_120():
+    te = TextEncoder.tiny(seed=1, d_model=16)
+    y, mask = te.encode(["hello"])
+    assert y.shape == (1, 1, 120, 16) and mask.shape == (1, 120)
+
+
+def test_t5_caption_errors(t5):
+    with pytest.raises(TypeError, match="captions"):
+        t5.encode("a single string")
+    with pytest.raises(TypeError, match=r"captions\[1\]"):
+        t5.encode(["ok", 3])
+
+
+def test_t5_from_pretrained_offline(t5, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t5.save_pretrained(tmp_path / "t5")
+    loaded = TextEncoder.from_pretrained(tmp_path / "t5", model_max_length=16, dtype=torch.float32, device="cpu")
+    caps = ["a red ball", ""]
+    y1, m1 = t5.encode(caps)
+    y2, m2 = loaded.encode(caps)
+    torch.testing.assert_close(y2, y1)
+    assert torch.equal(m1, m2)
+
+
+def test_t5_missing_dir_guidance(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"t5-v1_1-xxl.*config\.json.*spiece\.model"):
+        TextEncoder.from_pretrained(tmp_path / "nope")
+    d = tmp_path / "half"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="missing tokenizer"):
+        TextEncoder.from_pretrained(d)

@@ -1,0 +1,563 @@
+"""Encode once, train from cached tensors: VAE latents + T5 features in safetensors shards.
+
+Open-Sora 1.0 ran T5-XXL and the VAE on every training step. ``prepare_dataset`` runs them once over a
+stream of samples and writes the results to disk; ``CachedLatentDataset`` serves them to the trainer.
+
+Layout of ``out_dir``
+---------------------
+* ``shard-00000.safetensors``, ``shard-00001.safetensors``, ... each with tensors
+
+  - ``latents`` (n, 4, T, h, w) float32 -- scaled VAE latents (kept in fp32: they are the diffusion
+    target x0 and small, 256 KB per 16x256x256 clip);
+  - ``y`` (n, 1, L, C) **bfloat16** by default (``text_dtype``) -- T5 features dominate the disk
+    (120 x 4096 x 4 B = 1.9 MB per sample in fp32); bf16 halves that and keeps fp32's exponent range, and
+    the model trains in bf16 anyway. ``CachedLatentDataset(dtype=...)`` casts on load (fp32 by default);
+  - ``mask`` (n, L) int64;
+
+  and in the safetensors metadata, key ``stdit``: a JSON string with the shard number, its samples'
+  ``paths`` and ``texts``, the video shape and the encoder descriptions.
+* ``index.json``: format/version, shard list (file, count, first sample number, latent/y/mask shapes),
+  total count, ``num_skipped`` (None samples), encoder descriptions, dtypes. Written last (atomically):
+  its presence means the preparation finished.
+
+Shard boundaries -- our decision, deterministic by sample order: the valid samples (``None`` ones are
+skipped and counted) are cut into consecutive runs of ``shard_size`` samples, and a run also ends early
+when a sample's video shape (T, H, W) differs from the previous one's, because the samples in one shard
+are stacked into one tensor. (So a stream mixing images and videos gives more, smaller shards; sort it by
+shape first to avoid that.) The same stream therefore always gives the same shards.
+
+Atomic and resumable: every file is written to a ``.tmp`` file in ``out_dir`` and renamed into place
+(``os.replace``), so a file with a final name is always complete; an interrupted run leaves at most
+``.tmp`` files, which the next run deletes. A re-run walks the stream again (the videos are decoded again
+-- the stream is only iterable, so that is how the boundaries are found) but for each shard whose file
+already exists, reads and carries the matching encoder descriptions, it skips the encoders and checks
+that the incoming samples' paths and shapes equal the recorded ones (a mismatch means the stream changed:
+``RuntimeError``, use a fresh ``out_dir``). Posterior samples are drawn from a generator seeded per
+shard (``seed``, shard number), so a resumed run writes the same bytes as an uninterrupted one. Shard
+files numbered past the new end (from an earlier, longer stream) are deleted.
+
+Scene detection
+---------------
+``split_scenes`` cuts a long video into clips at shot boundaries with PySceneDetect's ``ContentDetector``
+(the ``scenedetect`` package, run on its PyAV backend) and re-encodes every scene with PyAV. It needs
+``pip install scenedetect`` (PySceneDetect imports OpenCV for its detectors: ``opencv-python`` or
+``opencv-python-headless``) and ``av``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "INDEX_NAME",
+    "prepare_dataset",
+    "CachedLatentDataset",
+    "split_scenes",
+    "shard_name",
+]
+
+INDEX_NAME = "index.json"
+FORMAT = "stdit-cached-latents"
+VERSION = 1
+_META_KEY = "stdit"
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    try:  # make the rename durable as well (best effort; not on every filesystem)
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    _fsync_replace(tmp, path)
+
+
+def _read_shard_meta(path: Path) -> dict | None:
+    """The shard's ``stdit`` metadata, or None if the file is missing or unreadable."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+        info = json.loads(meta[_META_KEY])
+    except Exception:
+        return None
+    if not {"latents", "y", "mask"} <= keys or not isinstance(info, dict) or "paths" not in info:
+        return None
+    return info
+
+
+class _Shard:
+    """Samples of one shard while it is being assembled."""
+
+    def __init__(self, k: int, first: int, shape: tuple[int, ...], existing: dict | None):
+        self.k = k
+        self.first = first
+        self.shape = shape  # video (3, T, H, W)
+        self.existing = existing  # metadata of a complete shard on disk we can reuse, else None
+        self.paths: list[str] = []
+        self.texts: list[str] = []
+        self.latents: list[torch.Tensor] = []
+        self.y: list[torch.Tensor] = []
+        self.mask: list[torch.Tensor] = []
+        self.pending: list[torch.Tensor] = []  # videos waiting to be encoded
+        self.pending_texts: list[str] = []
+        self.generator: torch.Generator | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def prepare_dataset(
+    samples: Iterable[dict | None],
+    out_dir: str | os.PathLike,
+    *,
+    vae,
+    text_encoder,
+    shard_size: int = 64,
+    progress: bool = True,
+    encode_batch_size: int = 8,
+    sample_posterior: bool = True,
+    seed: int = 0,
+    text_dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """Encode ``samples`` (dicts with ``video`` (3, T, H, W) in [-1, 1], ``text``, ``path``; None = bad file,
+    skipped and counted) with ``vae`` (``VideoVAE``) and ``text_encoder`` (``TextEncoder``) into shards under
+    ``out_dir``; returns the path of ``index.json``. Resumable (see the module docstring).
+
+    ``encode_batch_size`` samples go through the encoders together (the VAE further micro-batches frames).
+    ``sample_posterior``: draw latents from the VAE posterior (Open-Sora) or take its mean.
+    """
+    from safetensors.torch import save_file
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if encode_batch_size < 1:
+        raise ValueError(f"encode_batch_size must be >= 1, got {encode_batch_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(".*.tmp"):  # leftovers of an interrupted run: never complete, never read
+        tmp.unlink()
+    index_path = out / INDEX_NAME
+    encoders = {"vae": vae.describe(), "text_encoder": text_encoder.describe()}
+    settings = {
+        "sample_posterior": bool(sample_posterior),
+        "seed": int(seed),
+        "text_dtype": _dtype_name(text_dtype),
+    }
+
+    shards: list[dict] = []
+    num_skipped = 0
+    num_samples = 0
+    reused = 0
+    current: _Shard | None = None
+
+    def open_shard(first: int, shape: tuple[int, ...]) -> _Shard:
+        k = len(shards)
+        existing = _read_shard_meta(out / shard_name(k))
+        if existing is not None and (existing.get("encoders") != encoders or existing.get("settings") != settings):
+            existing = None  # made with other encoders/settings: encode again and overwrite
+        sh = _Shard(k, first, shape, existing)
+        if existing is None:
+            sh.generator = torch.Generator(device=vae.device).manual_seed(int(seed) * 1_000_003 + k)
+        return sh
+
+    def flush_pending(sh: _Shard) -> None:
+        if not sh.pending:
+            return
+        videos = torch.stack(sh.pending)
+        sh.latents.append(vae.encode(videos, sample=sample_posterior, generator=sh.generator).float().cpu())
+        y, mask = text_encoder.encode(sh.pending_texts)
+        sh.y.append(y.to(text_dtype).cpu())
+        sh.mask.append(mask.long().cpu())
+        sh.pending, sh.pending_texts = [], []
+
+    def close_shard(sh: _Shard) -> None:
+        nonlocal reused
+        name = shard_name(sh.k)
+        if sh.existing is not None:
+            if sh.existing["paths"] != sh.paths:
+                raise RuntimeError(
+                    f"{out / name} was made from other samples ({len(sh.existing['paths'])} recorded, "
+                    f"{len(sh.paths)} now; the sample stream changed): use a fresh out_dir or delete {out}"
+                )
+            info = sh.existing
+            reused += 1
+        else:
+            flush_pending(sh)
+            latents = torch.cat(sh.latents)
+            y = torch.cat(sh.y)
+            mask = torch.cat(sh.mask)
+            info = {
+                "shard": sh.k,
+                "first": sh.first,
+                "paths": sh.paths,
+                "texts": sh.texts,
+                "video_shape": list(sh.shape),
+                "latent_shape": list(latents.shape[1:]),
+                "y_shape": list(y.shape[1:]),
+                "mask_shape": list(mask.shape[1:]),
+                "encoders": encoders,
+                "settings": settings,
+            }
+            tmp = out / f".{name}.{os.getpid()}.tmp"
+            save_file(
+                {"latents": latents.contiguous(), "y": y.contiguous(), "mask": mask.contiguous()},
+                str(tmp),
+                metadata={_META_KEY: json.dumps(info), "format": "pt"},
+            )
+            _fsync_replace(tmp, out / name)
+        shards.append(
+            {
+                "file": name,
+                "count": len(sh.paths),
+                "first": sh.first,
+                "video_shape": info["video_shape"],
+                "latent_shape": info["latent_shape"],
+                "y_shape": info["y_shape"],
+                "mask_shape": info["mask_shape"],
+            }
+        )
+
+    it = samples
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(samples, desc="prepare", unit="sample")
+        it = bar
+    try:
+        for s in it:
+            if s is None:
+                num_skipped += 1
+                continue
+            video, text, path = s["video"], s.get("text", ""), str(s.get("path", f"sample-{num_samples}"))
+            if not isinstance(video, torch.Tensor) or video.dim() != 4 or video.shape[0] != 3:
+                shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+                raise ValueError(f"sample {path!r}: video must be a (3, T, H, W) tensor, got {shape}")
+            text = "" if text is None else str(text)
+            shape = tuple(video.shape)
+            if current is not None and (len(current) >= shard_size or shape != current.shape):
+                close_shard(current)
+                current = None
+            if current is None:
+                current = open_shard(num_samples, shape)
+            if current.existing is not None:
+                i = len(current)
+                rec = current.existing
+                if i >= len(rec["paths"]) or rec["paths"][i] != path or list(shape) != rec.get("video_shape"):
+                    got = rec["paths"][i] if i < len(rec["paths"]) else "<end of shard>"
+                    raise RuntimeError(
+                        f"{out / shard_name(current.k)} was made from other samples (position {i}: recorded "
+                        f"{got!r}, now {path!r} with shape {shape}; the sample stream changed): use a fresh "
+                        f"out_dir or delete {out}"
+                    )
+            else:
+                current.pending.append(video)
+                current.pending_texts.append(text)
+                if len(current.pending) >= encode_batch_size:
+                    flush_pending(current)
+            current.paths.append(path)
+            current.texts.append(text)
+            num_samples += 1
+            if bar is not None:
+                bar.set_postfix(shards=len(shards), skipped=num_skipped, reused=reused)
+        if current is not None:
+            close_shard(current)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # shard files past the end (from an earlier run over a longer stream) are not part of this dataset
+    for f in out.iterdir():
+        m = _SHARD_RE.match(f.name)
+        if m and int(m.group(1)) >= len(shards):
+            f.unlink()
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "shard_size": shard_size,
+        "num_samples": num_samples,
+        "num_skipped": num_skipped,
+        "num_shards": len(shards),
+        "shards": shards,
+        "encoders": encoders,
+        "settings": settings,
+        "latent_dtype": "float32",
+        "y_dtype": _dtype_name(text_dtype),
+        "mask_dtype": "int64",
+    }
+    _write_json_atomic(index, index_path)
+    return index_path
+
+
+class CachedLatentDataset(Dataset):
+    """Samples of a ``prepare_dataset`` output: dict(latents (4, T, h, w), y (1, L, C), mask (L,), text, path).
+
+    ``latents`` and ``y`` are cast to ``dtype`` (float32 by default; pass the model's dtype), ``mask`` is int64.
+    Shards are opened lazily (memory-mapped; one handle per shard and process) and read one sample at a time.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, validate: bool = True):
+        self.root = Path(out_dir)
+        self.dtype = dtype
+        index_path = self.root / INDEX_NAME
+        if not index_path.is_file():
+            raise FileNotFoundError(
+                f"{index_path} not found: {self.root} is not a prepared dataset, or its preparation did not "
+                f"finish (run prepare_dataset again with the same samples: it resumes)"
+            )
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{index_path} is not valid JSON: {e}") from e
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            fmt = index.get("format") if isinstance(index, dict) else None
+            raise ValueError(f"{index_path}: not a {FORMAT} index (format={fmt!r})")
+        if index.get("version") != VERSION:
+            raise ValueError(f"{index_path}: unsupported version {index.get('version')!r} (expected {VERSION})")
+        shards = index.get("shards")
+        if not isinstance(shards, list) or any(
+            not isinstance(s, dict) or "file" not in s or "count" not in s for s in shards
+        ):
+            raise ValueError(f"{index_path}: malformed 'shards' list")
+        if sum(int(s["count"]) for s in shards) != index.get("num_samples"):
+            raise ValueError(f"{index_path}: shard counts do not add up to num_samples={index.get('num_samples')}")
+        self.index = index
+        self.shards = shards
+        self.offsets = [0]
+        for s in shards:
+            self.offsets.append(self.offsets[-1] + int(s["count"]))
+        self._meta: dict[int, dict] = {}
+        self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
+        if validate:
+            for k in range(len(shards)):
+                self._shard_meta(k)
+            self._handles.clear()  # reopened lazily by __getitem__: no file handle per shard held idle
+
+    def __getstate__(self) -> dict:
+        # safetensors handles do not pickle (DataLoader workers under spawn): workers reopen lazily
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        state["_meta"] = {}
+        return state
+
+    @property
+    def num_skipped(self) -> int:
+        return int(self.index.get("num_skipped", 0))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _shard_file(self, k: int) -> Path:
+        return self.root / self.shards[k]["file"]
+
+    def _shard_meta(self, k: int) -> dict:
+        """Open shard k (once per process), check it against index.json, return its metadata."""
+        if self._pid != os.getpid():  # forked DataLoader worker: do not share handles with the parent
+            self._handles, self._meta, self._pid = {}, {}, os.getpid()
+        if k in self._meta and k in self._handles:
+            return self._meta[k]
+        from safetensors import safe_open
+
+        path = self._shard_file(k)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"shard {path} listed in {self.root / INDEX_NAME} is missing (re-run prepare_dataset)"
+            )
+        spec = self.shards[k]
+        try:
+            handle = safe_open(str(path), framework="pt")
+            info = json.loads((handle.metadata() or {})[_META_KEY])
+            shapes = {name: handle.get_slice(name).get_shape() for name in ("latents", "y", "mask")}
+        except Exception as e:
+            raise ValueError(f"shard {path} is corrupt or not a prepare_dataset shard: {e}") from e
+        n = int(spec["count"])
+        expect = {
+            "latents": [n, *spec.get("latent_shape", shapes["latents"][1:])],
+            "y": [n, *spec.get("y_shape", shapes["y"][1:])],
+            "mask": [n, *spec.get("mask_shape", shapes["mask"][1:])],
+        }
+        for name, shape in shapes.items():
+            if list(shape) != list(expect[name]):
+                raise ValueError(
+                    f"shard {path}: tensor {name!r} has shape {list(shape)}, index.json says {expect[name]}"
+                )
+        if len(info.get("paths", [])) != n or len(info.get("texts", [])) != n:
+            got = len(info.get("paths", []))
+            raise ValueError(f"shard {path}: metadata lists {got} paths, index.json says {n}")
+        self._handles[k] = handle
+        self._meta[k] = info
+        return info
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Sample number -> (shard number, position in shard)."""
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for {n} samples")
+        lo, hi = 0, len(self.shards)
+        while hi - lo > 1:  # last shard whose offset <= i
+            mid = (lo + hi) // 2
+            if self.offsets[mid] <= i:
+                lo = mid
+            else:
+                hi = mid
+        return lo, i - self.offsets[lo]
+
+    def __getitem__(self, i: int) -> dict:
+        k, j = self.locate(int(i))
+        info = self._shard_meta(k)
+        h = self._handles[k]
+        try:
+            latents = h.get_slice("latents")[j : j + 1][0]
+            y = h.get_slice("y")[j : j + 1][0]
+            mask = h.get_slice("mask")[j : j + 1][0]
+        except Exception as e:
+            raise ValueError(f"shard {self._shard_file(k)} could not be read: {e}") from e
+        return {
+            "latents": latents.to(self.dtype),
+            "y": y.to(self.dtype),
+            "mask": mask.long(),
+            "text": info["texts"][j],
+            "path": info["paths"][j],
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scene detection
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _import_scenedetect():
+    try:
+        import scenedetect  # noqa: F401
+        from scenedetect import ContentDetector, SceneManager, open_video
+    except ImportError as e:
+        raise ImportError(
+            "split_scenes needs PySceneDetect: pip install scenedetect (it imports OpenCV; on a server "
+            "`pip install scenedetect opencv-python-headless` works) and PyAV (pip install av). "
+            f"Import failed with: {e}"
+        ) from e
+    return ContentDetector, SceneManager, open_video
+
+
+def detect_scenes(
+    video_path: str | os.PathLike, *, threshold: float = 27.0, min_scene_len: int = 15
+) -> list[tuple[float, float]]:
+    """Shot boundaries of a video as (start, end) seconds, via PySceneDetect's ContentDetector on PyAV.
+
+    A video without a detected cut gives one scene covering all of it.
+    """
+    ContentDetector, SceneManager, open_video = _import_scenedetect()
+    video = open_video(str(video_path), backend="pyav")
+    manager = SceneManager()
+    manager.add_detector(ContentDetector(threshold=threshold, min_scene_len=min_scene_len))
+    manager.detect_scenes(video=video, show_progress=False)
+    scenes = manager.get_scene_list()
+    if not scenes:
+        return [(0.0, float("inf"))]
+    def seconds(tc) -> float:  # `.seconds` in scenedetect >= 0.7, `get_seconds()` before
+        v = getattr(tc, "seconds", None)
+        return float(v if v is not None and not callable(v) else tc.get_seconds())
+
+    out = [(seconds(a), seconds(b)) for a, b in scenes]
+    out[-1] = (out[-1][0], float("inf"))  # keep the tail frames, whatever the end timecode's rounding
+    return out
+
+
+def split_scenes(
+    video_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    threshold: float = 27.0,
+    min_scene_len: int = 15,
+    codec: str = "libx264",
+) -> list[Path]:
+    """Split a video at shot boundaries (PySceneDetect ContentDetector, ``threshold``, ``min_scene_len``
+    frames) and write each scene as its own clip ``out_dir/<stem>-scene-000.mp4`` ... (re-encoded with PyAV,
+    same frame rate and size; ``codec`` falls back to mpeg4 if unavailable). Returns the clip paths in order.
+    """
+    scenes = detect_scenes(video_path, threshold=threshold, min_scene_len=min_scene_len)
+    import av
+
+    src_path = Path(video_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if codec not in av.codecs_available:
+        codec = "mpeg4"
+    paths: list[Path] = []
+    with av.open(str(src_path)) as src:
+        stream = src.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        start0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        half_frame = 0.5 / float(rate)
+        k = -1
+        n_out = 0
+        sink = None
+        ostream = None
+        try:
+            for frame in src.decode(stream):
+                t = (float(frame.time) if frame.time is not None else 0.0) - start0
+                # scene of this frame (frame times are rounded; half a frame of slack at the cut)
+                kk = k if k >= 0 else 0
+                while kk + 1 < len(scenes) and t + half_frame >= scenes[kk + 1][0]:
+                    kk += 1
+                if kk != k:
+                    if sink is not None:
+                        for pkt in ostream.encode():
+                            sink.mux(pkt)
+                        sink.close()
+                    k = kk
+                    p = out / f"{src_path.stem}-scene-{len(paths):03d}.mp4"
+                    sink = av.open(str(p), mode="w")
+                    ostream = sink.add_stream(codec, rate=rate)
+                    ostream.width = frame.width - frame.width % 2
+                    ostream.height = frame.height - frame.height % 2
+                    ostream.pix_fmt = "yuv420p"
+                    ostream.time_base = Fraction(1, 1) / rate
+                    paths.append(p)
+                    n_out = 0
+                img = frame.reformat(width=ostream.width, height=ostream.height, format="yuv420p")
+                img.pts = n_out  # constant frame rate, time base 1/rate
+                n_out += 1
+                for pkt in ostream.encode(img):
+                    sink.mux(pkt)
+        finally:
+            if sink is not None:
+                for pkt in ostream.encode():
+                    sink.mux(pkt)
+                sink.close()
+    return paths
