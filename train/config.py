@@ -14,7 +14,9 @@ directory the command runs in, as in Open-Sora's configs.
                directory), model_max_length, vae_micro_batch
     [optim]    lr, weight_decay, grad_clip, ema_decay, optimizer ("adamw" | "apex")
     [run]      out_dir, steps, seed, device ("auto" | "cpu" | "cuda"), dtype ("fp32" | "bf16"),
-               log_every, ckpt_every, keep_last, sample_every (0: never)
+               log_every, ckpt_every, keep_last
+    [parallel] dp, sp, sp_mode ("dsp" | "ulysses"), data_parallel ("fsdp2" | "ddp"), engine
+               ("torch" | "colossalai"), compile_blocks; dp x sp must equal torchrun's process count
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .parallel import ParallelConfig
 
 
 class ConfigError(ValueError):
@@ -86,7 +90,6 @@ class RunCfg:
     log_every: int = 10
     ckpt_every: int = 50
     keep_last: int = 3
-    sample_every: int = 0
 
 
 @dataclass
@@ -97,6 +100,7 @@ class StageConfig:
     encoders: EncodersCfg = field(default_factory=EncodersCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     run: RunCfg = field(default_factory=RunCfg)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     source: str = ""  # the file it came from
 
     def to_dict(self) -> dict:
@@ -105,7 +109,8 @@ class StageConfig:
         return d
 
 
-_CLASSES = {"stage": StageCfg, "model": ModelCfg, "data": DataCfg, "encoders": EncodersCfg, "optim": OptimCfg, "run": RunCfg}
+_CLASSES = {"stage": StageCfg, "model": ModelCfg, "data": DataCfg, "encoders": EncodersCfg, "optim": OptimCfg, "run": RunCfg,
+            "parallel": ParallelConfig}
 _PATH_KEYS = {("data", "csv"), ("data", "cached"), ("run", "out_dir")}
 
 
@@ -177,8 +182,10 @@ def _validate(cfg: StageConfig) -> None:
         raise ConfigError(f"{src}: [optim] optimizer must be 'adamw' or 'apex', got {o.optimizer!r}")
     if not 0.0 <= o.ema_decay < 1.0 or o.lr <= 0 or o.grad_clip <= 0:
         raise ConfigError(f"{src}: [optim] needs lr > 0, grad_clip > 0 and 0 <= ema_decay < 1")
-    if r.sample_every < 0:
-        raise ConfigError(f"{src}: [run] sample_every must be >= 0")
+    try:
+        cfg.parallel.validate()
+    except ValueError as e:
+        raise ConfigError(f"{src}: {e}") from None
 
 
 def load_config(path: str | Path) -> StageConfig:

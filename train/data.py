@@ -520,15 +520,32 @@ class _DatasetEpoch:
         return int(getattr(self.dataset, "epoch", 0))
 
 
+class _RankSlice(Sampler[list[int]]):
+    """Every rank walks the same global batches (batch_size x world) and keeps its strided share,
+    so data-parallel ranks never see the same sample and only decode their own."""
+
+    def __init__(self, inner: "ResumableBatchSampler", rank: int, world: int):
+        self.inner, self.rank, self.world = inner, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.inner:
+            yield batch[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 def make_dataloader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, num_workers: int = 0,
                     seed: int = 0, drop_last: bool = True, start_index: int = 0,
-                    pin_memory: bool = False) -> DataLoader:
+                    pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
     """A DataLoader over ``dataset`` with deterministic, resumable, kind-grouped batches.
 
     Order: a permutation of (seed, dataset.epoch) (identity when ``shuffle=False``); batches never mix T
     (``dataset.group_key``; a dataset without it is one group). ``start_index`` = samples of the current
     epoch already consumed (= batches consumed * batch_size) -- the loader serves the rest, then later
-    epochs whole; call ``dataset.set_epoch(e)`` before each epoch. Collation is ``collate_skip_bad`` (a
+    epochs whole; call ``dataset.set_epoch(e)`` before each epoch. Data parallel: ``rank`` of
+    ``world`` ranks gets ``batch_size`` samples of each global batch of ``batch_size * world``
+    (``start_index`` then counts global samples). Collation is ``collate_skip_bad`` (a
     batch may be ``None``: skip it). The loader's generator is seeded with ``seed`` (worker base seeds);
     the data's randomness does not depend on it.
     """
@@ -538,8 +555,12 @@ def make_dataloader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, 
         keys = [dataset.group_key(i) for i in range(len(dataset))]
     else:
         keys = [0] * len(dataset)
-    sampler = ResumableBatchSampler(keys, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+    if not 0 <= rank < world:
+        raise ValueError(f"rank: expected 0 <= rank < world = {world}, got {rank}")
+    sampler = ResumableBatchSampler(keys, batch_size * world, shuffle=shuffle, seed=seed, drop_last=drop_last,
                                     start_index=start_index, epoch_source=_DatasetEpoch(dataset))
+    if world > 1:
+        sampler = _RankSlice(sampler, rank, world)
     gen = torch.Generator()
     gen.manual_seed(int(seed))
     return DataLoader(dataset, batch_sampler=sampler, num_workers=int(num_workers),

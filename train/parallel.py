@@ -157,10 +157,11 @@ DCP_DONE = "COMPLETE"
 
 
 def save_distributed(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                     extra: dict | None = None) -> Path:  # fmt: skip
+                     extra: dict | None = None, ema: dict | None = None) -> Path:  # fmt: skip
     """Save a (possibly FSDP-sharded) model and optimizer with torch.distributed.checkpoint.
 
-    Every rank writes its shards into ``path.tmp-dcp``; after a barrier rank 0 writes the
+    ``ema``: a name -> tensor dict (an EMA's shadow, sharded like the parameters under FSDP2) saved
+    beside the model. Every rank writes its shards into ``path.tmp-dcp``; after a barrier rank 0 writes the
     ``COMPLETE`` marker (with ``extra`` as JSON) and renames the directory to ``path`` (atomic), so a
     killed job never leaves a ``path`` that looks complete. Loadable on any world size.
     """
@@ -179,6 +180,8 @@ def save_distributed(path: str | Path, model: nn.Module, optimizer: torch.optim.
     state = {"model": model_sd}
     if optimizer is not None:
         state["optim"] = optim_sd
+    if ema is not None:
+        state["ema"] = dict(ema)
     dcp.save(state, checkpoint_id=str(tmp))
     _barrier()
     if rank == 0:
@@ -192,9 +195,11 @@ def save_distributed(path: str | Path, model: nn.Module, optimizer: torch.optim.
     return path
 
 
-def load_distributed(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load a save_distributed checkpoint into ``model`` / ``optimizer`` sharded however they are now
-    (another world size is fine); returns the saved ``extra``."""
+def load_distributed(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                     ema: dict | None = None) -> dict:
+    """Load a save_distributed checkpoint into ``model`` / ``optimizer`` (and the ``ema`` dict's
+    tensors, in place) sharded however they are now (another world size is fine); returns the saved
+    ``extra``."""
     import json
 
     import torch.distributed.checkpoint as dcp
@@ -207,10 +212,30 @@ def load_distributed(path: str | Path, model: nn.Module, optimizer: torch.optim.
     state = {"model": model_sd}
     if optimizer is not None:
         state["optim"] = optim_sd
+    if ema is not None:
+        state["ema"] = ema  # loaded in place
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(unwrap(model), optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))  # fmt: skip
     return json.loads((path / DCP_DONE).read_text() or "{}")
+
+
+def latest_distributed(root: str | Path) -> tuple[int, Path] | None:
+    """(step, path) of the highest-step complete ``root/step-*`` distributed checkpoint, or None."""
+    best = None
+    for d in Path(root).glob("step-*"):
+        if d.is_dir() and (d / DCP_DONE).is_file() and d.name[5:].isdigit():
+            step = int(d.name[5:])
+            if best is None or step > best[0]:
+                best = (step, d)
+    return best
+
+
+def prune_distributed(root: str | Path, keep_last: int) -> None:
+    """Rank 0: delete all but the newest ``keep_last`` complete checkpoints under ``root``."""
+    done = sorted((int(d.name[5:]), d) for d in Path(root).glob("step-*") if (d / DCP_DONE).is_file() and d.name[5:].isdigit())
+    for _, d in done[:-keep_last]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _barrier() -> None:

@@ -1,0 +1,95 @@
+"""Sequence parallelism (DSP and Ulysses) for STDiT is exactly one-device STDiT.
+
+One torchrun launch (2 gloo CPU processes) runs tests/train/sp_worker.py, which writes max abs
+diffs and byte counts to JSON; the tests below assert on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from stdit.train.sequence_parallel import comm_bytes_per_block, split_sizes
+
+WORKER = Path(__file__).with_name("sp_worker.py")
+SHAPES = ("even", "odd_frames", "uneven_S")
+MODES = ("dsp", "ulysses")
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sp") / "sp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(WORKER), str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_grads_match_single_device(results, mode, shape):
+    r = results[f"{mode}/{shape}"]  # float64, reference attention
+    assert r["out_diff"] <= 1e-6 * max(1.0, r["out_scale"])  # output is float32 (the model casts)
+    assert r["grad_diff"] <= 1e-10 * max(1.0, r["grad_scale"])
+    assert r["shard_diff"] <= 1e-6  # gather_output=False: the rank's shard of the final-layer output
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_sdpa_uneven(results, mode):
+    r = results[f"{mode}/uneven_S/fp32_sdpa"]
+    assert r["out_diff"] <= 1e-5 * max(1.0, r["out_scale"])
+    assert r["grad_diff"] <= 1e-5 * max(1.0, r["grad_scale"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_adamw_steps_match(results, mode):
+    r = results[f"{mode}/steps/odd_frames"]  # 3 AdamW steps, activation checkpointing on
+    assert r["param_moved"] > 1e-4
+    assert r["param_diff"] <= 1e-9
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_counted_bytes_equal_formula(results, mode, shape):
+    r = results[f"{mode}/{shape}"]
+    assert r["bytes_per_block_rank"] == 0  # every rank: counted == comm_bytes_per_block(rank=r)
+    assert r["bytes_per_block_counted_avg"] == r["bytes_per_block_formula_avg"]
+
+
+def test_dsp_moves_at_most_a_quarter_of_ulysses(results):
+    assert results["even_ratio"] <= 0.25
+    for shape in SHAPES:
+        assert results[f"dsp/{shape}"]["bytes_per_block_counted_avg"] <= 0.25 * results[f"ulysses/{shape}"][
+            "bytes_per_block_counted_avg"
+        ]
+
+
+def test_refusals(results):
+    msg = results["ulysses_heads_error"]
+    assert msg is not None and "num_heads = 3" in msg and "sp = 2" in msg
+    msg = results["dsp_empty_shard_error"]
+    assert msg is not None and "1 frames" in msg and "sp = 2" in msg
+
+
+def test_formula_closed_form():
+    B, T, S, C = 1, 64, 1024, 1152  # STDiT-XL/2 at 64x512x512
+    for sp in (2, 8):
+        d = comm_bytes_per_block("dsp", batch=B, frames=T, tokens_per_frame=S, hidden=C, sp=sp)
+        u = comm_bytes_per_block("ulysses", batch=B, frames=T, tokens_per_frame=S, hidden=C, sp=sp)
+        assert d == 2 * B * T * S * C * (sp - 1) / sp**2 * 2
+        assert u == 4 * d
+    assert split_sizes(5, 2) == [3, 2] and split_sizes(15, 4) == [4, 4, 4, 3]
+    with pytest.raises(ValueError, match="mode"):
+        comm_bytes_per_block("ring", batch=1, frames=1, tokens_per_frame=1, hidden=1, sp=1)
