@@ -31,8 +31,11 @@ def add_train_parsers(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train_chain
 
+    import os
+
     for summary in train_chain(args.config, progress=not args.quiet):
-        print(json.dumps(summary))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary, from rank 0
+            print(json.dumps(summary))
     return 0
 
 
@@ -52,4 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stdit.train")
     add_train_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line
+        parser.exit(2, f"stdit {args.command}: error: {e}\n")

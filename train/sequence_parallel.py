@@ -224,6 +224,19 @@ class ShardInfo:
         return f"ShardInfo(mode={self.mode!r}, frames={self.frames}, tokens={self.tokens}, grid={self.grid})"
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 class SequenceParallelSTDiT(nn.Module):
     """Sequence-parallel forward of a wrapped STDiT (parameters shared, replicated over ranks).
 
@@ -331,6 +344,13 @@ class SequenceParallelSTDiT(nn.Module):
 
     def forward(self, x, timestep, y, mask=None, force_drop_ids=None, gather_output: bool = True):
         m = self.model
+        if isinstance(x, torch.Tensor) and x.dim() == 5:
+            T0 = x.shape[2] // m.patch_size[0]
+            S0 = (x.shape[3] // m.patch_size[1]) * (x.shape[4] // m.patch_size[2])
+            if gather_output and ((self.mode == "dsp" and T0 < self.sp) or S0 < self.sp):
+                # Too small to shard (e.g. images, T = 1, in a video stage): every rank runs the whole
+                # model and its gradient is scaled by 1/sp, so the sum over ranks is still exact.
+                return _ScaleGrad.apply(m(x, timestep, y, mask, force_drop_ids), 1.0 / self.sp)
         # embedders run fully on every rank (replicated inputs); see the module docstring for grads
         x, t, t0, y, y_lens, grid, tpe = m._embed(x, timestep, y, mask, force_drop_ids)
         B, _, C = x.shape

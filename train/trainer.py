@@ -202,8 +202,10 @@ class BatchSource:
     """Batches of (latents, text features, mask), from a CSV encoded online or a prepare cache,
     with a resumable data position (epoch, batches consumed in the epoch)."""
 
-    def __init__(self, cfg: StageConfig, vae, text, device: torch.device):
+    def __init__(self, cfg: StageConfig, vae, text, device: torch.device, dp_rank: int = 0, dp: int = 1):
         from .data import VideoTextDataset
+
+        self.dp_rank, self.dp = dp_rank, dp
 
         d = cfg.data
         self.cfg, self.vae, self.text, self.device = cfg, vae, text, device
@@ -216,8 +218,10 @@ class BatchSource:
             from .prepare import CachedLatentDataset
 
             self.dataset = CachedLatentDataset(d.cached)
-        if len(self.dataset) < d.batch_size:
-            raise ConfigError(f"[data] batch_size {d.batch_size} is larger than the dataset ({len(self.dataset)} samples)")
+        if len(self.dataset) < d.batch_size * dp:
+            raise ConfigError(
+                f"[data] batch_size {d.batch_size} x dp {dp} is larger than the dataset ({len(self.dataset)} samples)"
+            )
         self.epoch, self.batches_in_epoch = 0, 0
 
     def position(self) -> dict:
@@ -236,7 +240,7 @@ class BatchSource:
                 self.dataset.set_epoch(self.epoch)
             loader = make_dataloader(
                 self.dataset, d.batch_size, shuffle=True, num_workers=d.num_workers, seed=self.cfg.run.seed,
-                start_index=self.batches_in_epoch * d.batch_size,
+                start_index=self.batches_in_epoch * d.batch_size * self.dp, rank=self.dp_rank, world=self.dp,
             )  # fmt: skip
             if hasattr(self.dataset, "set_epoch") is False and hasattr(loader.batch_sampler, "set_epoch"):
                 loader.batch_sampler.set_epoch(self.epoch)
@@ -297,10 +301,30 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
     if not isinstance(cfg, StageConfig):
         cfg = load_config(cfg)
     r = cfg.run
+    from .parallel import (
+        build_mesh, init_distributed, latest_distributed, load_distributed, loss_scale, prune_distributed,
+        save_distributed, wrap_data_parallel,
+    )  # fmt: skip
+
     out = Path(r.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(r.device)
-    seed_everything(r.seed)
+    rank, world, device = init_distributed(device.type)
+    pc = cfg.parallel
+    dp_rank = 0
+    if world > 1:
+        mesh = build_mesh(pc, device)
+        dp_rank = mesh["dp"].get_local_rank()
+    elif pc.dp * pc.sp != 1:
+        raise ConfigError(f"{cfg.source}: [parallel] dp x sp = {pc.dp * pc.sp} needs that many processes: launch with "
+                          f"torchrun --nproc_per_node={pc.dp * pc.sp} -m stdit.train train --config ...")  # fmt: skip
+    if pc.engine == "colossalai":
+        raise ConfigError(f"{cfg.source}: [parallel] engine = 'colossalai' is not wired into the trainer yet; use 'torch'")
+    main_rank = rank == 0
+    progress = progress and main_rank
+    # sp ranks of one dp group must draw the same noise, timesteps and caption drops: seed by dp rank
+    seed = r.seed + 1000003 * dp_rank
+    seed_everything(seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and r.dtype == "bf16")
 
     vae, text = build_encoders(cfg, device)
@@ -309,32 +333,70 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         for name, p in model.named_parameters():
             if ".attn_temp." in name:
                 p.requires_grad_(False)
-    ema = EMA(model, decay=cfg.optim.ema_decay)
-    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
     diffusion = IDDPM()
-    source = BatchSource(cfg, vae, text, device)
+    source = BatchSource(cfg, vae, text, device, dp_rank=dp_rank, dp=pc.dp if world > 1 else 1)
     log_path = out / "log.csv"
+    dcp_root = out / "dcp"
 
+    # Resume from whichever complete checkpoint has the highest step: the single-process kind
+    # (safetensors, bitwise resume) or the distributed kind (torch.distributed.checkpoint, any world size).
     step, init_note = 0, "random init"
-    resume = latest_checkpoint(out)
-    if resume is not None:
-        meta = load_checkpoint(resume, model=model, ema=ema, optimizer=optimizer, map_location=str(device))
+    single = latest_checkpoint(out)
+    single_step = int(single.name.split("-")[-1]) if single is not None else -1
+    multi = latest_distributed(dcp_root)
+    use_multi = multi is not None and multi[0] > single_step
+    if world == 1 and single is not None and not use_multi:
+        pass  # loaded below, after the optimizer exists
+    elif single is not None and not use_multi:  # distributed run from a single-process checkpoint
+        from .checkpoint import EMA as _EMA
+
+        load_checkpoint(single, model=model, ema=_EMA(model, decay=cfg.optim.ema_decay), map_location=str(device))
+        init_note = f"weights from {single} (optimizer and EMA restart: single-process -> distributed)"
+    elif not use_multi and cfg.stage.init_from:
+        init_note = init_from_previous(model, cfg.stage.init_from, cfg.stage.zero_temporal)
+
+    net = model
+    if world > 1:
+        pc.validate(world_size=world, num_heads=model.num_heads)
+        if pc.sp > 1:
+            from .sequence_parallel import SequenceParallelSTDiT
+
+            net = SequenceParallelSTDiT(model, mesh["sp"].get_group(), pc.sp_mode)
+        bf16 = device.type == "cuda" and r.dtype == "bf16"
+        net = wrap_data_parallel(net, pc, device, per_block=pc.sp == 1, bf16=bf16)
+    ema = EMA(model, decay=cfg.optim.ema_decay)  # after wrapping: FSDP2 shards the averages too
+    optimizer = build_optimizer(cfg, [p for p in net.parameters() if p.requires_grad], device)
+
+    if use_multi:
+        extra = load_distributed(multi[1], model, optimizer, ema=ema.shadow)  # the STDiT's own names
+        step = int(extra["step"])
+        source.restore(extra.get("data_position"))
+        init_note = f"resumed from {multi[1]} (distributed checkpoint)"
+    elif world == 1 and single is not None:
+        meta = load_checkpoint(single, model=model, ema=ema, optimizer=optimizer, map_location=str(device))
         step = int(meta["step"])
         source.restore(meta.get("data_position"))
-        _truncate_log(log_path, step)
-        init_note = f"resumed from {resume}"
+        init_note = f"resumed from {single}"
     else:
-        if cfg.stage.init_from:
-            init_note = init_from_previous(model, cfg.stage.init_from, cfg.stage.zero_temporal)
-            ema = EMA(model, decay=cfg.optim.ema_decay)  # the average starts from the loaded weights
-        seed_everything(r.seed)  # the run's randomness does not depend on how it was initialised
-    print(f"[{cfg.stage.name}] {init_note}; training to step {r.steps} on {device}", file=sys.stderr)
+        seed_everything(seed)  # the run's randomness does not depend on how it was initialised
+    if step and main_rank:
+        _truncate_log(log_path, step)
+    if main_rank:
+        where = f"{device}" + (f", {world} processes (dp {pc.dp} x sp {pc.sp} {pc.sp_mode}, {pc.data_parallel})" if world > 1 else "")
+        print(f"[{cfg.stage.name}] {init_note}; training to step {r.steps} on {where}", file=sys.stderr)
 
     def checkpoint(at: int) -> Path:
-        return save_checkpoint(
-            out, step=at, model=model, ema=ema, optimizer=optimizer, data_position=source.position(),
-            extra={"config": cfg.to_dict(), "stage": cfg.stage.name}, keep_last=r.keep_last,
-        )  # fmt: skip
+        extra = {"config": cfg.to_dict(), "stage": cfg.stage.name}
+        if world == 1:
+            return save_checkpoint(
+                out, step=at, model=model, ema=ema, optimizer=optimizer, data_position=source.position(),
+                extra=extra, keep_last=r.keep_last,
+            )  # fmt: skip
+        path = save_distributed(dcp_root / f"step-{at:09d}", model, optimizer, ema=ema.shadow,
+                                extra={**extra, "step": at, "data_position": source.position()})  # fmt: skip
+        if main_rank:
+            prune_distributed(dcp_root, r.keep_last)
+        return path
 
     losses, t_last, done_here = [], time.perf_counter(), 0
     model.train()
@@ -346,22 +408,22 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         x0 = batch.latents
         t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=device)
         with autocast:
-            terms = diffusion.training_losses(model, x0, t, model_kwargs=dict(y=batch.y, mask=batch.mask))
+            terms = diffusion.training_losses(net, x0, t, model_kwargs=dict(y=batch.y, mask=batch.mask))
         loss = terms["loss"].mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        (loss * loss_scale(pc) if world > 1 else loss).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         ema.update(model)
         step += 1
         done_here += 1
         losses.append(loss.item())
-        window["samples"] += x0.shape[0]
-        window["tokens"] += x0.shape[0] * math.prod(x0.shape[2:]) // 4  # patch tokens (2x2 patches)
+        window["samples"] += x0.shape[0] * (pc.dp if world > 1 else 1)  # global batch
+        window["tokens"] += x0.shape[0] * (pc.dp if world > 1 else 1) * math.prod(x0.shape[2:]) // 4  # 2x2 patches
         window["skipped"] += batch.skipped
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if step % r.log_every == 0 or step == r.steps:
+        if main_rank and (step % r.log_every == 0 or step == r.steps):
             now = time.perf_counter()
             dt = max(now - t_last, 1e-9)
             mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -375,7 +437,7 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         if step % r.ckpt_every == 0 or step == r.steps:
             checkpoint(step)
     bar.close()
-    last = latest_checkpoint(out)
+    last = latest_checkpoint(out) if world == 1 else (latest_distributed(dcp_root) or (None, None))[1]
     k = max(1, len(losses) // 5)
     return {
         "stage": cfg.stage.name, "step": step, "steps_this_run": done_here, "out_dir": str(out),
