@@ -12,6 +12,17 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("prepare", help="encode a stage's videos and captions once into latent / text-embedding shards "
+                       "(train from them with [data] cached = DIR), or split videos at shot boundaries")
+    p.add_argument("--config", help="stage TOML whose [data] csv, frames, size and [encoders] are used")
+    p.add_argument("--out", required=True, help="output folder (shards + index.json; re-running resumes)")
+    p.add_argument("--shard-size", type=int, default=64, help="samples per shard (default 64)")
+    p.add_argument("--split-scenes", nargs="+", metavar="VIDEO", help="instead: split these videos into clips at shot "
+                   "boundaries (PySceneDetect) written to --out")
+    p.add_argument("--threshold", type=float, default=27.0, help="scene-cut threshold for --split-scenes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
     p = sub.add_parser("sample", help="text -> video (mp4, GIF fallback) from a training checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory (its latest)")
     p.add_argument("--prompt", required=True, help="the caption")
@@ -26,6 +37,40 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Encode a stage's CSV once (its data and encoders settings) into latent / text shards."""
+    import warnings
+    from pathlib import Path
+
+    from .config import load_config
+    from .data import VideoTextDataset
+    from .prepare import prepare_dataset, split_scenes
+    from .trainer import build_encoders, resolve_device
+
+    if args.split_scenes:
+        out = Path(args.out)
+        for video in args.split_scenes:
+            for clip in split_scenes(video, out, threshold=args.threshold):
+                print(clip)
+        return 0
+    if not args.config:
+        raise ValueError("config: `stdit prepare` needs --config STAGE.toml (or --split-scenes VIDEO ...)")
+    cfg = load_config(args.config)
+    if not cfg.data.csv:
+        raise ValueError(f"config: {args.config} has no [data] csv to encode")
+    d = cfg.data
+    device = resolve_device(cfg.run.device)
+    vae, text = build_encoders(cfg, device)
+    dataset = VideoTextDataset(d.csv, num_frames=d.num_frames, frame_interval=d.frame_interval,
+                               image_size=tuple(d.image_size), seed=cfg.run.seed)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        index = prepare_dataset((dataset[i] for i in range(len(dataset))), args.out, vae=vae, text_encoder=text,
+                                shard_size=args.shard_size, progress=not args.quiet, seed=cfg.run.seed)  # fmt: skip
+    print(index)
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -410,7 +410,8 @@ def collate_skip_bad(batch: list):
     skipped = len(batch) - len(good)
     if not good:
         return None
-    ts = [b["video"].shape[1] for b in good]
+    key = "video" if "video" in good[0] else "latents"  # decoded videos, or cached latents (stdit prepare)
+    ts = [b[key].shape[1] for b in good]
     dropped_mixed = 0
     if len(set(ts)) > 1:
         counts = Counter(ts)
@@ -419,16 +420,18 @@ def collate_skip_bad(batch: list):
         warnings.warn(f"collate_skip_bad: batch mixes T={sorted(counts)}; kept the {counts[keep_t]} samples with "
                       f"T={keep_t}, dropped {dropped_mixed} (use make_dataloader, which batches by kind)",
                       RuntimeWarning, stacklevel=2)
-        good = [b for b in good if b["video"].shape[1] == keep_t]
-    return {
-        "video": torch.stack([b["video"] for b in good]),
-        "text": [b["text"] for b in good],
-        "path": [b["path"] for b in good],
-        "index": torch.tensor([b["index"] for b in good], dtype=torch.long),
-        "num_frames": good[0]["video"].shape[1],
-        "skipped": skipped,
-        "dropped_mixed": dropped_mixed,
-    }
+        good = [b for b in good if b[key].shape[1] == keep_t]
+    out = {k: torch.stack([b[k] for b in good]) for k, v in good[0].items() if torch.is_tensor(v)}
+    out.update(
+        text=[b["text"] for b in good],
+        path=[b["path"] for b in good],
+        num_frames=good[0][key].shape[1],
+        skipped=skipped,
+        dropped_mixed=dropped_mixed,
+    )
+    if "index" in good[0]:
+        out["index"] = torch.tensor([b["index"] for b in good], dtype=torch.long)
+    return out
 
 
 def count_skipped(batch, batch_size: int) -> int:

@@ -421,6 +421,12 @@ class CachedLatentDataset(Dataset):
         self._meta[k] = info
         return info
 
+    def group_key(self, i: int) -> int:
+        """The frame count T of sample i (from index.json, no shard read): batches never mix T."""
+        k, _ = self.locate(int(i))
+        spec = self.shards[k]
+        return int(spec["latent_shape"][1]) if "latent_shape" in spec else int(self[i]["latents"].shape[1])
+
     def locate(self, i: int) -> tuple[int, int]:
         """Sample number -> (shard number, position in shard)."""
         n = len(self)

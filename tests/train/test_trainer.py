@@ -200,3 +200,25 @@ def test_demo_chain_and_sample_command(data, tmp_path):
     with av.open(str(video)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 4 and frames[0].shape == (48, 48, 3)
+
+
+def test_prepare_then_train_from_the_cache(data, tmp_path):
+    """`stdit prepare` encodes the stage's CSV once; a stage with [data] cached trains from it and
+    sees the same number of good samples (corrupt files were skipped and counted at prepare time)."""
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(
+        f"""[model]\npreset = "STDiT-mini"\n[data]\ncsv = "{data}"\nnum_frames = 4\nimage_size = [32, 32]\nbatch_size = 2\n
+[encoders]\nmodel_max_length = 16\n[run]\nout_dir = "{tmp_path / "unused"}"\n"""
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "stdit", "prepare", "--config", str(cfg), "--out", str(tmp_path / "cache"),
+                           "--shard-size", "3", "--quiet"], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from stdit.train.prepare import CachedLatentDataset
+
+    cache = CachedLatentDataset(tmp_path / "cache")
+    assert len(cache) == 8 and cache.num_skipped == 2  # 6 videos + 2 images; 2 broken entries
+    assert sorted({cache.group_key(i) for i in range(len(cache))}) == [1, 4]
+    cached = _cfg(data, tmp_path / "run", data__csv="", data__cached=str(tmp_path / "cache"), run__steps=3)
+    summary = train_stage(cached, progress=False)
+    assert summary["step"] == 3 and all(int(r["skipped"]) == 0 for r in _log(tmp_path / "run"))
