@@ -74,8 +74,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _report(results_path: Path, out_dir: Path) -> None:
     from .report import format_summary, summarize, write_report
 
+    from . import comm_model
+
     readme = write_report(results_path, out_dir)
     print(f"report: {readme}", file=sys.stderr)
+    parallel = comm_model.write_report(REPO_ROOT / "reports" / "parallel-model")
+    print(f"communication model: {parallel}", file=sys.stderr)
     for line in format_summary(summarize(results_path)):
         print(line)
 
