@@ -78,7 +78,7 @@ def _report(results_path: Path, out_dir: Path) -> None:
 
     readme = write_report(results_path, out_dir)
     print(f"report: {readme}", file=sys.stderr)
-    parallel = comm_model.write_report(REPO_ROOT / "reports" / "parallel-model")
+    parallel = comm_model.write_report(Path(out_dir).parent / "parallel-model")  # beside reports/<device>/
     print(f"communication model: {parallel}", file=sys.stderr)
     for line in format_summary(summarize(results_path)):
         print(line)
