@@ -82,6 +82,7 @@ class Size:
     model_preset: dict  # model sizes for the models suite (depth, hidden, heads, caption...)
     model_sweep: tuple[VideoShape, ...]  # models suite: frame sweep
     compile_shapes: tuple[str, ...] | None = None  # shapes with compiled block variants (None: all)
+    train_shapes: tuple[VideoShape, ...] = ()  # train / parallel suites (default: the first of shapes)
 
 
 _XL = dict(depth=28, hidden_size=1152, num_heads=16, patch_size=(1, 2, 2), caption_channels=4096, model_max_length=120)
@@ -100,6 +101,7 @@ SIZES: dict[str, Size] = {
         model_preset=dict(depth=2, hidden_size=144, num_heads=2, patch_size=(1, 2, 2), caption_channels=64,
                           model_max_length=16),
         model_sweep=tuple(VideoShape(f, 128, 1) for f in (4, 8, 16, 32)),
+        train_shapes=(VideoShape(8, 64, 2),),
     ),  # fmt: skip
     "tiny": Size(
         "tiny", 144, 2, 8,
@@ -108,6 +110,7 @@ SIZES: dict[str, Size] = {
                           model_max_length=8),
         model_sweep=(VideoShape(2, 64, 1), VideoShape(4, 64, 1)),
         compile_shapes=(),
+        train_shapes=(VideoShape(2, 32, 1),),
     ),  # fmt: skip
 }
 
@@ -127,6 +130,9 @@ class Case:
     skip: str | None = None  # a status that means "do not run" ("unsupported: ...", "not timed: ...")
     tokens: int | None = None
     meta: dict = field(default_factory=dict)
+    # Cases that time themselves (e.g. a torchrun job reporting its own step times) set this instead
+    # of relying on build(): measure(device, quick) -> stdit.bench.timing.Timing.
+    measure: Callable | None = None
 
     @property
     def dtype_name(self) -> str:
@@ -391,11 +397,25 @@ def models_suite(size: Size, device: torch.device, dtype: torch.dtype) -> list[C
     return [_model_case(op, b, shape, size, dtype, device) for b in backends for shape in size.model_sweep for op in MODEL_OPS]
 
 
+def _train_suite(size, device, dtype):
+    from .train_suites import train_suite
+
+    return train_suite(size, device, dtype)
+
+
+def _parallel_suite(size, device, dtype):
+    from .train_suites import parallel_suite
+
+    return parallel_suite(size, device, dtype)
+
+
 SUITES: dict[str, Callable[[Size, torch.device, torch.dtype], list[Case]]] = {
     "kernels": kernels_suite,
     "fused": fused_suite,
     "blocks": blocks_suite,
     "models": models_suite,
+    "train": _train_suite,
+    "parallel": _parallel_suite,
 }
 
 

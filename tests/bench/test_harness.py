@@ -193,3 +193,17 @@ def test_pytest_bench_writes_valid_benchmark_json(tmp_path):
         [sys.executable, "-m", "pytest_benchmark.cli", "compare", str(out)], capture_output=True, text=True, timeout=120
     )
     assert compare.returncode == 0, compare.stderr
+
+
+def test_train_and_parallel_suites_run_at_tiny_size(tmp_path):
+    """online-encode vs cached training steps in one process, and one torchrun-timed parallel layout
+    (DSP sequence parallel on 2 gloo processes) reporting its own step times."""
+    cases = build_cases("train", "tiny", CPU) + build_cases("parallel", "tiny", CPU, only="-sp-dsp-")
+    assert [c.backend for c in cases] == ["online-encode", "cached", "cached+checkpoint", "sp-dsp"]
+    rows = run_cases(cases, CPU, tmp_path / "r.jsonl", quick=True, progress=False)
+    assert [r["status"] for r in rows] == ["ok"] * 4, [r["status"] for r in rows]
+    par = rows[-1]
+    assert par["dims"]["sp"] == 2 and par["dims"]["processes"] == 2 and par["reps"] == 3
+    assert par["p20_ms"] <= par["median_ms"] <= par["p80_ms"]
+    colossal = build_cases("parallel", "tiny", CPU, only="colossalai")
+    assert colossal[0].skip and colossal[0].skip.startswith("unsupported")
