@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_train_parsers(sub) -> None:
@@ -37,6 +38,20 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("fit-vae", help="fit a small AutoencoderKL on a CSV's frames (a VAE for the CPU demo)")
+    p.add_argument("--csv", required=True, help="video/image CSV (path,text[,num_frames])")
+    p.add_argument("--out", required=True, help="output directory (VideoVAE.from_pretrained layout)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: fit_vae's)")
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="fitting resolution, multiples of 8 (default: fit_vae's)")
+    p.add_argument("--batch-frames", type=int, default=None, help="frames per step (default: fit_vae's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: fit_vae's)")
+    p.add_argument("--widths", type=int, nargs=4, default=None, metavar="C", help="the four block widths")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="refit even if --out already holds a fitted VAE")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_fit_vae)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -93,6 +108,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
         device=args.device, progress=not args.quiet,
     )  # fmt: skip
     print(out)
+    return 0
+
+
+def cmd_fit_vae(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .vae_fit import fit_vae, vae_is_complete
+
+    out = Path(args.out)
+    if vae_is_complete(out) and not args.overwrite:
+        print(json.dumps({"fit_vae": "skipped", "out_dir": str(out), "reason": "already holds a fitted VAE"}))
+        return 0
+    kwargs = {k: v for k, v in (("steps", args.steps), ("batch_frames", args.batch_frames), ("lr", args.lr),
+                                ("widths", args.widths)) if v is not None}
+    if args.image_size is not None:
+        kwargs["image_size"] = tuple(args.image_size)
+    try:
+        fit_vae(args.csv, out, seed=args.seed, progress=not args.quiet, overwrite=args.overwrite, **kwargs)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"stdit fit-vae: error: {e}", file=sys.stderr)
+        return 2
+    record = json.loads((out / "fit_vae.json").read_text(encoding="utf-8"))
+    keys = ("steps", "image_size", "widths", "train_mse_first", "train_mse_last", "recon_mse_start", "recon_mse_end",
+            "recon_mse_preview_size", "latent_std_x_0.18215_before", "latent_std_x_0.18215", "fit_seconds")
+    print(json.dumps({"fit_vae": "done", "out_dir": str(out), **{k: record.get(k) for k in keys}}))
     return 0
 
 

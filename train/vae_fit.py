@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 __all__ = ["DEFAULT_WIDTHS", "fit_vae", "vae_is_complete", "build_autoencoder", "load_frame_pool"]
 
-DEFAULT_WIDTHS = (32, 64, 64, 64)
+DEFAULT_WIDTHS = (16, 32, 64, 64)
 _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _MARKER = "fit_vae.json"
 
@@ -183,8 +183,8 @@ def _save_preview(vae, frames: torch.Tensor, path: Path, n: int = 8) -> None:
     Image.fromarray(img).save(path)
 
 
-def fit_vae(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, steps: int = 600,
-            image_size: Sequence[int] = (32, 32), batch_frames: int = 16, lr: float = 2e-3, seed: int = 0,
+def fit_vae(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, steps: int = 450,
+            image_size: Sequence[int] = (48, 48), batch_frames: int = 16, lr: float = 3e-3, seed: int = 0,
             widths: Sequence[int] | None = None, progress: bool = True, frames_per_video: int = 8,
             kl_weight: float = 1e-6, preview_size: Sequence[int] | None = (64, 64),
             overwrite: bool = False) -> Path:
