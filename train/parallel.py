@@ -46,6 +46,7 @@ class ParallelConfig:
     sp_mode: str = "dsp"
     data_parallel: str = "fsdp2"
     engine: str = "torch"
+    plugin: str = "zero2"  # engine = "colossalai": "zero2" (LowLevelZero stage 2, Open-Sora's), "hybrid", "ddp"
     compile_blocks: bool = False
 
     def validate(self, world_size: int | None = None, num_heads: int | None = None) -> "ParallelConfig":
@@ -60,6 +61,10 @@ class ParallelConfig:
             raise ValueError(f"parallel.data_parallel: expected one of {DATA_PARALLEL}, got {self.data_parallel!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"parallel.engine: expected one of {ENGINES}, got {self.engine!r}")
+        if self.plugin not in ("zero2", "hybrid", "ddp"):
+            raise ValueError(f"parallel.plugin: expected one of ('zero2', 'hybrid', 'ddp'), got {self.plugin!r}")
+        if self.engine == "colossalai" and self.sp > 1:
+            raise ValueError("parallel.sp: sequence parallelism runs on engine = 'torch' only; use sp = 1 with colossalai")
         if world_size is not None and self.dp * self.sp != world_size:
             raise ValueError(
                 f"parallel: dp x sp = {self.dp} x {self.sp} = {self.dp * self.sp} must equal the number of "

@@ -318,8 +318,9 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
     elif pc.dp * pc.sp != 1:
         raise ConfigError(f"{cfg.source}: [parallel] dp x sp = {pc.dp * pc.sp} needs that many processes: launch with "
                           f"torchrun --nproc_per_node={pc.dp * pc.sp} -m stdit.train train --config ...")  # fmt: skip
-    if pc.engine == "colossalai":
-        raise ConfigError(f"{cfg.source}: [parallel] engine = 'colossalai' is not wired into the trainer yet; use 'torch'")
+    if pc.engine == "colossalai" and "RANK" not in os.environ:
+        raise ConfigError(f"{cfg.source}: [parallel] engine = 'colossalai' runs under torchrun (even for one process): "
+                          f"torchrun --nproc_per_node={pc.dp} -m stdit.train train --config ...")  # fmt: skip
     main_rank = rank == 0
     progress = progress and main_rank
     # sp ranks of one dp group must draw the same noise, timesteps and caption drops: seed by dp rank
@@ -355,19 +356,36 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
     elif not use_multi and cfg.stage.init_from:
         init_note = init_from_previous(model, cfg.stage.init_from, cfg.stage.zero_temporal)
 
-    net = model
-    if world > 1:
-        pc.validate(world_size=world, num_heads=model.num_heads)
-        if pc.sp > 1:
-            from .sequence_parallel import SequenceParallelSTDiT
+    net, booster = model, None
+    bf16 = device.type == "cuda" and r.dtype == "bf16"
+    if pc.engine == "colossalai":  # ColossalAI's Booster owns data parallelism (stdit.train.colossal)
+        from . import colossal
 
-            net = SequenceParallelSTDiT(model, mesh["sp"].get_group(), pc.sp_mode)
-        bf16 = device.type == "cuda" and r.dtype == "bf16"
-        net = wrap_data_parallel(net, pc, device, per_block=pc.sp == 1, bf16=bf16)
-    ema = EMA(model, decay=cfg.optim.ema_decay)  # after wrapping: FSDP2 shards the averages too
-    optimizer = build_optimizer(cfg, [p for p in net.parameters() if p.requires_grad], device)
+        optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
+        net, optimizer, booster = colossal.boost(model, optimizer, plugin=pc.plugin, device=device, bf16=bf16,
+                                                 grad_clip=cfg.optim.grad_clip)  # fmt: skip
+        ema = EMA(net.unwrap(), decay=cfg.optim.ema_decay)
+        found = colossal.latest(out / "colossal")
+        use_multi, single = False, None
+        if found is not None:
+            extra = colossal.load(booster, net, optimizer, found[1], ema=ema.shadow)
+            step = int(extra["step"])
+            source.restore(extra.get("data_position"))
+            init_note = f"resumed from {found[1]} (ColossalAI checkpoint)"
+    else:
+        if world > 1:
+            pc.validate(world_size=world, num_heads=model.num_heads)
+            if pc.sp > 1:
+                from .sequence_parallel import SequenceParallelSTDiT
 
-    if use_multi:
+                net = SequenceParallelSTDiT(model, mesh["sp"].get_group(), pc.sp_mode)
+            net = wrap_data_parallel(net, pc, device, per_block=pc.sp == 1, bf16=bf16)
+        ema = EMA(model, decay=cfg.optim.ema_decay)  # after wrapping: FSDP2 shards the averages too
+        optimizer = build_optimizer(cfg, [p for p in net.parameters() if p.requires_grad], device)
+
+    if booster is not None:
+        pass  # resumed (or not) above
+    elif use_multi:
         extra = load_distributed(multi[1], model, optimizer, ema=ema.shadow)  # the STDiT's own names
         step = int(extra["step"])
         source.restore(extra.get("data_position"))
@@ -377,16 +395,25 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         step = int(meta["step"])
         source.restore(meta.get("data_position"))
         init_note = f"resumed from {single}"
-    else:
+    if step == 0:
         seed_everything(seed)  # the run's randomness does not depend on how it was initialised
     if step and main_rank:
         _truncate_log(log_path, step)
     if main_rank:
-        where = f"{device}" + (f", {world} processes (dp {pc.dp} x sp {pc.sp} {pc.sp_mode}, {pc.data_parallel})" if world > 1 else "")
+        layout = f"colossalai {pc.plugin}" if booster is not None else f"dp {pc.dp} x sp {pc.sp} {pc.sp_mode}, {pc.data_parallel}"
+        where = f"{device}" + (f", {world} processes ({layout})" if world > 1 else "")
         print(f"[{cfg.stage.name}] {init_note}; training to step {r.steps} on {where}", file=sys.stderr)
 
     def checkpoint(at: int) -> Path:
         extra = {"config": cfg.to_dict(), "stage": cfg.stage.name}
+        if booster is not None:
+            from . import colossal
+
+            path = colossal.save(booster, net, optimizer, out / "colossal" / f"step-{at:09d}", ema=ema.shadow,
+                                 extra={**extra, "step": at, "data_position": source.position()})  # fmt: skip
+            if main_rank:
+                prune_distributed(out / "colossal", r.keep_last)
+            return path
         if world == 1:
             return save_checkpoint(
                 out, step=at, model=model, ema=ema, optimizer=optimizer, data_position=source.position(),
@@ -411,10 +438,18 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
             terms = diffusion.training_losses(net, x0, t, model_kwargs=dict(y=batch.y, mask=batch.mask))
         loss = terms["loss"].mean()
         optimizer.zero_grad(set_to_none=True)
-        (loss * loss_scale(pc) if world > 1 else loss).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        ema.update(model)
+        if booster is not None:  # the boosted optimizer clips in step()
+            from . import colossal
+
+            colossal.backward(booster, loss.float(), optimizer)
+            optimizer.step()
+            grad_norm = colossal.grad_norm(optimizer) or float("nan")
+            ema.update(net.unwrap())
+        else:
+            (loss * loss_scale(pc) if world > 1 else loss).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            ema.update(model)
         step += 1
         done_here += 1
         losses.append(loss.item())
@@ -437,7 +472,12 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         if step % r.ckpt_every == 0 or step == r.steps:
             checkpoint(step)
     bar.close()
-    last = latest_checkpoint(out) if world == 1 else (latest_distributed(dcp_root) or (None, None))[1]
+    if booster is not None:
+        from . import colossal
+
+        last = (colossal.latest(out / "colossal") or (None, None))[1]
+    else:
+        last = latest_checkpoint(out) if world == 1 else (latest_distributed(dcp_root) or (None, None))[1]
     k = max(1, len(losses) // 5)
     return {
         "stage": cfg.stage.name, "step": step, "steps_this_run": done_here, "out_dir": str(out),

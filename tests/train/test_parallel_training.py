@@ -91,3 +91,30 @@ def test_layout_must_match_the_process_count(data, tmp_path):
     proc = _train(_config(tmp_path / "bad.toml", data, tmp_path / "bad", steps=1, ckpt_every=1, parallel="dp = 2"))
     assert proc.returncode == 2
     assert "[parallel] dp x sp = 2 needs that many processes: launch with torchrun --nproc_per_node=2" in proc.stderr
+
+
+def _colossalai_missing() -> str | None:
+    try:
+        from stdit.train.colossal import colossalai_available
+
+        return colossalai_available()
+    except ImportError as e:
+        return str(e)
+
+
+@pytest.mark.skipif(_colossalai_missing() is not None, reason=f"colossalai not installed: {_colossalai_missing()}")
+def test_colossalai_engine_trains_and_resumes(data, tmp_path):
+    """engine = "colossalai" (TorchDDPPlugin on CPU) follows the same trajectory as one process and
+    resumes from its own checkpoint."""
+    single = _train(_config(tmp_path / "one.toml", data, tmp_path / "one", steps=3, ckpt_every=3, parallel=""))
+    assert single.returncode == 0, single.stderr[-3000:]
+    cfg = _config(tmp_path / "cai.toml", data, tmp_path / "cai", steps=2, ckpt_every=1,
+                  parallel='dp = 2\nengine = "colossalai"\nplugin = "ddp"')  # fmt: skip
+    for steps in (2, 3):
+        cfg.write_text(cfg.read_text().replace(f"steps = {steps - 1}", f"steps = {steps}"))
+        proc = _torchrun(cfg)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-4000:]
+    assert "resumed from" in out and "(ColossalAI checkpoint)" in out
+    # dp = 2 halves the per-rank batch: rank 0's loss is not the global one, so compare step counts
+    assert len(_losses(tmp_path / "cai")) == 3
