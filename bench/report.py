@@ -827,6 +827,31 @@ def _section_models(df: pd.DataFrame, pub: list[dict], pub_note: str) -> str:
     return "\n\n".join(out)
 
 
+def _section_throughput(df: pd.DataFrame) -> str | None:
+    """Training-step throughput of the train / parallel suites: samples/s and tokens/s of the whole
+    job (global batch / median step), model FLOP utilisation (cost-model FLOPs / time / the peak the
+    row records, all ranks together for parallel jobs) and peak memory."""
+    s = df[df["suite"].isin(["train", "parallel"]) & df["ok"] & (df["median_ms"] > 0)]
+    if s.empty:
+        return None
+    recs = []
+    for _, r in s.iterrows():
+        dims = r["dims"] if isinstance(r["dims"], dict) else {}
+        procs = int(dims.get("processes", 1))
+        batch = int(dims.get("global_batch", r["batch"] or 1))
+        sec = r["median_ms"] / 1e3
+        tokens = (r["tokens"] or 0) * batch
+        devices = procs if r["device_kind"] == "cuda" else 1  # CPU processes share one machine's peak
+        mfu = (r["flops"] / sec / (r["peak_flops"] * devices) * 100) if _isnum(r["flops"]) and _isnum(r["peak_flops"]) else None
+        recs.append({
+            "suite": r["suite"], "layout": r["backend"], "shape": r["shape"], "dtype": r["dtype"], "processes": procs,
+            "global batch": batch, "ms/step (p20–p80)": _ms_range(r), "samples/s": _num(batch / sec),
+            "tokens/s": _num(tokens / sec), "MFU %": _num(mfu, "{:.2g}") if mfu is not None else "",
+            "peak MB": _num(r["peak_mem_mb"]) if _isnum(r["peak_mem_mb"]) else "",
+        })  # fmt: skip
+    return markdown_table(pd.DataFrame(recs))
+
+
 def _section_status(df: pd.DataFrame) -> str:
     bad = df[~df["ok"]]
     if bad.empty:
@@ -863,6 +888,15 @@ def _readme(df: pd.DataFrame, figs: list[Figure], skipped: list[str], pub, pub_n
     for suite in suites:
         parts += [f"### {suite}", _section_absolute(df, suite)]
     parts += ["## Models: STDiT vs DiT", _section_models(df, pub, pub_note)]
+    thr = _section_throughput(df)
+    if thr:
+        parts += [
+            "## Training throughput",
+            "One training step (IDDPM loss, backward, AdamW) per row: `train` compares encoding video and text "
+            "every step (Open-Sora 1.0) with cached latents (`stdit prepare`); `parallel` runs each layout as a "
+            "torchrun job on all local devices. MFU = cost-model FLOPs / step time / (peak x GPUs; on a CPU the processes share one peak).",
+            thr,
+        ]
     parts.append("## Figures")
     for f in figs:
         parts.append(f"![{f.title}]({f.filename})\n\n*{f.title}.* {f.caption}")
