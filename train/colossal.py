@@ -346,11 +346,8 @@ def load(booster, model, optimizer, path: str | Path, *, ema: dict[str, torch.Te
 
 
 def latest(root: str | Path) -> tuple[int, Path] | None:
-    """(step, path) of the highest-step complete ``root/step-*`` checkpoint written by ``save``, or None."""
-    best = None
-    for d in Path(root).glob("step-*"):
-        if d.is_dir() and (d / DONE).is_file() and d.name[5:].isdigit():
-            step = int(d.name[5:])
-            if best is None or step > best[0]:
-                best = (step, d)
-    return best
+    """(step, path) of the highest-step complete ``root/step-*`` checkpoint written by ``save``, or None
+    (the same layout and ``COMPLETE`` marker as stdit.train.parallel's distributed checkpoints)."""
+    from .parallel import latest_distributed
+
+    return latest_distributed(root)

@@ -19,34 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from stdit.models import stdit_from_preset
 from stdit.train import colossal
 
+sys.path.insert(0, str(Path(__file__).parent))
+from dp_worker import loss_of, make_batch, make_model  # noqa: E402  (the same model, batch and loss)
+
 LR, CLIP = 1e-3, 1.0
-
-
-def make_model():
-    torch.manual_seed(0)
-    model = stdit_from_preset("STDiT-tiny", attention_backend="reference", class_dropout_prob=0.0, dtype=torch.float64)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
-    return model.double()  # float64 so that reduction-order rounding stays far below the tolerances
-
-
-def make_batch():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 4, 3, 8, 8, generator=g, dtype=torch.float64)
-    t = torch.randint(0, 1000, (4,), generator=g)
-    y = torch.randn(4, 1, 8, 32, generator=g, dtype=torch.float64)
-    mask = torch.ones(4, 8, dtype=torch.int64)
-    mask[1, 5:] = 0
-    mask[2, 2:] = 0
-    return x, t, y, mask
-
-
-def loss_of(model, x, t, y, mask):
-    return model(x, t, y, mask).square().mean()
 
 
 def ref_step(model, opt, batch):
