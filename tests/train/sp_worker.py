@@ -162,13 +162,25 @@ def main() -> None:
         res["ulysses_heads_error"] = None
     except ValueError as e:
         res["ulysses_heads_error"] = str(e)
-    try:  # one frame cannot be split over 2 ranks in DSP mode
-        w = SequenceParallelSTDiT(make_model(), mode="dsp")
-        x, t, y, mask, _ = make_inputs((1, 8, 8), seed=3)
-        w(x, t, y, mask)
+    # one frame cannot be split over 2 ranks in DSP mode: as shards it is refused; gathered, every
+    # rank runs the whole model (gradient / sp) and the output equals one device's
+    model = make_model()
+    w = SequenceParallelSTDiT(model, mode="dsp")
+    x, t, y, mask, _ = make_inputs((1, 8, 8), seed=3)
+    try:
+        w(x, t, y, mask, gather_output=False)
         res["dsp_empty_shard_error"] = None
     except ValueError as e:
         res["dsp_empty_shard_error"] = str(e)
+    with torch.no_grad():
+        res["dsp_single_frame_fallback_diff"] = float((w(x, t, y, mask) - model(x, t, y, mask)).abs().max())
+    w(x, t, y, mask).square().mean().backward()
+    w.sync_grads()
+    ref = make_model()
+    ref(x, t, y, mask).square().mean().backward()
+    res["dsp_single_frame_fallback_grad_diff"] = max(
+        float((p.grad - q.grad).abs().max()) for p, q in zip(model.parameters(), ref.parameters()) if q.grad is not None
+    )
     # the bytes ratio at the even test shape
     dsp, uly = res["dsp/even"], res["ulysses/even"]
     res["even_ratio"] = dsp["bytes_per_block_counted_avg"] / uly["bytes_per_block_counted_avg"]

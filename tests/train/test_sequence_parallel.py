@@ -81,6 +81,8 @@ def test_refusals(results):
     assert msg is not None and "num_heads = 3" in msg and "sp = 2" in msg
     msg = results["dsp_empty_shard_error"]
     assert msg is not None and "1 frames" in msg and "sp = 2" in msg
+    assert results["dsp_single_frame_fallback_diff"] == 0.0  # gathered: replicated compute, exact
+    assert results["dsp_single_frame_fallback_grad_diff"] < 1e-12  # each rank's gradient / sp, summed
 
 
 def test_formula_closed_form():
