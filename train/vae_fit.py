@@ -183,7 +183,7 @@ def _save_preview(vae, frames: torch.Tensor, path: Path, n: int = 8) -> None:
     Image.fromarray(img).save(path)
 
 
-def fit_vae(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, steps: int = 450,
+def fit_vae(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, steps: int = 500,
             image_size: Sequence[int] = (48, 48), batch_frames: int = 16, lr: float = 3e-3, seed: int = 0,
             widths: Sequence[int] | None = None, progress: bool = True, frames_per_video: int = 8,
             kl_weight: float = 1e-6, preview_size: Sequence[int] | None = (64, 64),
