@@ -16,4 +16,4 @@ fi
 .venv/bin/stdit train --config configs/demo/stage1.toml --config configs/demo/stage2.toml --config configs/demo/stage3.toml
 .venv/bin/stdit sample --checkpoint runs/demo/stage3 --prompt "a red circle moving left to right on a dark blue background" \
     --out runs/demo/sample.mp4 --steps 50 --cfg-scale 4.0
-echo "wrote runs/demo/sample.mp4 (training logs: runs/demo/stage*/log.csv)"
+echo "wrote runs/demo/sample.mp4 (training logs: runs/demo/stage*/log.csv; fixed-batch evaluation: runs/demo/stage*/eval.csv)"

@@ -14,7 +14,7 @@ directory the command runs in, as in Open-Sora's configs.
                directory), model_max_length, vae_micro_batch
     [optim]    lr, weight_decay, grad_clip, ema_decay, optimizer ("adamw" | "apex")
     [run]      out_dir, steps, seed, device ("auto" | "cpu" | "cuda"), dtype ("fp32" | "bf16"),
-               log_every, ckpt_every, keep_last
+               log_every, ckpt_every, keep_last, eval_batches
     [parallel] dp, sp, sp_mode ("dsp" | "ulysses"), data_parallel ("fsdp2" | "ddp"), engine
                ("torch" | "colossalai"), compile_blocks; dp x sp must equal torchrun's process count
 """
@@ -90,6 +90,7 @@ class RunCfg:
     log_every: int = 10
     ckpt_every: int = 50
     keep_last: int = 3
+    eval_batches: int = 4  # fixed held-in batches scored at each checkpoint (0: off); see trainer.evaluate
 
 
 @dataclass

@@ -18,7 +18,9 @@
 6. trains: IDDPM loss (stdit.train.diffusion) at uniformly drawn timesteps, AdamW (fused on CUDA;
    apex FusedAdam when asked for and installed), grad-norm clipping, EMA, bf16 autocast on GPU;
    logs loss, samples/s, tokens/s and memory to ``out_dir/log.csv`` with a progress bar;
-   checkpoints atomically every ``ckpt_every`` steps and at the end.
+   checkpoints atomically every ``ckpt_every`` steps and at the end, and scores a fixed evaluation
+   (same batches, timesteps and noise every time: :class:`FixedEval`) at the start and at every
+   checkpoint into ``out_dir/eval.csv``, the trend the noisy per-step loss cannot show.
 
 Data come either from a CSV of videos/images encoded online every step (what Open-Sora 1.0 did) or
 from a ``stdit prepare`` cache of latents and text embeddings (encode once).
@@ -263,6 +265,68 @@ class BatchSource:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Evaluation: a deterministic loss the per-step loss cannot give
+# ----------------------------------------------------------------------------------------------------
+
+
+class FixedEval:
+    """The IDDPM loss on fixed batches, fixed timesteps and fixed noise.
+
+    The per-step training loss depends mostly on which timestep was drawn, so its trend over a short
+    run is noise. This scores the same ``n`` batches (the first batches of epoch 0) at timesteps
+    spread evenly over [0, 999] with noise from a fixed seed, so two evaluations differ only by the
+    weights. RNG states are forked: evaluating never changes the training run's random stream.
+    """
+
+    def __init__(self, source: "BatchSource", n: int, diffusion, seed: int):
+        self.batches = []
+        if n <= 0:
+            return
+        saved = (source.epoch, source.batches_in_epoch)
+        source.epoch, source.batches_in_epoch = 0, 0
+        with torch.random.fork_rng(devices=[source.device] if source.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for batch in source:
+                B = batch.latents.shape[0]
+                i = len(self.batches)
+                t = (torch.arange(B) * n + i) * (diffusion.num_timesteps - 1) // max(B * n - 1, 1)
+                g = torch.Generator().manual_seed(seed + i)
+                noise = torch.randn(batch.latents.shape, generator=g).to(batch.latents.device)
+                self.batches.append((batch, t.to(batch.latents.device), noise))
+                if len(self.batches) == n:
+                    break
+        source.epoch, source.batches_in_epoch = saved
+        self.diffusion = diffusion
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict | None:
+        if not self.batches:
+            return None
+        was_training = model.training
+        model.eval()
+        loss = mse = 0.0
+        with torch.random.fork_rng(devices=[]):
+            for batch, t, noise in self.batches:
+                terms = self.diffusion.training_losses(
+                    model, batch.latents, t, model_kwargs=dict(y=batch.y, mask=batch.mask), noise=noise
+                )
+                loss += terms["loss"].mean().item()
+                mse += terms["mse"].mean().item()
+        model.train(was_training)
+        n = len(self.batches)
+        return {"eval_loss": loss / n, "eval_mse": mse / n}
+
+
+def _append_eval(path: Path, step: int, scores: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["step", "eval_loss", "eval_mse"])
+        w.writerow([step, f"{scores['eval_loss']:.6f}", f"{scores['eval_mse']:.6f}"])
+
+
+# ----------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------
 
@@ -425,6 +489,19 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
             prune_distributed(dcp_root, r.keep_last)
         return path
 
+    # Fixed-batch evaluation (single process only: sharded models need every rank in the forward).
+    evaluator = FixedEval(source, r.eval_batches if world == 1 else 0, diffusion, seed=r.seed)
+    eval_path, evals = out / "eval.csv", []
+
+    def evaluate(at: int) -> None:
+        scores = evaluator(model)
+        if scores is not None and main_rank:
+            evals.append(scores["eval_loss"])
+            _append_eval(eval_path, at, scores)
+
+    if step == 0:
+        eval_path.unlink(missing_ok=True)
+        evaluate(0)
     losses, t_last, done_here = [], time.perf_counter(), 0
     model.train()
     batches = iter(source)
@@ -471,6 +548,7 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
             t_last, window = now, {"samples": 0, "tokens": 0, "skipped": 0}
         if step % r.ckpt_every == 0 or step == r.steps:
             checkpoint(step)
+            evaluate(step)
     bar.close()
     if booster is not None:
         from . import colossal
@@ -484,6 +562,7 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         "checkpoint": str(last) if last else None, "init": init_note,
         "loss_first": float(np.mean(losses[:k])) if losses else None,
         "loss_last": float(np.mean(losses[-k:])) if losses else None,
+        "eval_first": evals[0] if evals else None, "eval_last": evals[-1] if evals else None,
     }  # fmt: skip
 
 

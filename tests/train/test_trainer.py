@@ -70,6 +70,9 @@ def test_resume_continues_the_same_trajectory_bitwise(data, tmp_path):
     assert rest["init"].startswith("resumed from") and rest["step"] == 6
     assert [r["loss"] for r in _log(tmp_path / "part")] == [r["loss"] for r in _log(tmp_path / "full")]
     _assert_same_weights(_weights(tmp_path / "part"), _weights(tmp_path / "full"))
+    # the fixed evaluation (steps 0, 2, 4, 6) is deterministic and unaffected by the crash
+    assert (tmp_path / "part" / "eval.csv").read_text() == (tmp_path / "full" / "eval.csv").read_text()
+    assert [r["step"] for r in csv.DictReader((tmp_path / "full" / "eval.csv").open())] == ["0", "2", "4", "6"]
 
 
 def test_sigkill_at_random_moments_then_resume(data, tmp_path):
