@@ -709,7 +709,7 @@ def plot(rows: list[dict], path, shape: str | None = None, dpi: int = 110):
     return path
 
 
-def write_report(out_dir) -> "Path":
+def write_report(out_dir):
     """``out_dir/README.md`` (the communication model's tables for every Open-Sora shape, DSP vs
     Ulysses beside the paper's claims) and one bytes-vs-degree PNG per shape. Analytic: the same on
     every machine, so it lives in ``reports/parallel-model/``."""

@@ -310,16 +310,9 @@ def save(booster, model, optimizer, path: str | Path, *, extra: dict | None = No
         from safetensors.torch import save_file
 
         save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    _barrier()
-    if rank == 0:
-        (tmp / DONE).write_text(json.dumps(extra or {}))
-        old = path.with_name(path.name + ".old-colossalai")
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return path
+    from .parallel import publish
+
+    return publish(tmp, path, extra)
 
 
 def load(booster, model, optimizer, path: str | Path, *, ema: dict[str, torch.Tensor] | None = None) -> dict:

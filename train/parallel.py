@@ -170,8 +170,6 @@ def save_distributed(path: str | Path, model: nn.Module, optimizer: torch.optim.
     ``COMPLETE`` marker (with ``extra`` as JSON) and renames the directory to ``path`` (atomic), so a
     killed job never leaves a ``path`` that looks complete. Loadable on any world size.
     """
-    import json
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -188,10 +186,19 @@ def save_distributed(path: str | Path, model: nn.Module, optimizer: torch.optim.
     if ema is not None:
         state["ema"] = dict(ema)
     dcp.save(state, checkpoint_id=str(tmp))
+    return publish(tmp, path, extra)
+
+
+def publish(tmp: Path, path: Path, extra: dict | None) -> Path:
+    """After every rank has written into ``tmp``: rank 0 writes the COMPLETE marker (``extra`` as
+    JSON) and renames ``tmp`` to ``path`` (an old ``path`` is moved aside first and removed after),
+    so ``path`` is either absent, the old checkpoint, or the complete new one."""
+    import json
+
     _barrier()
-    if rank == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         (tmp / DCP_DONE).write_text(json.dumps(extra or {}))
-        old = path.with_name(path.name + ".old-dcp")
+        old = path.with_name(path.name + ".old")
         if path.exists():
             path.rename(old)
         tmp.rename(path)
