@@ -461,7 +461,7 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         init_note = f"resumed from {single}"
     if step == 0:
         seed_everything(seed)  # the run's randomness does not depend on how it was initialised
-    if step and main_rank:
+    if main_rank:  # rows past the resumed step (or any, on a fresh start) came from a killed run
         _truncate_log(log_path, step)
     if main_rank:
         layout = f"colossalai {pc.plugin}" if booster is not None else f"dp {pc.dp} x sp {pc.sp} {pc.sp_mode}, {pc.data_parallel}"
