@@ -373,6 +373,13 @@ class CachedLatentDataset(Dataset):
         state["_meta"] = {}
         return state
 
+    epoch = 0  # read by stdit.train.data.make_dataloader: the batch order is a permutation of (seed, epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose shuffled order a make_dataloader loader serves (cached samples
+        themselves are fixed: the randomness of crops was spent when they were encoded)."""
+        self.epoch = int(epoch)
+
     @property
     def num_skipped(self) -> int:
         return int(self.index.get("num_skipped", 0))

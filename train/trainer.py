@@ -238,14 +238,11 @@ class BatchSource:
 
         d = self.cfg.data
         while True:
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(self.epoch)
+            self.dataset.set_epoch(self.epoch)  # the loader's order is a permutation of (seed, epoch)
             loader = make_dataloader(
                 self.dataset, d.batch_size, shuffle=True, num_workers=d.num_workers, seed=self.cfg.run.seed,
                 start_index=self.batches_in_epoch * d.batch_size * self.dp, rank=self.dp_rank, world=self.dp,
             )  # fmt: skip
-            if hasattr(self.dataset, "set_epoch") is False and hasattr(loader.batch_sampler, "set_epoch"):
-                loader.batch_sampler.set_epoch(self.epoch)
             for raw in loader:
                 self.batches_in_epoch += 1
                 if raw is None:  # every sample of the batch was unreadable
@@ -413,9 +410,7 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
     if world == 1 and single is not None and not use_multi:
         pass  # loaded below, after the optimizer exists
     elif single is not None and not use_multi:  # distributed run from a single-process checkpoint
-        from .checkpoint import EMA as _EMA
-
-        load_checkpoint(single, model=model, ema=_EMA(model, decay=cfg.optim.ema_decay), map_location=str(device))
+        load_checkpoint(single, model=model, ema=EMA(model, decay=cfg.optim.ema_decay), map_location=str(device))
         init_note = f"weights from {single} (optimizer and EMA restart: single-process -> distributed)"
     elif not use_multi and cfg.stage.init_from:
         init_note = init_from_previous(model, cfg.stage.init_from, cfg.stage.zero_temporal)
