@@ -644,6 +644,12 @@ STDIT_PRESETS: dict[str, dict] = {
         input_size=(4, 8, 8), depth=2, hidden_size=144, patch_size=(1, 2, 2), num_heads=2,
         caption_channels=32, model_max_length=8, space_scale=0.5, time_scale=1.0,
     ),
+    # The CPU training demo's model (configs/demo): deeper and wider than tiny so that minutes of CPU
+    # training learn the synthetic shapes' colours, positions and motion; ~8M parameters.
+    "STDiT-demo": dict(
+        input_size=(8, 8, 8), depth=6, hidden_size=216, patch_size=(1, 2, 2), num_heads=3,
+        caption_channels=32, model_max_length=80, space_scale=0.5, time_scale=1.0,
+    ),
     "STDiT-mini": dict(
         input_size=(2, 4, 4), depth=1, hidden_size=72, patch_size=(1, 2, 2), num_heads=1,
         caption_channels=16, model_max_length=4,

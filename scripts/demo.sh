@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
-# The CPU demo of staged training (issue: training): generated moving-shapes videos with captions,
-# stage 1 (images) -> stage 2 (video, temporal attention zero-initialised) -> stage 3 (higher
-# resolution), then a sampled video. A small VAE is fitted on the same data first (the demo has no
-# pretrained one). About 6-12 minutes on an otherwise idle 2-core CPU; everything under runs/demo/.
-# Re-running resumes each stage from its latest checkpoint (finished stages return at once).
+# The CPU demo of staged training (issue: training): generated shapes (still images for stage 1, 16-frame
+# moving-shape clips for stages 2 and 3) with captions, stage 1 (images) -> stage 2 (video, temporal attention
+# zero-initialised) -> stage 3 (higher resolution), then a sampled video and its frames as one PNG.
+# A small VAE is fitted on the same data first (the demo has no pretrained one). About 13 minutes on an
+# otherwise idle 2-core CPU; everything goes under runs/demo/ (delete that folder to start over).
+# Re-running resumes: finished data, VAE, caches and stages are reused, a stage resumes from its latest checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ ! -f runs/demo/data/captions.csv ]; then
-    .venv/bin/python -m stdit.train.synthetic runs/demo/data --num-videos 48 --num-images 16 --frames 24 --size 96 96 --corrupt 2
+D=runs/demo
+PROMPT=${PROMPT:-"a red circle moving left to right on a dark blue background"}
+start=$(date +%s)
+if [ ! -f $D/videos/captions.csv ]; then
+    .venv/bin/python -m stdit.train.synthetic $D/videos --num-videos 96 --num-images 0 --frames 16 --size 96 96 \
+        --corrupt 2 --vocabulary simple
 fi
-# A fitted VAE (the demo has no pretrained sd-vae-ft-ema): a random one would decode any sample to noise.
-# Skipped when runs/demo/vae already holds a finished fit.
-.venv/bin/stdit fit-vae --csv runs/demo/data/captions.csv --out runs/demo/vae --steps 500
+if [ ! -f $D/images/captions.csv ]; then
+    .venv/bin/python -m stdit.train.synthetic $D/images --num-videos 0 --num-images 256 --size 96 96 \
+        --vocabulary simple --seed 1
+fi
+# A fitted VAE (no pretrained sd-vae-ft-ema here): a random one would decode any sample to noise.
+# Skipped when $D/vae already holds a finished fit.
+.venv/bin/stdit fit-vae --csv $D/videos/captions.csv $D/images/captions.csv --out $D/vae --steps 500
 .venv/bin/stdit train --config configs/demo/stage1.toml --config configs/demo/stage2.toml --config configs/demo/stage3.toml
-.venv/bin/stdit sample --checkpoint runs/demo/stage3 --prompt "a red circle moving left to right on a dark blue background" \
-    --out runs/demo/sample.mp4 --steps 50 --cfg-scale 4.0
-echo "wrote runs/demo/sample.mp4 (training logs: runs/demo/stage*/log.csv; fixed-batch evaluation: runs/demo/stage*/eval.csv)"
+.venv/bin/stdit sample --checkpoint $D/stage3 --prompt "$PROMPT" --out $D/sample.mp4 --sheet $D/sample.png \
+    --steps 50 --cfg-scale 4.0
+echo "demo done in $(( $(date +%s) - start )) s: $D/sample.mp4 and its frames side by side in $D/sample.png"
+echo "training logs: $D/stage*/log.csv; fixed-batch evaluation (live and EMA weights): $D/stage*/eval.csv"

@@ -37,10 +37,11 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--sheet", default=None, help="also write the frames side by side to this PNG")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("fit-vae", help="fit a small AutoencoderKL on a CSV's frames (a VAE for the CPU demo)")
-    p.add_argument("--csv", required=True, help="video/image CSV (path,text[,num_frames])")
+    p.add_argument("--csv", required=True, nargs="+", help="video/image CSV(s) (path,text[,num_frames]); frames pooled")
     p.add_argument("--out", required=True, help="output directory (VideoVAE.from_pretrained layout)")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: fit_vae's)")
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
@@ -56,12 +57,10 @@ def add_train_parsers(sub) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Encode a stage's CSV once (its data and encoders settings) into latent / text shards."""
-    import warnings
     from pathlib import Path
 
     from .config import load_config
-    from .data import VideoTextDataset
-    from .prepare import prepare_dataset, split_scenes
+    from .prepare import prepare_stage, split_scenes
     from .trainer import build_encoders, resolve_device
 
     if args.split_scenes:
@@ -75,15 +74,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if not cfg.data.csv:
         raise ValueError(f"config: {args.config} has no [data] csv to encode")
-    d = cfg.data
-    device = resolve_device(cfg.run.device)
-    vae, text = build_encoders(cfg, device)
-    dataset = VideoTextDataset(d.csv, num_frames=d.num_frames, frame_interval=d.frame_interval,
-                               image_size=tuple(d.image_size), seed=cfg.run.seed)  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        index = prepare_dataset((dataset[i] for i in range(len(dataset))), args.out, vae=vae, text_encoder=text,
-                                shard_size=args.shard_size, progress=not args.quiet, seed=cfg.run.seed)  # fmt: skip
+    vae, text = build_encoders(cfg, resolve_device(cfg.run.device))
+    index = prepare_stage(cfg, args.out, vae, text, shard_size=args.shard_size, progress=not args.quiet)
     print(index)
     return 0
 
@@ -105,9 +97,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = sample_video(
         args.checkpoint, args.prompt, args.out, steps=args.steps, cfg_scale=args.cfg_scale,
         guide_channels=args.guide_channels, num_frames=args.frames, seed=args.seed, fps=args.fps,
-        device=args.device, progress=not args.quiet,
+        device=args.device, progress=not args.quiet, sheet=args.sheet,
     )  # fmt: skip
     print(out)
+    if args.sheet:
+        print(args.sheet)
     return 0
 
 

@@ -9,10 +9,11 @@ directory the command runs in, as in Open-Sora's configs.
                zero_temporal (zero attn_temp.proj after loading: a stage-2 model starts as the image model)
     [model]    preset ("STDiT-tiny", "STDiT-XL/2", ...), attention_backend, fused_ops, checkpoint,
                class_dropout_prob, space_scale, time_scale, freeze
-    [data]     csv | cached, num_frames, frame_interval, image_size [H, W], batch_size, num_workers
-    [encoders] vae ("tiny" or a local sd-vae-ft-ema directory), text ("tiny" or a local t5-v1_1-xxl
-               directory), model_max_length, vae_micro_batch
-    [optim]    lr, weight_decay, grad_clip, ema_decay, optimizer ("adamw" | "apex")
+    [data]     csv (+ cache: encode once into that folder, then train from it) | cached, num_frames, frame_interval, image_size [H, W], batch_size, num_workers
+    [encoders] vae ("tiny" or a local sd-vae-ft-ema directory), text ("tiny", "tiny-words" or a local
+               t5-v1_1-xxl directory), model_max_length, vae_micro_batch
+    [optim]    lr, weight_decay, grad_clip, ema_decay, optimizer ("adamw" | "apex"), lr_schedule
+               ("constant" = Open-Sora 1.0 | "cosine": to lr_min at the last step), warmup_steps, lr_min
     [run]      out_dir, steps, seed, device ("auto" | "cpu" | "cuda"), dtype ("fp32" | "bf16"),
                log_every, ckpt_every, keep_last, eval_batches
     [parallel] dp, sp, sp_mode ("dsp" | "ulysses"), data_parallel ("fsdp2" | "ddp"), engine
@@ -56,6 +57,7 @@ class ModelCfg:
 class DataCfg:
     csv: str = ""
     cached: str = ""
+    cache: str = ""  # with csv: encode it once into this folder (first run; resumable), then train from it
     num_frames: int = 16
     frame_interval: int = 3
     image_size: list[int] = field(default_factory=lambda: [256, 256])
@@ -78,6 +80,9 @@ class OptimCfg:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     optimizer: str = "adamw"
+    lr_schedule: str = "constant"  # Open-Sora 1.0's; "cosine": decay to lr_min at the stage's last step
+    warmup_steps: int = 0
+    lr_min: float = 0.0
 
 
 @dataclass
@@ -112,7 +117,7 @@ class StageConfig:
 
 _CLASSES = {"stage": StageCfg, "model": ModelCfg, "data": DataCfg, "encoders": EncodersCfg, "optim": OptimCfg, "run": RunCfg,
             "parallel": ParallelConfig}
-_PATH_KEYS = {("data", "csv"), ("data", "cached"), ("run", "out_dir")}
+_PATH_KEYS = {("data", "csv"), ("data", "cached"), ("data", "cache"), ("run", "out_dir")}
 
 
 def _check_type(where: str, value, default):
@@ -166,6 +171,8 @@ def _validate(cfg: StageConfig) -> None:
     d, r, o = cfg.data, cfg.run, cfg.optim
     if bool(d.csv) == bool(d.cached):
         raise ConfigError(f"{src}: [data] needs exactly one of csv (a video/image CSV) or cached (a `stdit prepare` folder)")
+    if d.cache and not d.csv:
+        raise ConfigError(f"{src}: [data] cache (where to encode the csv once) needs [data] csv")
     if not r.out_dir:
         raise ConfigError(f"{src}: [run] out_dir is required (where checkpoints and logs go)")
     for where, v in (("[data] num_frames", d.num_frames), ("[data] frame_interval", d.frame_interval),
@@ -183,6 +190,11 @@ def _validate(cfg: StageConfig) -> None:
         raise ConfigError(f"{src}: [optim] optimizer must be 'adamw' or 'apex', got {o.optimizer!r}")
     if not 0.0 <= o.ema_decay < 1.0 or o.lr <= 0 or o.grad_clip <= 0:
         raise ConfigError(f"{src}: [optim] needs lr > 0, grad_clip > 0 and 0 <= ema_decay < 1")
+    if o.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"{src}: [optim] lr_schedule must be 'constant' or 'cosine', got {o.lr_schedule!r}")
+    if o.warmup_steps < 0 or not 0.0 <= o.lr_min <= o.lr:
+        raise ConfigError(f"{src}: [optim] needs warmup_steps >= 0 and 0 <= lr_min <= lr, got "
+                          f"warmup_steps={o.warmup_steps}, lr_min={o.lr_min}")
     try:
         cfg.parallel.validate()
     except ValueError as e:

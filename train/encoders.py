@@ -36,6 +36,14 @@ offset by 3 for pad=0, eos=1, unk=2, plus 125 extra ids: 384 ids). ``TextEncoder
 the tokenizer's two small JSON files next to the model, so ``from_pretrained`` reloads it with
 ``AutoTokenizer`` like any other tokenizer.
 
+``TextEncoder.tiny(tokenizer="words")`` (stage configs: ``text = "tiny-words"``) swaps the bytes for whole
+words: a ``tokenizers`` WordLevel model (lower-cased, split on whitespace, punctuation dropped) over a vocabulary
+built in code, ``word_vocabulary()`` = the synthetic data's caption words (``stdit.train.synthetic``), any
+other word -> ``<unk>``. Why the CPU demo uses it: a pretrained T5 hands the model features that already
+name words; a *random* byte-level encoder hands it a colour as three or six bytes at a position that shifts
+with the words before it, which a small model needs many more steps to decode (measured: after 600 stage-1
+steps the byte-level demo model drew the prompted background but the wrong shape colour).
+
 ``transformers`` is imported lazily (only ``TextEncoder`` needs it); so is ``diffusers``.
 """
 
@@ -50,6 +58,8 @@ import torch
 from torch import nn
 
 __all__ = [
+    "word_vocabulary",
+    "word_tokenizer",
     "OPEN_SORA_SCALING_FACTOR",
     "OPEN_SORA_TEXT_LENGTH",
     "VideoVAE",
@@ -142,6 +152,8 @@ class VideoVAE(nn.Module):
         _freeze(self)
 
     # -- constructors -----------------------------------------------------------------------------------
+    TINY_TOKENIZERS = ("bytes", "words")
+
     @classmethod
     def from_pretrained(
         cls,
@@ -277,6 +289,35 @@ class VideoVAE(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+WORD_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5 / ByT5
+
+
+def word_vocabulary() -> list[str]:
+    """The tiny word tokenizer's vocabulary: special tokens, then the synthetic captions' words, sorted."""
+    from . import synthetic
+
+    words: set[str] = set("a an moving on background gradient vertical horizontal from to".split())
+    for group in (synthetic.COLORS, synthetic.BACKGROUNDS, synthetic.SHAPES, synthetic.MOTIONS):
+        for phrase in group:
+            words.update(phrase.lower().split())
+    return [*WORD_SPECIAL_TOKENS, *sorted(words)]
+
+
+def word_tokenizer():
+    """A transformers fast tokenizer over ``word_vocabulary()`` (tokenizers' WordLevel), built in code:
+    lower-cased, split on whitespace, punctuation dropped, unknown words -> ``<unk>``, ``</s>`` appended."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(word_vocabulary())}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                pre_tokenizers.Punctuation(behavior="removed")])
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
 class TextEncoder(nn.Module):
     """T5 encoder + tokenizer: captions -> (y (B, 1, L, C), mask (B, L) int64), L = ``model_max_length``."""
 
@@ -299,6 +340,8 @@ class TextEncoder(nn.Module):
         _freeze(self)
 
     # -- constructors -----------------------------------------------------------------------------------
+    TINY_TOKENIZERS = ("bytes", "words")
+
     @classmethod
     def from_pretrained(
         cls,
@@ -331,11 +374,16 @@ class TextEncoder(nn.Module):
         num_layers: int = 2,
         num_heads: int = 2,
         dtype: torch.dtype = torch.float32,
+        tokenizer: str = "bytes",
     ) -> "TextEncoder":
-        """A small random T5 encoder with a byte-level tokenizer (transformers' ``ByT5Tokenizer``, no files)."""
+        """A small random T5 encoder with a tokenizer that needs no files: ``"bytes"`` (transformers'
+        ``ByT5Tokenizer``) or ``"words"`` (``word_tokenizer()``: the synthetic captions' words)."""
         from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-        tokenizer = ByT5Tokenizer()
+        if tokenizer not in cls.TINY_TOKENIZERS:
+            raise ValueError(f"tokenizer: expected one of {cls.TINY_TOKENIZERS}, got {tokenizer!r}")
+        kind = tokenizer
+        tokenizer = ByT5Tokenizer() if kind == "bytes" else word_tokenizer()
         config = T5Config(
             vocab_size=len(tokenizer),
             d_model=d_model,
@@ -353,7 +401,8 @@ class TextEncoder(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = T5EncoderModel(config)
-        out = cls(model, tokenizer, model_max_length=model_max_length, name=f"T5EncoderModel(tiny, seed={seed})")
+        name = f"T5EncoderModel(tiny, seed={seed})" if kind == "bytes" else f"T5EncoderModel(tiny, {kind}, seed={seed})"
+        out = cls(model, tokenizer, model_max_length=model_max_length, name=name)
         return out.to(dtype=dtype)
 
     def save_pretrained(self, local_dir: str | os.PathLike) -> Path:

@@ -321,6 +321,46 @@ def prepare_dataset(
     return index_path
 
 
+def prepare_stage(cfg, out_dir: str | os.PathLike, vae, text_encoder, *, shard_size: int = 64,
+                  progress: bool = True) -> Path:
+    """Encode a stage config's ``[data] csv`` (its frames, frame interval, size and seed) with the given
+    encoders into ``out_dir`` (``prepare_dataset``); returns the path of ``index.json``."""
+    import warnings
+
+    from .data import VideoTextDataset
+
+    d = cfg.data
+    if not d.csv:
+        raise ValueError(f"config: {cfg.source} has no [data] csv to encode")
+    dataset = VideoTextDataset(d.csv, num_frames=d.num_frames, frame_interval=d.frame_interval,
+                               image_size=tuple(d.image_size), seed=cfg.run.seed)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        return prepare_dataset((dataset[i] for i in range(len(dataset))), out_dir, vae=vae, text_encoder=text_encoder,
+                               shard_size=shard_size, progress=progress, seed=cfg.run.seed)  # fmt: skip
+
+
+def check_cache_matches(cfg, out_dir: str | os.PathLike, vae, text_encoder) -> None:
+    """Raise ValueError unless ``out_dir``'s finished preparation holds what the stage would encode: the
+    same encoders and latents of (T, H/8, W/8) with T = 1 (images) or the stage's frame count."""
+    index = json.loads((Path(out_dir) / INDEX_NAME).read_text(encoding="utf-8"))
+    d = cfg.data
+    want_hw = [d.image_size[0] // 8, d.image_size[1] // 8]
+    problems = []
+    encoders = {"vae": vae.describe(), "text_encoder": text_encoder.describe()}
+    if index.get("encoders") != encoders:
+        problems.append("other encoders")
+    for spec in index.get("shards", []):
+        shape = spec.get("latent_shape", [])
+        if len(shape) != 4 or shape[1] not in (1, d.num_frames) or shape[2:] != want_hw:
+            problems.append(f"latents of shape {shape} (the stage encodes (4, {d.num_frames} or 1, {want_hw[0]}, "
+                            f"{want_hw[1]}))")
+            break
+    if problems:
+        raise ValueError(f"[data] cache: {out_dir} was prepared with {' and '.join(problems)}; delete it or name "
+                         "another folder")
+
+
 class CachedLatentDataset(Dataset):
     """Samples of a ``prepare_dataset`` output: dict(latents (4, T, h, w), y (1, L, C), mask (L,), text, path).
 

@@ -83,8 +83,12 @@ def sample_video(
     fps: int = 8,
     device: str = "auto",
     progress: bool = True,
+    sheet: str | Path | None = None,
 ) -> Path:
-    """Generate one video for ``prompt`` and write it to ``out``; returns the written path."""
+    """Generate one video for ``prompt`` and write it to ``out``; returns the written path.
+
+    ``sheet``: also write the frames side by side as one PNG (a contact sheet: the whole clip at a glance).
+    """
     from .diffusion import IDDPM
     from .trainer import resolve_device
 
@@ -92,6 +96,8 @@ def sample_video(
         raise ValueError("prompt: expected a non-empty caption")
     if steps < 1 or steps > 1000:
         raise ValueError(f"steps: expected 1..1000 sampling steps, got {steps}")
+    if sheet is not None and Path(sheet).suffix.lower() != ".png":  # before minutes of sampling
+        raise ValueError(f"sheet: expected a .png path, got {str(sheet)!r}")
     dev = resolve_device(device)
     cfg, model, vae, text, ckpt = load_for_sampling(checkpoint, dev)
     T = num_frames or cfg.data.num_frames
@@ -107,4 +113,20 @@ def sample_video(
         )  # fmt: skip
         video = vae.decode(latents)  # (1, 3, T, H, W) in [-1, 1]
     frames = ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    if sheet is not None:
+        write_sheet(frames, sheet)
     return write_video(frames, out, fps)
+
+
+def write_sheet(frames: np.ndarray, out: str | Path) -> Path:
+    """Write frames (T, H, W, 3) uint8 side by side as one PNG, atomically; returns the path."""
+    from PIL import Image
+
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"sheet: expected a .png path, got {str(out)!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    Image.fromarray(np.concatenate(list(frames), axis=1)).save(tmp, format="PNG")
+    tmp.replace(out)
+    return out

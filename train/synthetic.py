@@ -5,6 +5,8 @@
 * ``videos/video_XXX.mp4``: a circle / square / triangle of a named colour moving left to right, right to
   left, top to bottom, bottom to top or diagonally over a plain or gradient background (H.264 via PyAV;
   if no H.264 encoder is available the files are MPEG-4 Part 2 instead and a warning says so);
+  ``vocabulary="simple"`` (the CPU demo's) narrows that to 4 colours, 2 plain backgrounds and the 4
+  axis-aligned motions with larger shapes, the videos cycling through all 96 combinations;
 * ``images/image_XXX.png``: a single still shape (for PixArt-style image training, T = 1);
 * ``broken/...``: with ``corrupt=n``, n broken entries cycling over a truncated mp4, a file of garbage
   bytes and a path that does not exist (for tests and demos of the skip-bad-samples path);
@@ -15,13 +17,14 @@ Everything is a pure function of ``seed`` (the decoded pixels and the CSV; the m
 encoder and are deterministic in practice too). The default call takes well under a second.
 
 Command line: ``python -m stdit.train.synthetic OUT_DIR [--num-videos N] [--num-images N] [--frames F]
-[--size H W] [--fps FPS] [--seed S] [--corrupt N]``.
+[--size H W] [--fps FPS] [--seed S] [--corrupt N] [--vocabulary full|simple]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import warnings
 from fractions import Fraction
 from pathlib import Path
@@ -31,12 +34,16 @@ import numpy as np
 
 __all__ = [
     "COLORS",
+    "SIMPLE_COLORS",
+    "SIMPLE_BACKGROUNDS",
+    "SIMPLE_MOTIONS",
     "SHAPES",
     "MOTIONS",
     "make_synthetic_dataset",
     "write_mp4",
     "pick_video_codec",
     "render_shape",
+    "simple_combinations",
     "main",
 ]
 
@@ -72,6 +79,14 @@ MOTIONS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "diagonally from bottom left to top right": ((0.0, 1.0), (1.0, 0.0)),
     "diagonally from top right to bottom left": ((1.0, 0.0), (0.0, 1.0)),
 }
+
+
+# The "simple" vocabulary (the CPU demo's): few, contrasting factors on plain backgrounds, larger shapes, so
+# that a tiny model trained for minutes can learn every combination (4 x 3 x 4 x 2 = 96 captions).
+SIMPLE_COLORS = ("red", "green", "yellow", "cyan")
+SIMPLE_BACKGROUNDS = ("dark blue", "gray")
+SIMPLE_MOTIONS = ("left to right", "right to left", "top to bottom", "bottom to top")
+VOCABULARIES = ("full", "simple")
 
 _CODEC_CACHE: dict[str, str] = {}
 
@@ -170,8 +185,12 @@ def render_shape(canvas: np.ndarray, shape: str, cx: float, cy: float, r: float,
     return canvas
 
 
-def _pick_scene(rng: np.random.Generator, shape_color_exclude=()):
+def _pick_scene(rng: np.random.Generator, vocabulary: str = "full"):
     shape = SHAPES[rng.integers(len(SHAPES))]
+    if vocabulary == "simple":
+        bg0 = SIMPLE_BACKGROUNDS[rng.integers(len(SIMPLE_BACKGROUNDS))]
+        color = SIMPLE_COLORS[rng.integers(len(SIMPLE_COLORS))]
+        return shape, color, bg0, None, True, f"a {bg0} background"
     bg_names = list(BACKGROUNDS)
     bg0 = bg_names[rng.integers(len(bg_names))]
     gradient = bool(rng.integers(2))
@@ -180,7 +199,7 @@ def _pick_scene(rng: np.random.Generator, shape_color_exclude=()):
         others = [b for b in bg_names if b != bg0]
         bg1 = others[rng.integers(len(others))]
     used = {bg0, bg1}
-    colors = [c for c in COLORS if c not in used and c not in shape_color_exclude]
+    colors = [c for c in COLORS if c not in used]
     color = colors[rng.integers(len(colors))]
     vertical = bool(rng.integers(2))
     if bg1 is None:
@@ -194,11 +213,21 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _make_video(rng, frames: int, h: int, w: int):
-    shape, color, bg0, bg1, vertical, bg_text = _pick_scene(rng)
-    motion = list(MOTIONS)[rng.integers(len(MOTIONS))]
+def simple_combinations() -> list[tuple[str, str, str, str]]:
+    """Every (shape, colour, motion, background) of the "simple" vocabulary: 3 x 4 x 4 x 2 = 96."""
+    return list(itertools.product(SHAPES, SIMPLE_COLORS, SIMPLE_MOTIONS, SIMPLE_BACKGROUNDS))
+
+
+def _make_video(rng, frames: int, h: int, w: int, vocabulary: str = "full", combo=None):
+    if combo is not None:  # (shape, colour, motion, plain background)
+        shape, color, motion, bg0 = combo
+        bg1, vertical, bg_text = None, True, f"a {bg0} background"
+    else:
+        shape, color, bg0, bg1, vertical, bg_text = _pick_scene(rng, vocabulary)
+        motions = SIMPLE_MOTIONS if vocabulary == "simple" else tuple(MOTIONS)
+        motion = motions[rng.integers(len(motions))]
     (x0, y0), (x1, y1) = MOTIONS[motion]
-    r = 0.18 * min(h, w)
+    r = (0.22 if vocabulary == "simple" else 0.18) * min(h, w)
     # the shape's centre travels within [r, size - r] so it stays fully visible
     def to_px(u, size):
         return r + u * (size - 2 * r)
@@ -216,8 +245,8 @@ def _make_video(rng, frames: int, h: int, w: int):
     return out, text
 
 
-def _make_image(rng, h: int, w: int):
-    shape, color, bg0, bg1, vertical, bg_text = _pick_scene(rng)
+def _make_image(rng, h: int, w: int, vocabulary: str = "full"):
+    shape, color, bg0, bg1, vertical, bg_text = _pick_scene(rng, vocabulary)
     r = float(rng.uniform(0.2, 0.3)) * min(h, w)
     cx = float(rng.uniform(r, w - r))
     cy = float(rng.uniform(r, h - r))
@@ -235,10 +264,12 @@ def _check_count(name: str, value, minimum: int = 0) -> int:
 
 def make_synthetic_dataset(out_dir: str | Path, *, num_videos: int = 8, num_images: int = 4, frames: int = 24,
                            size: Sequence[int] = (64, 64), fps: int = 8, seed: int = 0,
-                           corrupt: int = 0) -> Path:
+                           corrupt: int = 0, vocabulary: str = "full") -> Path:
     """Write a synthetic captioned dataset into ``out_dir`` and return the path of its ``captions.csv``.
 
     ``size`` is (H, W), both even. Rows: the videos, then the images, then the ``corrupt`` broken entries.
+    ``vocabulary``: "full" (9 colours, 6 backgrounds with gradients, 8 motions) or "simple" (4 colours,
+    2 plain backgrounds, 4 axis-aligned motions, larger shapes: what a tiny model learns in minutes).
     """
     from PIL import Image
 
@@ -253,6 +284,8 @@ def make_synthetic_dataset(out_dir: str | Path, *, num_videos: int = 8, num_imag
                        for s in size)):
         raise ValueError(f"size: expected (H, W), two even ints >= 8, got {size!r}")
     h, w = int(size[0]), int(size[1])
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"vocabulary: expected one of {VOCABULARIES}, got {vocabulary!r}")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,8 +295,13 @@ def make_synthetic_dataset(out_dir: str | Path, *, num_videos: int = 8, num_imag
 
     if num_videos:
         (out / "videos").mkdir(exist_ok=True)
+    # "simple": the videos cycle through every combination (in a seeded order), so 96 videos hold each
+    # caption once and any simple prompt names a combination that was trained on
+    combos = simple_combinations() if vocabulary == "simple" else None
+    order = rng.permutation(len(combos)) if combos else None
     for i in range(num_videos):
-        clip, text = _make_video(rng, frames, h, w)
+        combo = combos[order[i % len(combos)]] if combos else None
+        clip, text = _make_video(rng, frames, h, w, vocabulary, combo)
         rel = f"videos/video_{i:03d}.mp4"
         write_mp4(out / rel, clip, fps, codec=codec)
         rows.append((rel, text, str(frames)))
@@ -271,7 +309,7 @@ def make_synthetic_dataset(out_dir: str | Path, *, num_videos: int = 8, num_imag
     if num_images:
         (out / "images").mkdir(exist_ok=True)
     for i in range(num_images):
-        img, text = _make_image(rng, h, w)
+        img, text = _make_image(rng, h, w, vocabulary)
         rel = f"images/image_{i:03d}.png"
         Image.fromarray(img).save(out / rel)
         rows.append((rel, text, "1"))
@@ -283,7 +321,7 @@ def make_synthetic_dataset(out_dir: str | Path, *, num_videos: int = 8, num_imag
         rel = f"broken/{kind}_{i:03d}.mp4"
         target = out / rel
         if kind == "truncated":
-            clip, _ = _make_video(rng, frames, h, w)
+            clip, _ = _make_video(rng, frames, h, w, vocabulary)
             write_mp4(target, clip, fps, codec=codec)
             data = target.read_bytes()
             target.write_bytes(data[: max(1, len(data) // 3)])
@@ -315,20 +353,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corrupt", type=int, default=0, help="number of broken entries to add")
+    p.add_argument("--vocabulary", choices=VOCABULARIES, default="full",
+                   help="caption factors: full (9 colours, gradients, 8 motions) or simple (the CPU demo's)")
     a = p.parse_args(argv)
     try:
         csv_path = make_synthetic_dataset(a.out_dir, num_videos=a.num_videos, num_images=a.num_images,
                                           frames=a.frames, size=tuple(a.size), fps=a.fps, seed=a.seed,
-                                          corrupt=a.corrupt)
+                                          corrupt=a.corrupt, vocabulary=a.vocabulary)
     except ValueError as e:
         p.error(str(e))
     codec = pick_video_codec() if (a.num_videos or a.corrupt) else "-"
     print(f"wrote {csv_path}")
-    print(f"  {a.num_videos} videos ({a.frames} frames, {a.size[0]}x{a.size[1]}, {a.fps} fps, codec {codec}), "
-          f"{a.num_images} images, {a.corrupt} corrupt entries")
+    videos = f"{a.num_videos} videos ({a.frames} frames, {a.size[0]}x{a.size[1]}, {a.fps} fps, codec {codec})" \
+        if a.num_videos else "0 videos"
+    print(f"  {videos}, {a.num_images} images, {a.corrupt} corrupt entries")
     with open(csv_path, newline="", encoding="utf-8") as f:
-        for row in list(csv.reader(f))[1:]:
-            print(f"  {row[0]}: {row[1]}")
+        rows = list(csv.reader(f))[1:]
+    for row in rows[:8]:
+        print(f"  {row[0]}: {row[1]}")
+    if len(rows) > 8:
+        print(f"  ... and {len(rows) - 8} more (see {csv_path})")
     return 0
 
 

@@ -67,7 +67,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_encoders(cfg: StageConfig, device: torch.device):
-    """(VideoVAE, TextEncoder) per cfg.encoders: "tiny" (random, built in code, seeded) or a local dir."""
+    """(VideoVAE, TextEncoder) per cfg.encoders: "tiny" (random, built in code, seeded; text also
+    "tiny-words": the word-level tokenizer) or a local dir."""
     from .encoders import TextEncoder, VideoVAE
 
     e = cfg.encoders
@@ -76,8 +77,9 @@ def build_encoders(cfg: StageConfig, device: torch.device):
     else:
         vae = VideoVAE.from_pretrained(e.vae)
     vae.micro_batch_size = e.vae_micro_batch
-    if e.text == "tiny":
-        text = TextEncoder.tiny(seed=0, model_max_length=e.model_max_length)
+    if e.text in ("tiny", "tiny-words"):
+        text = TextEncoder.tiny(seed=0, model_max_length=e.model_max_length,
+                                tokenizer="bytes" if e.text == "tiny" else "words")
     else:
         text = TextEncoder.from_pretrained(e.text, model_max_length=e.model_max_length)
     return vae.to(device), text.to(device)
@@ -200,18 +202,45 @@ class Batch:
     skipped: int
 
 
+def _ensure_cache(cfg: StageConfig, vae, text, progress: bool) -> None:
+    """``[data] cache``: encode the CSV into the folder unless a matching finished preparation is there
+    (under torchrun rank 0 encodes while the others wait)."""
+    import torch.distributed as dist
+
+    from .prepare import INDEX_NAME, check_cache_matches, prepare_stage
+
+    d = cfg.data
+    index = Path(d.cache) / INDEX_NAME
+    distributed = dist.is_available() and dist.is_initialized()
+    if not index.is_file() and (not distributed or dist.get_rank() == 0):
+        print(f"[{cfg.stage.name}] encoding {d.csv} once into {d.cache} ([data] cache)", file=sys.stderr)
+        prepare_stage(cfg, d.cache, vae, text, progress=progress)
+    if distributed:
+        dist.barrier()
+    try:
+        check_cache_matches(cfg, d.cache, vae, text)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: {e}") from None
+
+
 class BatchSource:
     """Batches of (latents, text features, mask), from a CSV encoded online or a prepare cache,
     with a resumable data position (epoch, batches consumed in the epoch)."""
 
-    def __init__(self, cfg: StageConfig, vae, text, device: torch.device, dp_rank: int = 0, dp: int = 1):
+    def __init__(self, cfg: StageConfig, vae, text, device: torch.device, dp_rank: int = 0, dp: int = 1,
+                 progress: bool = False):
         from .data import VideoTextDataset
 
         self.dp_rank, self.dp = dp_rank, dp
 
         d = cfg.data
         self.cfg, self.vae, self.text, self.device = cfg, vae, text, device
-        if d.csv:
+        if d.cache:
+            from .prepare import CachedLatentDataset
+
+            _ensure_cache(cfg, vae, text, progress)
+            self.dataset = CachedLatentDataset(d.cache)
+        elif d.csv:
             self.dataset = VideoTextDataset(
                 d.csv, num_frames=d.num_frames, frame_interval=d.frame_interval, image_size=tuple(d.image_size),
                 seed=cfg.run.seed,
@@ -314,13 +343,29 @@ class FixedEval:
         return {"eval_loss": loss / n, "eval_mse": mse / n}
 
 
+EVAL_COLUMNS = ("step", "eval_loss", "eval_mse", "ema_loss", "ema_mse")
+
+
 def _append_eval(path: Path, step: int, scores: dict) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(["step", "eval_loss", "eval_mse"])
-        w.writerow([step, f"{scores['eval_loss']:.6f}", f"{scores['eval_mse']:.6f}"])
+            w.writerow(EVAL_COLUMNS)
+        w.writerow([step, *(f"{scores[k]:.6f}" if k in scores else "" for k in EVAL_COLUMNS[1:])])
+
+
+def lr_at(step: int, o, total: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of a stage of ``total`` steps: linear warm-up
+    over ``o.warmup_steps``, then constant (Open-Sora 1.0) or cosine decay from ``o.lr`` to ``o.lr_min`` at
+    the stage's last step. A pure function of the step, so a resumed run continues the same schedule."""
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.lr_schedule == "constant":
+        return o.lr
+    span = max(total - o.warmup_steps - 1, 1)
+    frac = min(max(step - o.warmup_steps, 0) / span, 1.0)
+    return o.lr_min + (o.lr - o.lr_min) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -396,7 +441,8 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
             if ".attn_temp." in name:
                 p.requires_grad_(False)
     diffusion = IDDPM()
-    source = BatchSource(cfg, vae, text, device, dp_rank=dp_rank, dp=pc.dp if world > 1 else 1)
+    source = BatchSource(cfg, vae, text, device, dp_rank=dp_rank, dp=pc.dp if world > 1 else 1,
+                         progress=progress and main_rank)
     log_path = out / "log.csv"
     dcp_root = out / "dcp"
 
@@ -486,13 +532,25 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
 
     # Fixed-batch evaluation (single process only: sharded models need every rank in the forward).
     evaluator = FixedEval(source, r.eval_batches if world == 1 else 0, diffusion, seed=r.seed)
-    eval_path, evals = out / "eval.csv", []
+    eval_path, evals, ema_evals = out / "eval.csv", [], []
 
     def evaluate(at: int) -> None:
         scores = evaluator(model)
-        if scores is not None and main_rank:
-            evals.append(scores["eval_loss"])
-            _append_eval(eval_path, at, scores)
+        if scores is None or not main_rank:
+            return
+        # The EMA weights too: they are what sampling and the next stage use, and they are far less
+        # noisy than the live weights at a high constant learning rate.
+        if booster is None and world == 1:
+            import copy
+
+            shadow_model = copy.deepcopy(model)
+            ema.copy_to(shadow_model)
+            ema_scores = evaluator(shadow_model)
+            del shadow_model
+            scores.update(ema_loss=ema_scores["eval_loss"], ema_mse=ema_scores["eval_mse"])
+            ema_evals.append(scores["ema_loss"])
+        evals.append(scores["eval_loss"])
+        _append_eval(eval_path, at, scores)
 
     if step == 0:
         eval_path.unlink(missing_ok=True)
@@ -510,6 +568,9 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
             terms = diffusion.training_losses(net, x0, t, model_kwargs=dict(y=batch.y, mask=batch.mask))
         loss = terms["loss"].mean()
         optimizer.zero_grad(set_to_none=True)
+        if cfg.optim.lr_schedule != "constant" or cfg.optim.warmup_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg.optim, r.steps)
         if booster is not None:  # the boosted optimizer clips in step()
             from . import colossal
 
@@ -558,6 +619,7 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         "loss_first": float(np.mean(losses[:k])) if losses else None,
         "loss_last": float(np.mean(losses[-k:])) if losses else None,
         "eval_first": evals[0] if evals else None, "eval_last": evals[-1] if evals else None,
+        "ema_eval_first": ema_evals[0] if ema_evals else None, "ema_eval_last": ema_evals[-1] if ema_evals else None,
     }  # fmt: skip
 
 

@@ -8,10 +8,11 @@ in its config) on frames of the CSV's videos and images, and writes it with ``sa
 
 Recipe (our choices, tuned for a 2-core CPU and the synthetic moving-shapes data):
 
-* frames: one pass over the CSV with ``VideoTextDataset`` (``frames_per_video`` frames spread over each
+* frames: one pass over the CSV (or each of several CSVs, pooled) with ``VideoTextDataset`` (``frames_per_video`` frames spread over each
   video, images as they are; unreadable files are skipped with a warning) at the fitting resolution
   ``image_size`` -- fitting at 32x32 or 48x48 is several times cheaper than at 64x64, and the fully
-  convolutional VAE then works at 64x64 / 96x96 too. The pool is decoded once and kept in memory; each
+  convolutional VAE then works at 64x64 / 96x96 too (measured on the demo's shapes: fitting at 64x64
+  instead costs 2x the time and still draws circles as rings at 64x64 -- an 8x8 latent holds little shape). The pool is decoded once and kept in memory; each
   step takes ``batch_frames`` frames drawn at random from the whole pool (many videos per batch), with
   random horizontal / vertical flips;
 * loss: pixel MSE + 0.1 x L1 + ``kl_weight`` (1e-6) x KL of the posterior (summed over latent elements,
@@ -32,7 +33,7 @@ Writing is atomic: the model goes to a temporary sibling directory that is renam
 complete (``fit_vae.json`` is written last, before the rename). ``vae_is_complete(out_dir)`` checks that;
 ``stdit fit-vae`` skips the fit when it holds, so a re-run demo resumes.
 
-Command line: ``stdit fit-vae --csv runs/demo/data/captions.csv --out runs/demo/vae [--steps N]``.
+Command line: ``stdit fit-vae --csv runs/demo/videos/captions.csv --out runs/demo/vae [--steps N]``.
 """
 
 from __future__ import annotations
@@ -183,13 +184,14 @@ def _save_preview(vae, frames: torch.Tensor, path: Path, n: int = 8) -> None:
     Image.fromarray(img).save(path)
 
 
-def fit_vae(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, steps: int = 500,
+def fit_vae(csv_path: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, steps: int = 500,
             image_size: Sequence[int] = (48, 48), batch_frames: int = 16, lr: float = 3e-3, seed: int = 0,
             widths: Sequence[int] | None = None, progress: bool = True, frames_per_video: int = 8,
             kl_weight: float = 1e-6, preview_size: Sequence[int] | None = (64, 64),
             overwrite: bool = False) -> Path:
     """Fit an AutoencoderKL on the CSV's frames and save it to ``out_dir`` (see the module docstring).
 
+    ``csv_path``: one CSV or a list of them (e.g. a video set and an image set; their frames are pooled).
     ``image_size`` (H, W), multiples of 8: the resolution frames are fitted at. ``widths``: the four block
     widths (default ``DEFAULT_WIDTHS``). ``preview_size``: also write ``recon_preview.png`` (originals over
     reconstructions at that resolution; None: no preview). An existing complete ``out_dir`` is replaced
@@ -200,9 +202,12 @@ def fit_vae(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, steps: i
 
     from .encoders import OPEN_SORA_SCALING_FACTOR
 
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"csv_path: no such file {str(csv_path)!r}")
+    csv_paths = [Path(csv_path)] if isinstance(csv_path, (str, os.PathLike)) else [Path(c) for c in csv_path]
+    if not csv_paths:
+        raise ValueError("csv_path: expected a CSV path or a non-empty list of them")
+    for c in csv_paths:
+        if not c.is_file():
+            raise FileNotFoundError(f"csv_path: no such file {str(c)!r}")
     steps = _check_int("steps", steps, 1)
     batch_frames = _check_int("batch_frames", batch_frames, 1)
     frames_per_video = _check_int("frames_per_video", frames_per_video, 1)
@@ -236,7 +241,7 @@ def fit_vae(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, steps: i
                 raise FileExistsError(f"out_dir: {out} already holds a fitted VAE (pass overwrite=True to refit)")
 
     t0 = time.perf_counter()
-    pool = load_frame_pool(csv_path, image_size, frames_per_video=frames_per_video, seed=seed)
+    pool = torch.cat([load_frame_pool(c, image_size, frames_per_video=frames_per_video, seed=seed) for c in csv_paths])
     g = torch.Generator().manual_seed(seed)
     eval_idx = torch.randperm(len(pool), generator=g)[: min(64, len(pool))]
     eval_frames = pool[eval_idx]
@@ -281,7 +286,7 @@ def fit_vae(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, steps: i
     mse_after_std = _recon_mse(vae, eval_frames)
     k = max(1, len(losses) // 5)
     record = {
-        "csv": str(csv_path), "steps": steps, "image_size": list(image_size), "batch_frames": batch_frames,
+        "csv": [str(c) for c in csv_paths] if len(csv_paths) > 1 else str(csv_paths[0]), "steps": steps, "image_size": list(image_size), "batch_frames": batch_frames,
         "lr": lr, "seed": seed, "widths": list(widths), "kl_weight": kl_weight, "frames": len(pool),
         "num_parameters": sum(p.numel() for p in vae.parameters()),
         "train_mse_first": float(np.mean(losses[:k])), "train_mse_last": float(np.mean(losses[-k:])),
@@ -298,7 +303,7 @@ def fit_vae(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, steps: i
     try:
         vae.save_pretrained(str(tmp), safe_serialization=True)
         if preview_size is not None:
-            pv = load_frame_pool(csv_path, (int(preview_size[0]), int(preview_size[1])), frames_per_video=2, seed=seed)
+            pv = load_frame_pool(csv_paths[0], (int(preview_size[0]), int(preview_size[1])), frames_per_video=2, seed=seed)
             _save_preview(vae, pv, tmp / "recon_preview.png")
             record["recon_mse_preview_size"] = _recon_mse(vae, pv)
             record["preview_size"] = [int(s) for s in preview_size]

@@ -121,6 +121,26 @@ def test_synthetic_caption_describes_motion(tmp_path):
             assert y1 < y0 - 10
 
 
+def test_synthetic_simple_vocabulary(tmp_path):
+    """vocabulary="simple": only the demo's colours, plain backgrounds and axis-aligned motions; bad names refused."""
+    from stdit.train.synthetic import SIMPLE_BACKGROUNDS, SIMPLE_COLORS, SIMPLE_MOTIONS
+
+    csv_path = make_synthetic_dataset(tmp_path / "s", num_videos=12, num_images=4, frames=4, size=(32, 32),
+                                      vocabulary="simple")
+    rows = list(csv.reader(open(csv_path)))[1:]
+    assert len(rows) == 16
+    for path, text, _ in rows:
+        words = text.split()
+        assert words[1] in SIMPLE_COLORS and words[2] in SHAPES and "gradient" not in text
+        assert any(text.endswith(f"on a {bg} background") for bg in SIMPLE_BACKGROUNDS)
+        if path.startswith("videos/"):
+            assert any(f"moving {m} on" in text for m in SIMPLE_MOTIONS)
+    assert len({r[1].split()[1] for r in rows}) > 1
+    assert len({r[1] for r in rows if r[0].startswith("videos/")}) == 12  # combinations cycle: no repeats yet
+    with pytest.raises(ValueError, match="vocabulary: expected one of"):
+        make_synthetic_dataset(tmp_path / "bad", vocabulary="tiny")
+
+
 def test_synthetic_cli(tmp_path, capsys):
     assert synthetic_main([str(tmp_path / "cli"), "--num-videos", "2", "--num-images", "1", "--frames", "6",
                            "--size", "32", "48", "--corrupt", "1"]) == 0

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from stdit.train.encoders import OPEN_SORA_SCALING_FACTOR, TextEncoder, VideoVAE  # noqa: E402
+from stdit.train.encoders import OPEN_SORA_SCALING_FACTOR, TextEncoder, VideoVAE, word_vocabulary  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +158,32 @@ def test_t5_missing_dir_guidance(tmp_path):
     (d / "model.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="missing tokenizer"):
         TextEncoder.from_pretrained(d)
+
+
+def test_tiny_word_tokenizer(tmp_path, monkeypatch):
+    """tokenizer="words": one id per word of the synthetic captions (case and punctuation ignored), unknown
+    words -> <unk>, EOS appended, padded like any tokenizer; saved and reloaded offline it encodes the same."""
+    from stdit.train.synthetic import COLORS, MOTIONS, SHAPES
+
+    vocab = word_vocabulary()
+    assert vocab[:3] == ["<pad>", "</s>", "<unk>"] and len(set(vocab)) == len(vocab)
+    assert {"red", "circle", "left", "background", "dark"} <= set(vocab)
+    assert all(w in vocab for group in (COLORS, SHAPES, MOTIONS) for phrase in group for w in phrase.split())
+    te = TextEncoder.tiny(seed=0, model_max_length=12, tokenizer="words")
+    assert "words" in te.describe()["name"]
+    ids, mask = te.tokenize(["a red circle moving left to right", "A RED, circle!", "a zebra", ""])
+    idx = {w: i for i, w in enumerate(vocab)}
+    a, red, circle = idx["a"], idx["red"], idx["circle"]
+    assert ids[0, :8].tolist() == [a, red, circle, idx["moving"], idx["left"], idx["to"], idx["right"], 1]
+    assert ids[1, :4].tolist() == [a, red, circle, 1]  # case and punctuation ignored
+    assert ids[2, :3].tolist() == [a, 2, 1]
+    assert mask.sum(1).tolist() == [8, 4, 3, 1] and ids[3, 0].item() == 1
+    y, m = te.encode(["a red circle", "a green circle"])
+    assert y.shape == (2, 1, 12, 32) and not torch.equal(y[0], y[1])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    te.save_pretrained(tmp_path / "w")
+    loaded = TextEncoder.from_pretrained(tmp_path / "w", model_max_length=12, device="cpu")
+    y2, m2 = loaded.encode(["a red circle", "a green circle"])
+    torch.testing.assert_close(y2, y) and torch.equal(m, m2)
+    with pytest.raises(ValueError, match="tokenizer: expected one of"):
+        TextEncoder.tiny(tokenizer="chars")

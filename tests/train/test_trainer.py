@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -62,17 +63,41 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_resume_continues_the_same_trajectory_bitwise(data, tmp_path):
-    full = train_stage(_cfg(data, tmp_path / "full"), progress=False)
+    sched = dict(optim__lr_schedule="cosine", optim__warmup_steps=2)  # the schedule resumes too
+    full = train_stage(_cfg(data, tmp_path / "full", **sched), progress=False)
     assert full["step"] == 6
-    part = train_stage(_cfg(data, tmp_path / "part"), progress=False, max_steps=3)  # "crash" after step 3
+    part = train_stage(_cfg(data, tmp_path / "part", **sched), progress=False, max_steps=3)  # "crash" after step 3
     assert part["step"] == 3
-    rest = train_stage(_cfg(data, tmp_path / "part"), progress=False)  # resumes from step 2's checkpoint
+    rest = train_stage(_cfg(data, tmp_path / "part", **sched), progress=False)  # resumes from step 2's checkpoint
     assert rest["init"].startswith("resumed from") and rest["step"] == 6
     assert [r["loss"] for r in _log(tmp_path / "part")] == [r["loss"] for r in _log(tmp_path / "full")]
     _assert_same_weights(_weights(tmp_path / "part"), _weights(tmp_path / "full"))
     # the fixed evaluation (steps 0, 2, 4, 6) is deterministic and unaffected by the crash
     assert (tmp_path / "part" / "eval.csv").read_text() == (tmp_path / "full" / "eval.csv").read_text()
-    assert [r["step"] for r in csv.DictReader((tmp_path / "full" / "eval.csv").open())] == ["0", "2", "4", "6"]
+    rows = list(csv.DictReader((tmp_path / "full" / "eval.csv").open()))
+    assert [r["step"] for r in rows] == ["0", "2", "4", "6"]
+    # EMA weights are scored too; at step 0 they are the model itself
+    assert rows[0]["ema_loss"] == rows[0]["eval_loss"] and all(float(r["ema_loss"]) > 0 for r in rows)
+    assert rows[-1]["ema_loss"] != rows[-1]["eval_loss"] and full["ema_eval_last"] == pytest.approx(float(rows[-1]["ema_loss"]), abs=1e-6)
+
+
+def test_lr_schedule():
+    """Warm-up then constant (Open-Sora 1.0) or cosine to lr_min at the last step; bad values are refused."""
+    from stdit.train.config import OptimCfg
+    from stdit.train.trainer import lr_at
+
+    const = OptimCfg(lr=1e-3, warmup_steps=4)
+    assert [lr_at(s, const, 10) for s in (0, 1, 3, 4, 9)] == pytest.approx([2.5e-4, 5e-4, 1e-3, 1e-3, 1e-3])
+    cos = OptimCfg(lr=1e-3, lr_schedule="cosine", warmup_steps=2, lr_min=1e-4)
+    got = [lr_at(s, cos, 13) for s in range(13)]
+    assert got[:2] == pytest.approx([5e-4, 1e-3]) and got[2] == pytest.approx(1e-3)
+    assert got[-1] == pytest.approx(1e-4) and got[7] == pytest.approx(5.5e-4)  # halfway down
+    assert all(a >= b for a, b in zip(got[2:], got[3:]))
+    assert lr_at(0, OptimCfg(lr=1e-3, lr_schedule="cosine"), 1) == pytest.approx(1e-3)  # a one-step stage
+    for bad, match in ((dict(lr_schedule="linear"), "lr_schedule must be"), (dict(warmup_steps=-1), "warmup_steps"),
+                       (dict(lr_min=1.0), "lr_min")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            from_dict({"data": {"csv": "a"}, "run": {"out_dir": "o"}, "optim": {"lr": 1e-3, **bad}})
 
 
 def test_sigkill_at_random_moments_then_resume(data, tmp_path):
@@ -185,7 +210,7 @@ def test_demo_chain_and_sample_command(data, tmp_path):
         path.write_text(
             f"""[stage]\nname = "s{i}"\ninit_from = "{init}"\nzero_temporal = {str(i == 1).lower()}\n
 [model]\npreset = "STDiT-mini"\n[data]\ncsv = "{data}"\nnum_frames = {frames}\nimage_size = [{size}, {size}]\nbatch_size = 2\n
-[encoders]\nmodel_max_length = 16\n[run]\nout_dir = "{tmp_path / f"run{i}"}"\nsteps = 2\nckpt_every = 2\n"""
+[encoders]\ntext = "tiny-words"\nmodel_max_length = 16\n[run]\nout_dir = "{tmp_path / f"run{i}"}"\nsteps = 2\nckpt_every = 2\n"""
         )
         cfgs += ["--config", str(path)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -195,7 +220,8 @@ def test_demo_chain_and_sample_command(data, tmp_path):
     assert proc.stdout.count('"step": 2') == 3
     video = tmp_path / "v.mp4"
     proc = subprocess.run([sys.executable, "-m", "stdit", "sample", "--checkpoint", str(tmp_path / "run2"), "--prompt",
-                           "a red circle moving left", "--out", str(video), "--steps", "3", "--quiet"],
+                           "a red circle moving left", "--out", str(video), "--steps", "3", "--quiet",
+                           "--sheet", str(tmp_path / "sheet.png")],
                           capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     import av
@@ -203,6 +229,31 @@ def test_demo_chain_and_sample_command(data, tmp_path):
     with av.open(str(video)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 4 and frames[0].shape == (48, 48, 3)
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png"))  # the 4 frames side by side (mp4 is lossy)
+    assert sheet.shape == (48, 4 * 48, 3)
+    assert np.abs(sheet[:, 48:96].astype(int) - frames[1].astype(int)).mean() < 12
+
+
+def test_stage_cache_encodes_once_then_trains_from_it(data, tmp_path):
+    """[data] cache: the first run encodes the CSV into the folder, later runs (and other stages with the same
+    data settings) reuse it; a stage whose frames or size differ is refused instead of reading stale latents."""
+    from stdit.train.prepare import INDEX_NAME, CachedLatentDataset
+
+    cache = tmp_path / "cache"
+    first = train_stage(_cfg(data, tmp_path / "a", data__cache=str(cache), run__steps=2), progress=False)
+    assert first["step"] == 2 and (cache / INDEX_NAME).is_file()
+    assert len(CachedLatentDataset(cache)) == 8  # 6 videos + 2 images; the 2 broken entries were skipped
+    stamp = (cache / INDEX_NAME).stat().st_mtime_ns
+    again = train_stage(_cfg(data, tmp_path / "b", data__cache=str(cache), run__steps=2), progress=False)
+    assert (cache / INDEX_NAME).stat().st_mtime_ns == stamp  # not encoded again
+    assert [r["loss"] for r in _log(tmp_path / "a")] == [r["loss"] for r in _log(tmp_path / "b")]
+    assert again["step"] == 2
+    with pytest.raises(ConfigError, match=r"\[data\] cache: .*latents of shape"):
+        train_stage(_cfg(data, tmp_path / "c", data__cache=str(cache), data__num_frames=2), progress=False)
+    with pytest.raises(ConfigError, match=r"cache .* needs \[data\] csv"):
+        _cfg(data, tmp_path / "d", data__csv="", data__cached=str(cache), data__cache=str(cache))
 
 
 def test_prepare_then_train_from_the_cache(data, tmp_path):
@@ -225,3 +276,16 @@ def test_prepare_then_train_from_the_cache(data, tmp_path):
     cached = _cfg(data, tmp_path / "run", data__csv="", data__cached=str(tmp_path / "cache"), run__steps=3)
     summary = train_stage(cached, progress=False)
     assert summary["step"] == 3 and all(int(r["skipped"]) == 0 for r in _log(tmp_path / "run"))
+
+
+def test_demo_configs_are_valid_and_chained():
+    """configs/demo (scripts/demo.sh): valid stage files whose stages start from the previous one's run."""
+    from stdit.models import MODEL_PRESETS
+
+    root = Path(__file__).resolve().parents[2]
+    cfgs = [load_config(root / "configs" / "demo" / f"stage{i}.toml") for i in (1, 2, 3)]
+    assert all(c.model.preset in MODEL_PRESETS for c in cfgs)
+    assert cfgs[0].data.num_frames == 1 and cfgs[1].stage.zero_temporal and cfgs[1].data.num_frames > 1
+    assert cfgs[1].stage.init_from == cfgs[0].run.out_dir and cfgs[2].stage.init_from == cfgs[1].run.out_dir
+    assert cfgs[2].data.image_size[0] > cfgs[1].data.image_size[0]  # stage 3: higher resolution
+    assert len({c.data.cache for c in cfgs}) == 3  # each stage encodes its own frames / size
