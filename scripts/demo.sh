@@ -23,7 +23,8 @@ fi
 # Skipped when $D/vae already holds a finished fit.
 .venv/bin/stdit fit-vae --csv $D/videos/captions.csv $D/images/captions.csv --out $D/vae --steps 500
 .venv/bin/stdit train --config configs/demo/stage1.toml --config configs/demo/stage2.toml --config configs/demo/stage3.toml
+# guidance 2: at 4-7 this small model's samples over-saturate into speckles (looked at, demo of 2026-11-25)
 .venv/bin/stdit sample --checkpoint $D/stage3 --prompt "$PROMPT" --out $D/sample.mp4 --sheet $D/sample.png \
-    --steps 50 --cfg-scale 4.0
+    --steps 50 --cfg-scale 2.0
 echo "demo done in $(( $(date +%s) - start )) s: $D/sample.mp4 and its frames side by side in $D/sample.png"
 echo "training logs: $D/stage*/log.csv; fixed-batch evaluation (live and EMA weights): $D/stage*/eval.csv"
