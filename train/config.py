@@ -117,6 +117,7 @@ class StageConfig:
 
 _CLASSES = {"stage": StageCfg, "model": ModelCfg, "data": DataCfg, "encoders": EncodersCfg, "optim": OptimCfg, "run": RunCfg,
             "parallel": ParallelConfig}
+_BUILTIN_ENCODERS = ("tiny", "tiny-words")
 _PATH_KEYS = {("data", "csv"), ("data", "cached"), ("data", "cache"), ("run", "out_dir")}
 
 
@@ -156,6 +157,11 @@ def from_dict(raw: dict, *, base_dir: Path | None = None, source: str = "<dict>"
             where = f"{source}: [{table}] {key}"
             value = _check_type(where, value, getattr(section, key))
             if (table, key) in _PATH_KEYS and value and base_dir is not None and not Path(value).is_absolute():
+                value = str((base_dir / value).resolve())
+            # encoder folders too (not the built-in names): a checkpoint's stored config must name the
+            # same VAE / T5 whatever directory `stdit sample` later runs from
+            if (table, key) in (("encoders", "vae"), ("encoders", "text")) and value not in _BUILTIN_ENCODERS \
+                    and base_dir is not None and not Path(value).is_absolute():
                 value = str((base_dir / value).resolve())
             if (table, key) == ("stage", "init_from") and value not in ("", "previous") and base_dir is not None:
                 tag = "pixart:" if value.startswith("pixart:") else ""

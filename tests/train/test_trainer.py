@@ -289,3 +289,15 @@ def test_demo_configs_are_valid_and_chained():
     assert cfgs[1].stage.init_from == cfgs[0].run.out_dir and cfgs[2].stage.init_from == cfgs[1].run.out_dir
     assert cfgs[2].data.image_size[0] > cfgs[1].data.image_size[0]  # stage 3: higher resolution
     assert len({c.data.cache for c in cfgs}) == 3  # each stage encodes its own frames / size
+
+
+def test_relative_paths_resolve_against_the_launch_directory(tmp_path, monkeypatch):
+    """Data, output and encoder folders are stored absolute (a checkpoint's config must name the same VAE
+    whatever directory `stdit sample` runs from); the built-in encoder names stay names."""
+    cfg_file = tmp_path / "s.toml"
+    cfg_file.write_text('[data]\ncsv = "d/c.csv"\n[encoders]\nvae = "w/vae"\ntext = "tiny-words"\n[run]\nout_dir = "o"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(cfg_file)
+    assert cfg.encoders.vae == str(tmp_path / "w" / "vae") and cfg.encoders.text == "tiny-words"
+    assert cfg.data.csv == str(tmp_path / "d" / "c.csv") and cfg.run.out_dir == str(tmp_path / "o")
+    assert from_dict(cfg.to_dict()).encoders.vae == cfg.encoders.vae  # as stored in a checkpoint's meta.json
