@@ -300,6 +300,9 @@ def fit_vae(csv_path: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets the usual mode
     try:
         vae.save_pretrained(str(tmp), safe_serialization=True)
         if preview_size is not None:

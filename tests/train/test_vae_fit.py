@@ -3,6 +3,7 @@
 arguments are rejected naming the argument."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -40,6 +41,9 @@ def test_fit_lowers_reconstruction_error_and_saves(fitted):
     assert rec["latent_std_x_0.18215"] == pytest.approx(1.0, abs=0.05)
     assert (fitted / "recon_preview.png").is_file()
     assert not [p for p in fitted.parent.iterdir() if p.name.startswith(".vae.")]  # no temp dirs left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert fitted.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
 
 
 def test_from_pretrained_loads_offline(fitted, data, monkeypatch):
