@@ -645,7 +645,7 @@ STDIT_PRESETS: dict[str, dict] = {
         caption_channels=32, model_max_length=8, space_scale=0.5, time_scale=1.0,
     ),
     # The CPU training demo's model (configs/demo): deeper and wider than tiny so that minutes of CPU
-    # training learn the synthetic shapes' colours, positions and motion; ~8M parameters.
+    # training learn the synthetic shapes' colours and backgrounds; 6.1M parameters with the demo's text width.
     "STDiT-demo": dict(
         input_size=(8, 8, 8), depth=6, hidden_size=216, patch_size=(1, 2, 2), num_heads=3,
         caption_channels=32, model_max_length=80, space_scale=0.5, time_scale=1.0,

@@ -26,5 +26,7 @@ fi
 # guidance 2: at 4-7 this small model's samples over-saturate into speckles (looked at, demo of 2026-11-25)
 .venv/bin/stdit sample --checkpoint $D/stage3 --prompt "$PROMPT" --out $D/sample.mp4 --sheet $D/sample.png \
     --steps 50 --cfg-scale 2.0
-echo "demo done in $(( $(date +%s) - start )) s: $D/sample.mp4 and its frames side by side in $D/sample.png"
+secs=$(( $(date +%s) - start ))
+.venv/bin/python scripts/demo_report.py $D $D/report --seconds $secs --prompt "$PROMPT" >/dev/null
+echo "demo done in $secs s: $D/sample.mp4 and its frames side by side in $D/sample.png; summary in $D/report/README.md"
 echo "training logs: $D/stage*/log.csv; fixed-batch evaluation (live and EMA weights): $D/stage*/eval.csv"
