@@ -112,7 +112,13 @@ def cmd_fit_vae(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if vae_is_complete(out) and not args.overwrite:
-        print(json.dumps({"fit_vae": "skipped", "out_dir": str(out), "reason": "already holds a fitted VAE"}))
+        fitted_on = json.loads((out / "fit_vae.json").read_text(encoding="utf-8")).get("csv")
+        fitted_on = [fitted_on] if isinstance(fitted_on, str) else list(fitted_on or [])
+        if sorted(str(Path(c).resolve()) for c in fitted_on) != sorted(str(Path(c).resolve()) for c in args.csv):
+            print(f"stdit fit-vae: error: {out} holds a VAE fitted on {fitted_on}, not on {args.csv}; pass "
+                  "--overwrite to refit it or choose another --out", file=sys.stderr)
+            return 2
+        print(json.dumps({"fit_vae": "skipped", "out_dir": str(out), "reason": "already holds a VAE fitted on these CSVs"}))
         return 0
     kwargs = {k: v for k, v in (("steps", args.steps), ("batch_frames", args.batch_frames), ("lr", args.lr),
                                 ("widths", args.widths)) if v is not None}

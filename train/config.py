@@ -2,8 +2,8 @@
 
 A stage file has the tables below; every key is optional except ``data.csv`` (or ``data.cached``)
 and ``run.out_dir``. Unknown tables or keys are errors that list the valid names, so a typo never
-silently trains with a default. Relative paths (data, out_dir, init_from) are relative to the
-directory the command runs in, as in Open-Sora's configs.
+silently trains with a default. Relative paths (data csv / cached / cache, out_dir, init_from and encoder
+folders) are relative to the directory the command runs in, as in Open-Sora's configs.
 
     [stage]    name, init_from ("" | "previous" | a run dir or checkpoint dir | "pixart:FILE"),
                zero_temporal (zero attn_temp.proj after loading: a stage-2 model starts as the image model)
@@ -117,7 +117,7 @@ class StageConfig:
 
 _CLASSES = {"stage": StageCfg, "model": ModelCfg, "data": DataCfg, "encoders": EncodersCfg, "optim": OptimCfg, "run": RunCfg,
             "parallel": ParallelConfig}
-_BUILTIN_ENCODERS = ("tiny", "tiny-words")
+_BUILTIN_ENCODERS = {"vae": ("tiny",), "text": ("tiny", "tiny-words")}
 _PATH_KEYS = {("data", "csv"), ("data", "cached"), ("data", "cache"), ("run", "out_dir")}
 
 
@@ -160,9 +160,12 @@ def from_dict(raw: dict, *, base_dir: Path | None = None, source: str = "<dict>"
                 value = str((base_dir / value).resolve())
             # encoder folders too (not the built-in names): a checkpoint's stored config must name the
             # same VAE / T5 whatever directory `stdit sample` later runs from
-            if (table, key) in (("encoders", "vae"), ("encoders", "text")) and value not in _BUILTIN_ENCODERS \
-                    and base_dir is not None and not Path(value).is_absolute():
-                value = str((base_dir / value).resolve())
+            if table == "encoders" and key in _BUILTIN_ENCODERS:
+                if not value:
+                    raise ConfigError(f"{where}: expected {' or '.join(map(repr, _BUILTIN_ENCODERS[key]))} or a "
+                                      "local weights folder, got an empty string")
+                if value not in _BUILTIN_ENCODERS[key] and base_dir is not None and not Path(value).is_absolute():
+                    value = str((base_dir / value).resolve())
             if (table, key) == ("stage", "init_from") and value not in ("", "previous") and base_dir is not None:
                 tag = "pixart:" if value.startswith("pixart:") else ""
                 if not Path(value[len(tag):]).is_absolute():
@@ -198,6 +201,9 @@ def _validate(cfg: StageConfig) -> None:
         raise ConfigError(f"{src}: [optim] needs lr > 0, grad_clip > 0 and 0 <= ema_decay < 1")
     if o.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"{src}: [optim] lr_schedule must be 'constant' or 'cosine', got {o.lr_schedule!r}")
+    if o.lr_schedule == "cosine" and o.warmup_steps > r.steps - 2 and r.steps > 1:
+        raise ConfigError(f"{src}: [optim] warmup_steps {o.warmup_steps} leaves no steps to decay over with a cosine "
+                          f"schedule of [run] steps = {r.steps} (at most {r.steps - 2})")
     if o.warmup_steps < 0 or not 0.0 <= o.lr_min <= o.lr:
         raise ConfigError(f"{src}: [optim] needs warmup_steps >= 0 and 0 <= lr_min <= lr, got "
                           f"warmup_steps={o.warmup_steps}, lr_min={o.lr_min}")

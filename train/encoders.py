@@ -41,8 +41,8 @@ words: a ``tokenizers`` WordLevel model (lower-cased, split on whitespace, punct
 built in code, ``word_vocabulary()`` = the synthetic data's caption words (``stdit.train.synthetic``), any
 other word -> ``<unk>``. Why the CPU demo uses it: a pretrained T5 hands the model features that already
 name words; a *random* byte-level encoder hands it a colour as three or six bytes at a position that shifts
-with the words before it, which a small model needs many more steps to decode (measured: after 600 stage-1
-steps the byte-level demo model drew the prompted background but the wrong shape colour).
+with the words before it, which a small model needs many more steps to decode (measured: after 600 and 1,200
+stage-1 steps the byte-level demo model drew the prompted background but the wrong shape colour).
 
 ``transformers`` is imported lazily (only ``TextEncoder`` needs it); so is ``diffusers``.
 """
@@ -292,15 +292,18 @@ class VideoVAE(nn.Module):
 WORD_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5 / ByT5
 
 
-def word_vocabulary() -> list[str]:
-    """The tiny word tokenizer's vocabulary: special tokens, then the synthetic captions' words, sorted."""
-    from . import synthetic
+# Frozen (a checkpoint made with text = "tiny-words" must see the same ids forever): the words of the
+# synthetic captions (stdit.train.synthetic; a test checks they are all here), sorted. Append, never reorder.
+WORD_VOCABULARY = (
+    "a", "an", "background", "beige", "black", "blue", "bottom", "circle", "cyan", "dark", "diagonally", "from",
+    "gradient", "gray", "green", "horizontal", "left", "magenta", "moving", "on", "orange", "purple", "red",
+    "right", "square", "to", "top", "triangle", "vertical", "white", "yellow",
+)
 
-    words: set[str] = set("a an moving on background gradient vertical horizontal from to".split())
-    for group in (synthetic.COLORS, synthetic.BACKGROUNDS, synthetic.SHAPES, synthetic.MOTIONS):
-        for phrase in group:
-            words.update(phrase.lower().split())
-    return [*WORD_SPECIAL_TOKENS, *sorted(words)]
+
+def word_vocabulary() -> list[str]:
+    """The tiny word tokenizer's vocabulary: the special tokens, then ``WORD_VOCABULARY``."""
+    return [*WORD_SPECIAL_TOKENS, *WORD_VOCABULARY]
 
 
 def word_tokenizer():

@@ -150,6 +150,7 @@ def prepare_dataset(
     sample_posterior: bool = True,
     seed: int = 0,
     text_dtype: torch.dtype = torch.bfloat16,
+    source: dict | None = None,
 ) -> Path:
     """Encode ``samples`` (dicts with ``video`` (3, T, H, W) in [-1, 1], ``text``, ``path``; None = bad file,
     skipped and counted) with ``vae`` (``VideoVAE``) and ``text_encoder`` (``TextEncoder``) into shards under
@@ -157,6 +158,8 @@ def prepare_dataset(
 
     ``encode_batch_size`` samples go through the encoders together (the VAE further micro-batches frames).
     ``sample_posterior``: draw latents from the VAE posterior (Open-Sora) or take its mean.
+    ``source``: a JSON-able description of where the samples came from, kept in the index (``prepare_stage``
+    records the CSV, the data settings and the VAE weights' digest there).
     """
     from safetensors.torch import save_file
 
@@ -316,15 +319,39 @@ def prepare_dataset(
         "latent_dtype": "float32",
         "y_dtype": _dtype_name(text_dtype),
         "mask_dtype": "int64",
+        **({"source": source} if source is not None else {}),
     }
     _write_json_atomic(index, index_path)
     return index_path
 
 
+def stage_source(cfg) -> dict:
+    """What a stage's cache is made from: the CSV (absolute path, size, modification time), the data
+    settings, and the VAE (a digest of its weights file when it is a folder)."""
+    import hashlib
+
+    d, e = cfg.data, cfg.encoders
+    csv_path = Path(d.csv).resolve()
+    st = csv_path.stat()
+    vae = e.vae
+    if e.vae != "tiny":
+        weights = [p for p in sorted(Path(e.vae).glob("diffusion_pytorch_model*")) if p.is_file()]
+        digest = hashlib.sha256()
+        for p in weights:
+            with p.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+        vae = f"{Path(e.vae).resolve()} sha256:{digest.hexdigest()[:16]}"
+    return {"csv": str(csv_path), "csv_bytes": st.st_size, "csv_mtime_ns": st.st_mtime_ns,
+            "num_frames": d.num_frames, "frame_interval": d.frame_interval, "image_size": list(d.image_size),
+            "seed": cfg.run.seed, "vae": vae, "text": e.text, "model_max_length": e.model_max_length}
+
+
 def prepare_stage(cfg, out_dir: str | os.PathLike, vae, text_encoder, *, shard_size: int = 64,
                   progress: bool = True) -> Path:
     """Encode a stage config's ``[data] csv`` (its frames, frame interval, size and seed) with the given
-    encoders into ``out_dir`` (``prepare_dataset``); returns the path of ``index.json``."""
+    encoders into ``out_dir`` (``prepare_dataset``, recording ``stage_source(cfg)``); returns the path of
+    ``index.json``."""
     import warnings
 
     from .data import VideoTextDataset
@@ -337,16 +364,23 @@ def prepare_stage(cfg, out_dir: str | os.PathLike, vae, text_encoder, *, shard_s
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         return prepare_dataset((dataset[i] for i in range(len(dataset))), out_dir, vae=vae, text_encoder=text_encoder,
-                               shard_size=shard_size, progress=progress, seed=cfg.run.seed)  # fmt: skip
+                               shard_size=shard_size, progress=progress, seed=cfg.run.seed,
+                               source=stage_source(cfg))  # fmt: skip
 
 
 def check_cache_matches(cfg, out_dir: str | os.PathLike, vae, text_encoder) -> None:
-    """Raise ValueError unless ``out_dir``'s finished preparation holds what the stage would encode: the
-    same encoders and latents of (T, H/8, W/8) with T = 1 (images) or the stage's frame count."""
+    """Raise ValueError unless ``out_dir``'s finished preparation holds what the stage would encode now:
+    the same CSV file (path, size, modification time), frames, frame interval, size, seed, VAE weights and
+    text encoder, and latents of (T, H/8, W/8) with T = 1 (images) or the stage's frame count. (A cache
+    from an older version without that record is checked on encoders and shapes only.)"""
     index = json.loads((Path(out_dir) / INDEX_NAME).read_text(encoding="utf-8"))
     d = cfg.data
     want_hw = [d.image_size[0] // 8, d.image_size[1] // 8]
     problems = []
+    recorded = index.get("source")
+    if recorded is not None:
+        now = stage_source(cfg)
+        problems += [f"{k} {recorded.get(k)!r} (now {v!r})" for k, v in now.items() if recorded.get(k) != v]
     encoders = {"vae": vae.describe(), "text_encoder": text_encoder.describe()}
     if index.get("encoders") != encoders:
         problems.append("other encoders")
@@ -357,8 +391,8 @@ def check_cache_matches(cfg, out_dir: str | os.PathLike, vae, text_encoder) -> N
                             f"{want_hw[1]}))")
             break
     if problems:
-        raise ValueError(f"[data] cache: {out_dir} was prepared with {' and '.join(problems)}; delete it or name "
-                         "another folder")
+        raise ValueError(f"[data] cache: {out_dir} was prepared from other data or encoders: {'; '.join(problems)}; "
+                         "delete it (it is re-encoded on the next run) or name another folder")
 
 
 class CachedLatentDataset(Dataset):

@@ -6,7 +6,7 @@
   left, top to bottom, bottom to top or diagonally over a plain or gradient background (H.264 via PyAV;
   if no H.264 encoder is available the files are MPEG-4 Part 2 instead and a warning says so);
   ``vocabulary="simple"`` (the CPU demo's) narrows that to 4 colours, 2 plain backgrounds and the 4
-  axis-aligned motions with larger shapes, the videos cycling through all 96 combinations;
+  axis-aligned motions with larger moving shapes, the videos cycling through all 96 combinations;
 * ``images/image_XXX.png``: a single still shape (for PixArt-style image training, T = 1);
 * ``broken/...``: with ``corrupt=n``, n broken entries cycling over a truncated mp4, a file of garbage
   bytes and a path that does not exist (for tests and demos of the skip-bad-samples path);
@@ -81,7 +81,7 @@ MOTIONS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
 }
 
 
-# The "simple" vocabulary (the CPU demo's): few, contrasting factors on plain backgrounds, larger shapes, so
+# The "simple" vocabulary (the CPU demo's): few, contrasting factors on plain backgrounds, larger moving shapes, so
 # that a tiny model trained for minutes can learn every combination (4 x 3 x 4 x 2 = 96 captions).
 SIMPLE_COLORS = ("red", "green", "yellow", "cyan")
 SIMPLE_BACKGROUNDS = ("dark blue", "gray")
@@ -269,7 +269,7 @@ def make_synthetic_dataset(out_dir: str | Path, *, num_videos: int = 8, num_imag
 
     ``size`` is (H, W), both even. Rows: the videos, then the images, then the ``corrupt`` broken entries.
     ``vocabulary``: "full" (9 colours, 6 backgrounds with gradients, 8 motions) or "simple" (4 colours,
-    2 plain backgrounds, 4 axis-aligned motions, larger shapes: what a tiny model learns in minutes).
+    2 plain backgrounds, 4 axis-aligned motions, larger moving shapes: what a tiny model learns in minutes).
     """
     from PIL import Image
 

@@ -203,23 +203,25 @@ class Batch:
 
 
 def _ensure_cache(cfg: StageConfig, vae, text, progress: bool) -> None:
-    """``[data] cache``: encode the CSV into the folder unless a matching finished preparation is there
-    (under torchrun rank 0 encodes while the others wait)."""
+    """``[data] cache``: encode the CSV into the folder unless it holds a finished preparation, then check
+    that the preparation is of this stage's data and encoders (ConfigError if not). Under torchrun the
+    cache must exist already (`stdit prepare` or one single-process run): ranks waiting for one rank's
+    long encode would hit the collective timeout."""
     import torch.distributed as dist
 
     from .prepare import INDEX_NAME, check_cache_matches, prepare_stage
 
     d = cfg.data
     index = Path(d.cache) / INDEX_NAME
-    distributed = dist.is_available() and dist.is_initialized()
-    if not index.is_file() and (not distributed or dist.get_rank() == 0):
+    if not index.is_file():
+        if dist.is_available() and dist.is_initialized():
+            raise ConfigError(f"{cfg.source}: [data] cache {d.cache} is not prepared; under torchrun encode it first: "
+                              f"stdit prepare --config {cfg.source} --out {d.cache}")
         print(f"[{cfg.stage.name}] encoding {d.csv} once into {d.cache} ([data] cache)", file=sys.stderr)
         prepare_stage(cfg, d.cache, vae, text, progress=progress)
-    if distributed:
-        dist.barrier()
     try:
         check_cache_matches(cfg, d.cache, vae, text)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise ConfigError(f"{cfg.source}: {e}") from None
 
 
@@ -382,18 +384,37 @@ def _append_log(path: Path, row: dict) -> None:
         w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows after ``step`` (a resumed run rewrites them)."""
+def _truncate_log(path: Path, step: int, columns: tuple[str, ...] = LOG_COLUMNS) -> None:
+    """Drop rows after ``step`` (a resumed run rewrites them) and rewrite the header as ``columns`` (a file
+    from an older version keeps its values, new columns empty)."""
     if not path.exists():
         return
     with path.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", restval="")
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
+
+
+def _check_resumable(cfg: StageConfig, ckpt: Path) -> None:
+    """A checkpoint in ``[run] out_dir`` must come from the same model and data shape, or resuming it would
+    fail deep in load_state_dict (or, worse, succeed on the wrong data): say so plainly instead."""
+    import json
+
+    try:
+        stored = json.loads((ckpt / "meta.json").read_text())["extra"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not a `stdit train` checkpoint: load_checkpoint reports what is wrong with it
+    now = cfg.to_dict()
+    keys = (("model", "preset"), ("data", "num_frames"), ("data", "image_size"), ("encoders", "model_max_length"))
+    diff = [f"[{t}] {k} {stored.get(t, {}).get(k)!r} there, {now[t][k]!r} here" for t, k in keys
+            if stored.get(t, {}).get(k) != now[t][k]]
+    if diff:
+        raise ConfigError(f"{cfg.source}: [run] out_dir {ckpt.parent.parent} holds a run of another configuration "
+                          f"({'; '.join(diff)}); delete it or choose another out_dir")
 
 
 def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_steps: int | None = None) -> dict:
@@ -450,6 +471,8 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
     # (safetensors, bitwise resume) or the distributed kind (torch.distributed.checkpoint, any world size).
     step, init_note = 0, "random init"
     single = latest_checkpoint(out)
+    if single is not None:
+        _check_resumable(cfg, single)
     single_step = int(single.name.split("-")[-1]) if single is not None else -1
     multi = latest_distributed(dcp_root)
     use_multi = multi is not None and multi[0] > single_step
@@ -504,6 +527,7 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         seed_everything(seed)  # the run's randomness does not depend on how it was initialised
     if main_rank:  # rows past the resumed step (or any, on a fresh start) came from a killed run
         _truncate_log(log_path, step)
+        _truncate_log(out / "eval.csv", step, EVAL_COLUMNS)
     if main_rank:
         layout = f"colossalai {pc.plugin}" if booster is not None else f"dp {pc.dp} x sp {pc.sp} {pc.sp_mode}, {pc.data_parallel}"
         where = f"{device}" + (f", {world} processes ({layout})" if world > 1 else "")
@@ -568,9 +592,8 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
             terms = diffusion.training_losses(net, x0, t, model_kwargs=dict(y=batch.y, mask=batch.mask))
         loss = terms["loss"].mean()
         optimizer.zero_grad(set_to_none=True)
-        if cfg.optim.lr_schedule != "constant" or cfg.optim.warmup_steps:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg.optim, r.steps)
+        for group in optimizer.param_groups:  # always: a resumed optimizer's stored rate never wins
+            group["lr"] = lr_at(step, cfg.optim, r.steps)
         if booster is not None:  # the boosted optimizer clips in step()
             from . import colossal
 
@@ -603,8 +626,10 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
             ))  # fmt: skip
             t_last, window = now, {"samples": 0, "tokens": 0, "skipped": 0}
         if step % r.ckpt_every == 0 or step == r.steps:
+            t_pause = time.perf_counter()
             checkpoint(step)
             evaluate(step)
+            t_last += time.perf_counter() - t_pause  # samples/s measures training, not checkpoints and evaluations
     bar.close()
     if booster is not None:
         from . import colossal

@@ -286,7 +286,7 @@ def fit_vae(csv_path: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
     mse_after_std = _recon_mse(vae, eval_frames)
     k = max(1, len(losses) // 5)
     record = {
-        "csv": [str(c) for c in csv_paths] if len(csv_paths) > 1 else str(csv_paths[0]), "steps": steps, "image_size": list(image_size), "batch_frames": batch_frames,
+        "csv": [str(c.resolve()) for c in csv_paths] if len(csv_paths) > 1 else str(csv_paths[0].resolve()), "steps": steps, "image_size": list(image_size), "batch_frames": batch_frames,
         "lr": lr, "seed": seed, "widths": list(widths), "kl_weight": kl_weight, "frames": len(pool),
         "num_parameters": sum(p.numel() for p in vae.parameters()),
         "train_mse_first": float(np.mean(losses[:k])), "train_mse_last": float(np.mean(losses[-k:])),

@@ -169,6 +169,12 @@ def test_tiny_word_tokenizer(tmp_path, monkeypatch):
     assert vocab[:3] == ["<pad>", "</s>", "<unk>"] and len(set(vocab)) == len(vocab)
     assert {"red", "circle", "left", "background", "dark"} <= set(vocab)
     assert all(w in vocab for group in (COLORS, SHAPES, MOTIONS) for phrase in group for w in phrase.split())
+    from stdit.train.synthetic import make_synthetic_dataset
+
+    for voc in ("full", "simple"):  # every word the generator writes has an id (none falls to <unk>)
+        csv_path = make_synthetic_dataset(tmp_path / voc, num_videos=0, num_images=30, size=(16, 16), vocabulary=voc)
+        words = {w for line in csv_path.read_text().splitlines()[1:] for w in line.split(",")[1].split()}
+        assert words <= set(vocab), words - set(vocab)
     te = TextEncoder.tiny(seed=0, model_max_length=12, tokenizer="words")
     assert "words" in te.describe()["name"]
     ids, mask = te.tokenize(["a red circle moving left to right", "A RED, circle!", "a zebra", ""])

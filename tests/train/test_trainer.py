@@ -94,6 +94,9 @@ def test_lr_schedule():
     assert got[-1] == pytest.approx(1e-4) and got[7] == pytest.approx(5.5e-4)  # halfway down
     assert all(a >= b for a, b in zip(got[2:], got[3:]))
     assert lr_at(0, OptimCfg(lr=1e-3, lr_schedule="cosine"), 1) == pytest.approx(1e-3)  # a one-step stage
+    with pytest.raises(ConfigError, match="leaves no steps to decay over"):
+        from_dict({"data": {"csv": "a"}, "run": {"out_dir": "o", "steps": 10},
+                   "optim": {"lr_schedule": "cosine", "warmup_steps": 9}})
     for bad, match in ((dict(lr_schedule="linear"), "lr_schedule must be"), (dict(warmup_steps=-1), "warmup_steps"),
                        (dict(lr_min=1.0), "lr_min")):  # fmt: skip
         with pytest.raises(ConfigError, match=match):
@@ -252,6 +255,9 @@ def test_stage_cache_encodes_once_then_trains_from_it(data, tmp_path):
     assert again["step"] == 2
     with pytest.raises(ConfigError, match=r"\[data\] cache: .*latents of shape"):
         train_stage(_cfg(data, tmp_path / "c", data__cache=str(cache), data__num_frames=2), progress=False)
+    os.utime(data, ns=(time.time_ns(), time.time_ns() + 10**9))  # the CSV changed since: the cache is stale
+    with pytest.raises(ConfigError, match=r"prepared from other data or encoders: csv_mtime_ns"):
+        train_stage(_cfg(data, tmp_path / "e", data__cache=str(cache)), progress=False)
     with pytest.raises(ConfigError, match=r"cache .* needs \[data\] csv"):
         _cfg(data, tmp_path / "d", data__csv="", data__cached=str(cache), data__cache=str(cache))
 
@@ -301,3 +307,13 @@ def test_relative_paths_resolve_against_the_launch_directory(tmp_path, monkeypat
     assert cfg.encoders.vae == str(tmp_path / "w" / "vae") and cfg.encoders.text == "tiny-words"
     assert cfg.data.csv == str(tmp_path / "d" / "c.csv") and cfg.run.out_dir == str(tmp_path / "o")
     assert from_dict(cfg.to_dict()).encoders.vae == cfg.encoders.vae  # as stored in a checkpoint's meta.json
+    with pytest.raises(ConfigError, match=r"\[encoders\] text: expected 'tiny' or 'tiny-words' or a local"):
+        from_dict({"data": {"csv": "a"}, "run": {"out_dir": "o"}, "encoders": {"text": ""}})
+
+
+def test_out_dir_of_another_configuration_is_refused(data, tmp_path):
+    """Resuming needs the same model and data shape: a run folder of another configuration is an error
+    that says so, not a shape mismatch deep inside load_state_dict."""
+    train_stage(_cfg(data, tmp_path / "run", run__steps=2), progress=False)
+    with pytest.raises(ConfigError, match=r"holds a run of another configuration \(\[data\] image_size \[32, 32\] there"):
+        train_stage(_cfg(data, tmp_path / "run", run__steps=4, data__image_size=[48, 48]), progress=False)

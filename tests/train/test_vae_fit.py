@@ -73,6 +73,12 @@ def test_cli_fits_then_skips_when_complete(data, tmp_path, capsys):
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert second["fit_vae"] == "skipped"
     assert (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+    # the folder holds a VAE of other data: refused (not silently reused), the VAE untouched
+    other = tmp_path / "other.csv"
+    other.write_text(data.read_text())
+    assert train_cli([*args[:2], str(other), *args[3:]]) == 2
+    assert "holds a VAE fitted on" in capsys.readouterr().err
+    assert (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
     # a bad argument through the CLI: an error naming it, exit status 2
     assert train_cli(["fit-vae", "--csv", str(data), "--out", str(tmp_path / "v2"), "--steps", "0", "--quiet"]) == 2
     assert "steps" in capsys.readouterr().err
