@@ -219,6 +219,7 @@ def _ensure_cache(cfg: StageConfig, vae, text, progress: bool) -> None:
                               f"stdit prepare --config {cfg.source} --out {d.cache}")
         print(f"[{cfg.stage.name}] encoding {d.csv} once into {d.cache} ([data] cache)", file=sys.stderr)
         prepare_stage(cfg, d.cache, vae, text, progress=progress)
+        return  # just made from this stage's data and encoders: nothing to check (or hash) again
     try:
         check_cache_matches(cfg, d.cache, vae, text)
     except (ValueError, OSError) as e:
@@ -348,15 +349,6 @@ class FixedEval:
 EVAL_COLUMNS = ("step", "eval_loss", "eval_mse", "ema_loss", "ema_mse")
 
 
-def _append_eval(path: Path, step: int, scores: dict) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(EVAL_COLUMNS)
-        w.writerow([step, *(f"{scores[k]:.6f}" if k in scores else "" for k in EVAL_COLUMNS[1:])])
-
-
 def lr_at(step: int, o, total: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based) of a stage of ``total`` steps: linear warm-up
     over ``o.warmup_steps``, then constant (Open-Sora 1.0) or cosine decay from ``o.lr`` to ``o.lr_min`` at
@@ -375,13 +367,13 @@ def lr_at(step: int, o, total: int) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _append_log(path: Path, row: dict) -> None:
+def _append_log(path: Path, row: dict, columns: tuple[str, ...] = LOG_COLUMNS) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         if new:
             w.writeheader()
-        w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+        w.writerow({k: row.get(k, "") for k in columns})
 
 
 def _truncate_log(path: Path, step: int, columns: tuple[str, ...] = LOG_COLUMNS) -> None:
@@ -565,16 +557,18 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         # The EMA weights too: they are what sampling and the next stage use, and they are far less
         # noisy than the live weights at a high constant learning rate.
         if booster is None and world == 1:
-            import copy
+            ema_scores = scores  # before the first update the averages are the weights themselves
+            if ema.num_updates:
+                import copy
 
-            shadow_model = copy.deepcopy(model)
-            ema.copy_to(shadow_model)
-            ema_scores = evaluator(shadow_model)
-            del shadow_model
+                shadow_model = copy.deepcopy(model)
+                ema.copy_to(shadow_model)
+                ema_scores = evaluator(shadow_model)
+                del shadow_model
             scores.update(ema_loss=ema_scores["eval_loss"], ema_mse=ema_scores["eval_mse"])
             ema_evals.append(scores["ema_loss"])
         evals.append(scores["eval_loss"])
-        _append_eval(eval_path, at, scores)
+        _append_log(eval_path, {"step": at, **{k: f"{v:.6f}" for k, v in scores.items()}}, EVAL_COLUMNS)
 
     if step == 0:
         eval_path.unlink(missing_ok=True)
