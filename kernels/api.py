@@ -67,13 +67,18 @@ def cross_attention(
     *,
     backend: str = "auto",
     scale: float | None = None,
+    check_lens: bool = True,
 ) -> torch.Tensor:
     """Attention from video tokens to each sample's valid text tokens.
 
     q (B, N, H, D), kv (B, L, 2, H, D), kv_lens (B,) integer in [1, L] -> out (B, N, H, D).
     Sample b's queries attend to keys kv[b, :kv_lens[b]] only.
+
+    ``check_lens``: check that every length lies in [1, L], which reads kv_lens on the host (a
+    device-to-host synchronisation). A caller that has already checked them once, as the models do
+    per forward, passes False so that blocks never wait on the host.
     """
-    B, N, L, H, D = validate.check_cross(q, kv, kv_lens)
+    B, N, L, H, D = validate.check_cross(q, kv, kv_lens, check_lens=check_lens)
     scale = validate.check_scale(scale, D)
     mod, sub = backends.resolve(backend, q.device, q.dtype, D)
     if sub is not None:

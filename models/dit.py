@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from stdit.kernels import full_attention, spatial_attention, temporal_attention
 
-from .stdit import STDIT_PRESETS, CrossAttention, DropPath, FinalLayer, Mlp, SelfAttention, STDiTBlock, VideoDiTBase
+from .sizes import SIZES
+from .stdit import CrossAttention, DropPath, FinalLayer, Mlp, SelfAttention, STDiTBlock, VideoDiTBase
 
 __all__ = ["DiT", "DIT_PRESETS", "dit_from_preset", "PixArtBlock", "VideoSelfAttention"]
 
@@ -202,10 +203,10 @@ class DiT(VideoDiTBase):
 
 
 # ------------------------------------------------------------------------------------------------
-# Presets: STDiT's sizes under DiT names ("DiT-XL/2", "DiT-tiny", "DiT-mini")
+# Presets: the sizes of stdit.models.sizes under DiT names ("DiT-XL/2", "DiT-tiny", ...)
 # ------------------------------------------------------------------------------------------------
 
-DIT_PRESETS: dict[str, dict] = {name.replace("STDiT", "DiT", 1): dict(cfg) for name, cfg in STDIT_PRESETS.items()}
+DIT_PRESETS: dict[str, dict] = {f"DiT-{name}": size.kwargs() for name, size in SIZES.items()}
 
 
 def dit_from_preset(name: str, **overrides) -> DiT:

@@ -12,7 +12,7 @@ temporal attention live in different blocks; depth counts both kinds ("Latte-XL/
 from __future__ import annotations
 
 from .dit import DiT
-from .stdit import STDIT_PRESETS
+from .sizes import SIZES, split_preset
 
 __all__ = ["Latte", "LATTE_PRESETS", "latte_from_preset"]
 
@@ -26,10 +26,8 @@ class Latte(DiT):
         return ["spatial" if i % 2 == 0 else "temporal" for i in range(depth)]
 
 
-# STDiT's sizes under Latte names; the 1-block debug size gets 2 blocks so it has a temporal one.
-LATTE_PRESETS: dict[str, dict] = {
-    name.replace("STDiT", "Latte", 1): {**cfg, "depth": max(cfg["depth"], 2)} for name, cfg in STDIT_PRESETS.items()
-}
+# The sizes of stdit.models.sizes under Latte names (a 1-block size gets 2, so it has a temporal block).
+LATTE_PRESETS: dict[str, dict] = {f"Latte-{name}": split_preset(f"Latte-{name}")[1].kwargs() for name in SIZES}
 
 
 def latte_from_preset(name: str, **overrides) -> Latte:

@@ -25,6 +25,8 @@ from stdit.kernels import cross_attention, gated_residual, layernorm_modulate, s
 from stdit.kernels.backends import BACKENDS
 from stdit.kernels.fused_ops import FUSED_BACKENDS
 
+from .sizes import SIZES
+
 BACKEND_NAMES = ("auto", *BACKENDS)  # plus "sdpa:<flash|efficient|cudnn|math>"
 
 __all__ = ["STDiT", "STDIT_PRESETS", "stdit_from_preset", "count_parameters"]
@@ -631,34 +633,14 @@ class STDiT(VideoDiTBase):
 
 
 # ------------------------------------------------------------------------------------------------
-# Presets
+# Presets (the sizes live in stdit.models.sizes)
 # ------------------------------------------------------------------------------------------------
 
-STDIT_PRESETS: dict[str, dict] = {
-    # Open-Sora 1.0's only registered size; the 16x256x256 train config adds input_size (16, 32, 32),
-    # space_scale 0.5, time_scale 1.0 (caption_channels 4096 and model_max_length 120 are defaults).
-    "STDiT-XL/2": dict(depth=28, hidden_size=1152, patch_size=(1, 2, 2), num_heads=16),
-    # Debug sizes that keep XL/2's head dim 72. "STDiT-tiny" is the golden reference's
-    # configuration (tests/data/opensora_v1/stdit_tiny_a.json): 1,052,240 parameters.
-    "STDiT-tiny": dict(
-        input_size=(4, 8, 8), depth=2, hidden_size=144, patch_size=(1, 2, 2), num_heads=2,
-        caption_channels=32, model_max_length=8, space_scale=0.5, time_scale=1.0,
-    ),
-    # The CPU training demo's model (configs/demo): deeper and wider than tiny so that minutes of CPU
-    # training learn the synthetic shapes' colours and backgrounds; 6.1M parameters with the demo's text width.
-    "STDiT-demo": dict(
-        input_size=(8, 8, 8), depth=6, hidden_size=216, patch_size=(1, 2, 2), num_heads=3,
-        caption_channels=32, model_max_length=80, space_scale=0.5, time_scale=1.0,
-    ),
-    "STDiT-mini": dict(
-        input_size=(2, 4, 4), depth=1, hidden_size=72, patch_size=(1, 2, 2), num_heads=1,
-        caption_channels=16, model_max_length=4,
-    ),
-}
+STDIT_PRESETS: dict[str, dict] = {f"STDiT-{name}": size.kwargs() for name, size in SIZES.items()}
 
 
 def stdit_from_preset(name: str, **overrides) -> STDiT:
-    """Build a preset by name (see STDIT_PRESETS); keyword overrides win over the preset."""
+    """Build a preset by name ("STDiT-XL/2", "STDiT-tiny", ...); keyword overrides win over the preset."""
     if name not in STDIT_PRESETS:
         raise ValueError(f"name: unknown STDiT preset {name!r}; expected one of {sorted(STDIT_PRESETS)}")
     return STDiT(**{**STDIT_PRESETS[name], **overrides})
