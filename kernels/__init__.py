@@ -1,12 +1,21 @@
-"""stdit.kernels: attention for STDiT (spatial, temporal, full, cross) behind one API with backends.
+"""stdit.kernels: attention for STDiT (spatial, temporal, full, cross) behind one API with backends,
+and the fused adaLN ops of its block.
 
-See :mod:`stdit.kernels.api` for the layout contract and :mod:`stdit.kernels.backends` for the
-backends. Optional packages (flash-attn, xformers) are imported lazily, never here.
+See :mod:`stdit.kernels.api` for the layout contract and the backends. Optional packages
+(flash-attn, xformers) are imported lazily, never here.
 """
 
-from .api import cross_attention, full_attention, spatial_attention, temporal_attention
-from .backends import BACKENDS, BackendUnavailable, auto_backend, availability
-from .fused_ops import gated_residual, layernorm_modulate
+from .api import (
+    BACKENDS,
+    BackendUnavailable,
+    auto_backend,
+    availability,
+    cross_attention,
+    full_attention,
+    spatial_attention,
+    temporal_attention,
+)
+from .fused_ops import gated_residual, layernorm_modulate, reference_gated_residual, reference_layernorm_modulate
 
 __all__ = [
     "spatial_attention",
@@ -19,8 +28,6 @@ __all__ = [
     "availability",
     "layernorm_modulate",
     "gated_residual",
+    "reference_layernorm_modulate",
+    "reference_gated_residual",
 ]
-
-from . import backends as _backends
-
-_backends._preload()

@@ -9,8 +9,9 @@ Open-Sora 1.0 (opensora/models/layers/blocks.py, Attention with enable_flashattn
 
 Open-Sora used xformers for cross-attention (see xformers_adapter.py). The natural FlashAttention
 equivalent is ``flash_attn_varlen_func``: the queries of all samples packed to (B*N, H, D) with
-cu_seqlens_q = [0, N, 2N, ...], the valid text tokens packed to (sum(len), H, D) with
-cu_seqlens_k = cumsum(kv_lens) -- the same block-diagonal attention as xformers' BlockDiagonalMask.
+cu_seqlens_q = [0, N, 2N, ...], the valid text tokens packed to the front of (B*L, H, D) with
+cu_seqlens_k = [0, cumsum(kv_lens)] -- the same block-diagonal attention as xformers'
+BlockDiagonalMask, built without reading the lengths on the host (see pack_valid_first).
 
 flash_attn is imported lazily (never at import time of stdit.kernels). It has CUDA kernels only,
 for fp16/bf16 inputs.
@@ -23,7 +24,8 @@ import importlib.util
 from types import ModuleType
 
 import torch
-from .reference import from_sequences, pack_valid, to_sequences
+
+from .reference import from_sequences, to_sequences
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -69,12 +71,26 @@ def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, sc
     _check_dtype("q", q)
     flash_attn_varlen_func = _flash_attn().flash_attn_varlen_func
     B, N, H, D = q.shape
+    L = kv.shape[1]
     lens = kv_lens.to(q.device, torch.int32)
-    k, v = pack_valid(kv, lens).unbind(1)  # each (sum(len), H, D): the valid text tokens, packed
+    k, v = pack_valid_first(kv, lens).unbind(1)  # each (B*L, H, D): the valid text tokens first
     zero = torch.zeros(1, dtype=torch.int32, device=q.device)
     cu_q = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=q.device)  # [0, N, ..., B*N]
     cu_k = torch.cat([zero, lens.cumsum(0, dtype=torch.int32)])  # [0, len0, len0+len1, ...]
-    o = flash_attn_varlen_func(
-        q.reshape(B * N, H, D), k, v, cu_q, cu_k, N, int(lens.max()), softmax_scale=scale
-    )  # (B*N, H, D)
+    # max_seqlen_k = L, an upper bound of every length that needs no read of kv_lens on the host
+    o = flash_attn_varlen_func(q.reshape(B * N, H, D), k, v, cu_q, cu_k, N, L, softmax_scale=scale)  # (B*N, H, D)
     return o.view(B, N, H, D)
+
+
+def pack_valid_first(kv: torch.Tensor, kv_lens: torch.Tensor) -> torch.Tensor:
+    """kv (B, L, 2, H, D) -> (B*L, 2, H, D): the first kv_lens[b] tokens of every sample, in order,
+    then the (zeroed) padding, so rows [0, sum(kv_lens)) equal Open-Sora's masked_select packing.
+
+    The output has a fixed size, so no length is read on the host. flash_attn reads only the rows
+    cu_seqlens_k covers; its backward leaves the gradient of the padding rows unwritten, and the
+    zeroing (masked_fill) gives the padding of kv exactly zero gradient whatever those rows hold.
+    """
+    B, L = kv.shape[:2]
+    valid = torch.arange(L, device=kv.device) < kv_lens[:, None]  # (B, L)
+    order = torch.argsort((~valid).flatten().to(torch.uint8), stable=True)  # valid rows first, in order
+    return kv.masked_fill(~valid[:, :, None, None, None], 0).flatten(0, 1)[order]

@@ -8,13 +8,7 @@ Which sequences flex sees, and why:
   straddle frame boundaries whenever S is not a multiple of the 128-token block, so it does masked
   work that batching never does, and eager mode would materialize (T*S)^2 scores instead of T*S^2.
 - temporal: one copy of q, k, v into position-major order (as Open-Sora's rearrange), then on CUDA
-  *packing*: the (B, H, S*T, D) sequence with a block-diagonal ``q_idx // T == kv_idx // T`` block
-  mask, so one 128-row flex tile holds 128 / T short sequences and flex skips every off-diagonal
-  block (T = 16: 8 sequences per tile, instead of one 16-row sequence padded to a 128-row tile). On
-  CPU, where flex runs eagerly and would materialize all (S*T)^2 scores, the same copy is batched
-  as (B*S, H, T, D) instead: the same math, no wasted scores. The copy-free alternative, a
-  ``q_idx % S == kv_idx % S`` mask on the native token order, is a bad trade: each query's T keys
-  lie S tokens apart, so every tile holds some allowed pair and block sparsity skips nothing.
+  *packing* under a block-diagonal block mask (see _temporal), on CPU (B*S, H, T, D) batches.
 - full: (B, H, N, D), no mask.
 - cross: q (B, H, N, D), k/v (B, H, L, D) views; a block mask built from ``kv_idx < kv_lens[b]``
   hides padded keys (flex skips key blocks past the length, masks the partial one).
@@ -35,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .backends import BackendUnavailable
+from .validate import BackendUnavailable
 
 
 def availability(device: torch.device) -> str | None:
@@ -118,8 +112,14 @@ def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) 
 def _temporal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, T: int, scale: float, packed: bool) -> torch.Tensor:
     """q/k/v (B, T*S, H, D) views -> out (B, T*S, H, D), attention across T at each position.
 
-    packed: one (B, H, S*T, D) sequence, position-major, under a block-diagonal block mask (several
-    T-long sequences per flex tile); otherwise (B*S, H, T, D) batches. Both make one copy of q/k/v.
+    packed: one (B, H, S*T, D) sequence, position-major, under a block-diagonal
+    ``q_idx // T == kv_idx // T`` block mask, so one 128-row flex tile holds 128 / T short sequences
+    and flex skips every off-diagonal block (T = 16: 8 sequences per tile, instead of one 16-row
+    sequence padded to a 128-row tile). Otherwise (B*S, H, T, D) batches: on CPU, where flex runs
+    eagerly and would materialize all (S*T)^2 scores, the same math with no wasted scores. Both make
+    one copy of q/k/v. The copy-free alternative, a ``q_idx % S == kv_idx % S`` mask on the native
+    token order, is a bad trade: each query's T keys lie S tokens apart, so every tile holds some
+    allowed pair and block sparsity skips nothing.
     """
     from torch.nn.attention.flex_attention import create_block_mask
 

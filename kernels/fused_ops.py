@@ -7,23 +7,17 @@ x, y: (B, N, C); shift, scale, gate: one row per sample, (B, 1, C) or (B, C), br
 tokens. Outputs have x's dtype; LayerNorm statistics are fp32 (or float64 for float64 inputs).
 Every function is differentiable with respect to every tensor input.
 
-Why these two, and not the GELU-tanh after the MLP's first linear (bytes per token, C channels,
-2-byte activations, from the block profile):
-- LayerNorm + modulate, eager: layer_norm, ``* (1 + scale)``, ``+ shift`` = 3 reads + 3 writes of
-  the (N, C) activation (12C bytes); fused: 1 read + 1 write (4C). ~3x fewer bytes, twice per block.
-- gated residual, eager: ``gate * y``, ``x + _`` = 3 reads + 2 writes (10C); fused: 2 reads + 1 write
-  (6C). ~1.7x fewer bytes, three times per block.
-- GELU-tanh is already a single elementwise pass in eager PyTorch and in torch.compile (read 4C
-  hidden, write 4C hidden): a standalone kernel of ours would move the same bytes. The pass only
-  disappears inside fc1's GEMM epilogue, which is a matmul kernel's job (cuBLASLt GELU epilogue,
-  Inductor's max-autotune templates), not an elementwise one; the block suite of the benchmark
-  measures torch.compile's version of the whole block for exactly that reason.
+Why these two and not the GELU-tanh after the MLP's first linear (bytes per token, C channels,
+2-byte activations): LayerNorm + modulate moves 12C bytes eager (3 reads + 3 writes) and 4C fused,
+twice per block; the gated residual 10C eager and 6C fused, three times per block. GELU-tanh is
+already one elementwise pass (read 4C, write 4C) in eager PyTorch and torch.compile; it disappears
+only inside fc1's GEMM epilogue, a matmul kernel's job, which is why the block suite of the
+benchmark measures torch.compile's version of the whole block.
 
-``backend``: "auto" (for now always the reference: torch.compile already fuses these chains, so
-auto switches to ours only where the benchmark harness shows a win, which needs a GPU run that has
-not happened yet), "triton" (our kernels,
-:mod:`stdit.kernels.triton_modulate`), "reference" (the readable eager PyTorch below, which the tests
-and benchmarks compare against). A named backend that cannot run raises :class:`BackendUnavailable`.
+``backend``: "triton" (our kernels, :mod:`stdit.kernels.triton_modulate`), "reference" (the readable
+eager PyTorch below, which tests and benchmarks compare against), "auto": the reference, which
+torch.compile fuses, until the benchmark shows ours beating that fusion on a GPU. A named backend
+that cannot run raises :class:`BackendUnavailable`.
 """
 
 from __future__ import annotations
@@ -33,13 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .backends import BackendUnavailable
-from .triton_common import TL_DTYPES, triton_availability
-
-try:  # imported up front (not inside the functions) so torch.compile never traces an import
-    from . import triton_modulate as _triton
-except ImportError:  # no triton: the backend reports it through triton_availability
-    _triton = None
+from . import triton_modulate
+from .api import require
 
 FUSED_BACKENDS = ("auto", "triton", "reference")
 
@@ -104,19 +93,10 @@ def _backend(backend, x: torch.Tensor) -> str:
     if not isinstance(backend, str) or backend not in FUSED_BACKENDS:
         raise ValueError(f"backend: expected one of {FUSED_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        # Ours only where measured to win over torch.compile's own fusion: not measured yet (no GPU).
-        return "reference"
+        return "reference"  # ours only where the benchmark shows it beating torch.compile's own fusion
     if backend == "triton":
-        if x.dtype not in TL_DTYPES:
-            raise TypeError(
-                f"x: the triton backend takes float16, bfloat16 or float32, got {x.dtype} "
-                "(use backend='reference' for float64)"
-            )
-        if x.shape[0] > 65535:  # B is the grid's second axis, capped by CUDA
-            raise ValueError(f"x: the triton backend takes B <= 65535, got B = {x.shape[0]}")
-        reason = None if torch.compiler.is_compiling() else triton_availability(x.device)
-        if reason is not None:
-            raise BackendUnavailable(f"backend 'triton' cannot run on {x.device}: {reason}")
+        triton_modulate.check_input(x)
+        require("triton", x.device)
     return backend
 
 
@@ -138,7 +118,7 @@ def layernorm_modulate(
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
     if _backend(backend, x) == "triton":
-        return _triton.layernorm_modulate(x, shift, scale, float(eps))
+        return triton_modulate.layernorm_modulate(x, shift, scale, float(eps))
     return reference_layernorm_modulate(x, shift, scale, float(eps))
 
 
@@ -151,5 +131,5 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, *, back
     _check_like("gate", gate, x, "per_sample")
     _check_like("y", y, x, "tokens")
     if _backend(backend, x) == "triton":
-        return _triton.gated_residual(x, gate, y)
+        return triton_modulate.gated_residual(x, gate, y)
     return reference_gated_residual(x, gate, y)

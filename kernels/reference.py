@@ -12,17 +12,15 @@ Open-Sora 1.0 (v1.0.0, opensora/models/layers/blocks.py) computes
   block-diagonal attention is evaluated per sample over the packed tokens, with the same math.
 
 This is the baseline that the benchmarks call "what Open-Sora does", and the float64 oracle of the
-tests (run it on float64 inputs). It is autograd-differentiable as written.
+tests (run it on float64 inputs). It is autograd-differentiable as written. Packing the valid text
+tokens and splitting them per sample need their count on the host, so cross-attention reads kv_lens
+there (a device-to-host synchronisation per call), as Open-Sora's packing does.
 """
 
 from __future__ import annotations
 
 import torch
 from einops import rearrange
-
-
-def availability(device: torch.device) -> str | None:
-    return None  # plain PyTorch: runs wherever torch does
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

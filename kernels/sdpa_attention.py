@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .backends import BackendUnavailable
+from .validate import BackendUnavailable
 
 SUB_BACKENDS: dict[str, SDPBackend] = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -70,9 +70,6 @@ def availability(device: torch.device, sub: str | None = None) -> str | None:
         return f"no CUDA device is usable (torch {torch.__version__}, built with CUDA {torch.version.cuda})"
     if sub is None:
         return None  # SDPA's math path runs wherever torch does
-    if sub not in SUB_BACKENDS:
-        # a typo, not a missing kernel: fail loudly rather than report "unavailable"
-        raise ValueError(f"backend: unknown SDPA sub-backend 'sdpa:{sub}'; expected one of {tuple(SUB_BACKENDS)}")
     if sub in ("efficient", "cudnn") and device.type != "cuda":
         return (
             f"SDPA's {sub!r} kernel needs a CUDA device (PyTorch has no {device.type} kernel for it); "

@@ -1,21 +1,30 @@
-"""Helpers shared by the Triton kernels: availability, interpreter detection, head-dim splitting, and
-the description of every shipped kernel configuration (what `stdit inspect` compiles ahead of time).
+"""What every Triton kernel of stdit shares: whether they can run here, which inputs they take, the
+split of the head dim, the @triton.jit row loaders, host-side launch helpers, and the description
+of a shipped kernel configuration (what `stdit inspect` compiles ahead of time).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
+# ----------------------------------------------------------------------------------------------------
+# Where the kernels run and what they take
+# ----------------------------------------------------------------------------------------------------
 
 # Triton decides between interpreted and compiled kernels when @triton.jit runs, i.e. when this
 # package's kernel modules are imported (stdit.kernels imports them up front). Read the switch once,
 # here, so the backend's answers cannot drift from how its kernels actually run.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+SHIPPED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the order `stdit inspect` lists them
+LOG2E = 1.4426950408889634
 
 
 def interpreting() -> bool:
@@ -23,15 +32,8 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
-def triton_takes(dtype: torch.dtype | None, head_dim: int | None) -> bool:
-    """Whether the triton backend takes this dtype and head dim (None: unknown, assume yes)."""
-    return (dtype is None or dtype in TL_DTYPES) and (head_dim is None or 16 <= head_dim <= 128)
-
-
-def triton_availability(device: torch.device) -> str | None:
+def availability(device: torch.device) -> str | None:
     """None when our Triton kernels can run on ``device``; otherwise why not and what to do."""
-    if importlib.util.find_spec("triton") is None:
-        return "the 'triton' package is not installed (pip install 'triton>=3.6')"
     if device.type == "cuda":
         if interpreting():
             return "TRITON_INTERPRET=1 is set; unset it to run the Triton kernels on the GPU"
@@ -44,6 +46,35 @@ def triton_availability(device: torch.device) -> str | None:
             "interpreter (correctness only, slow), or use a CUDA device"
         )
     return f"device type {device.type!r} is not supported (CUDA, or CPU with TRITON_INTERPRET=1)"
+
+
+def triton_takes(dtype: torch.dtype | None, head_dim: int | None) -> bool:
+    """Whether the attention kernels take this dtype and head dim (None: unknown, assume yes)."""
+    return (dtype is None or dtype in TL_DTYPES) and (head_dim is None or 16 <= head_dim <= 128)
+
+
+def check_dtype(name: str, x: torch.Tensor) -> None:
+    """Raise a clear TypeError for a dtype no Triton kernel of ours takes."""
+    if x.dtype not in TL_DTYPES:
+        raise TypeError(
+            f"{name}: the triton backend takes float16, bfloat16 or float32, got {x.dtype} "
+            "(use backend='reference' for float64)"
+        )
+
+
+def check_attention_input(name: str, x: torch.Tensor) -> None:
+    """Raise a clear error for an attention input (..., H, D) with batch B that the kernels do not take."""
+    check_dtype(name, x)
+    D = x.shape[-1]
+    if not triton_takes(None, D):
+        raise ValueError(f"{name}: the triton backend takes head dims 16..128, got D = {D}")
+    if x.shape[0] * x.shape[-2] > 65535:  # B*H is the grid's second axis, capped by CUDA
+        raise ValueError(f"{name}: the triton backend takes B*H <= 65535, got B*H = {x.shape[0] * x.shape[-2]}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Head dim
+# ----------------------------------------------------------------------------------------------------
 
 
 def split_head_dim(D: int) -> tuple[int, int]:
@@ -76,10 +107,75 @@ def head_class(D: int) -> int:
     return next(c for c in HEAD_CLASSES if c >= width)
 
 
+TileTable = dict[tuple[str, int], tuple[tuple[int, ...], ...]]
+
+
+def tile_entry(table: TileTable, kernel: str, D: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """The entry of ``kernel`` in a tile table for head dim D and inputs of ``dtype``: tables hold one
+    row per (kernel, input width: 16-bit or 32), one entry per head-dim class in HEAD_CLASSES."""
+    return table[(kernel, 32 if dtype == torch.float32 else 16)][HEAD_CLASSES.index(head_class(D))]
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use exact ("ieee") dot products so fp32 results stay fp32-accurate on GPUs too
     (the GPU default would be tf32); 16-bit inputs use the tensor cores' native precision."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------------------------------
+# @triton.jit helpers of the attention kernels: rows of (rows x D) tiles addressed by strides
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def row_offsets(head, tok, stride_n, ALIGN: tl.constexpr):
+    """Element offset of each row's first element: head offset + token * token stride.
+
+    Every offset is a multiple of ALIGN (the host checks strides and base addresses), which tells
+    Triton how aligned rows start; with the usual ALIGN of 16 bytes, loads along D vectorize
+    (8 bf16 per access) even for D = 72.
+    """
+    return tl.multiple_of(head + tok.to(tl.int64) * stride_n, ALIGN)
+
+
+@triton.jit
+def load_rows(ptr, rows, valid, offs_d, D: tl.constexpr, UPCAST: tl.constexpr):
+    """Load a (rows, len(offs_d)) tile: row r starts at ptr + rows[r]; masked past D / invalid rows."""
+    x = tl.load(ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:  # Triton's interpreter computes garbage in bf16 arithmetic: upcast right after loading
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def store_rows(ptr, rows, valid, offs_d, D: tl.constexpr, x):
+    """Store tile x in ptr's dtype: row r at ptr + rows[r]; masked past D / invalid rows."""
+    mask = valid[:, None] & (offs_d[None, :] < D)
+    tl.store(ptr + rows[:, None] + offs_d[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dot_operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """Round fp32 probabilities to the input dtype before a tensor-core dot (as FlashAttention does)."""
+    x = x.to(DTYPE)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host-side launch helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tiling of one launch: BLOCK_M query rows x BLOCK_N key rows (packed: both are the tile)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int = 1
 
 
 # Tests set this: every buffer a kernel is meant to fill completely starts NaN-filled, so an element a
@@ -95,7 +191,37 @@ def new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | 
     return t
 
 
-TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+def unit_stride_last(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim has unit stride, else a contiguous copy. The kernels address rows by
+    strides but assume unit stride along D (or C): the only copy they ever make, and only for exotic
+    views such as a transposed head dim."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def alignment(*tensors: torch.Tensor) -> int:
+    """The largest ALIGN (elements, <= 16 bytes' worth) dividing every row/head/batch stride and every
+    base address: the kernels promise Triton that row offsets are multiples of it, which is what
+    lets loads along D vectorize. Open-Sora layouts get the full 16 bytes (every stride is a
+    multiple of D = 72, itself a multiple of 8)."""
+    size = tensors[0].element_size()
+    align = 16 // size
+    while align > 1 and not all(
+        t.data_ptr() % (align * t.element_size()) == 0 and all(st % align == 0 for st in t.stride()[:-1]) for t in tensors
+    ):
+        align //= 2
+    return align
+
+
+def attention_constexprs(D: int, dtype: torch.dtype, align: int) -> dict:
+    """Compile-time constants shared by every attention launch: head-dim split, alignment, interpreter mode."""
+    d0, d1 = split_head_dim(D)
+    upcast = interpreting() and dtype == torch.bfloat16
+    return dict(D=D, ALIGN=align, BLOCK_D0=d0, BLOCK_D1=d1, UPCAST=upcast, DOT_PREC=dot_precision(dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shipped configurations, as `stdit inspect` compiles them
+# ----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -107,7 +233,7 @@ class KernelBuild:
     ``num_stages`` are the launch options the host launcher uses for this configuration.
     """
 
-    name: str  # e.g. "self_attn_fwd[D=72,bf16,BLOCK_M=128]"
+    name: str  # e.g. "self_attn_fwd_packed[D=72,bf16,128x128,w8]"
     fn: Any  # the @triton.jit function
     signature: dict[str, str]
     constexprs: dict[str, Any]
@@ -115,16 +241,6 @@ class KernelBuild:
     num_stages: int
     uses_mma: bool = True  # whether the hot loop runs on tensor cores (so sm_90 must use wgmma); fp32 "ieee" dots do not
     tags: dict[str, Any] = field(default_factory=dict)
-
-
-
-def build_tags(dtype: torch.dtype, D: int) -> dict[str, Any]:
-    """What `stdit inspect` reports beside a shipped build: its dtype, head dim, and for fp32 why
-    there is no wgmma (the exact-fp32 path multiplies on the FMA units, not the tensor cores)."""
-    tags: dict[str, Any] = {"dtype": TL_DTYPES[dtype], "head_dim": D}
-    if dtype == torch.float32:
-        tags["note"] = "fp32 uses exact fp32 dots (input_precision='ieee') on FMA units; wgmma is for 16-bit"
-    return tags
 
 
 # Pointer arguments of our kernels, and the element type of those that do not follow the input dtype.
@@ -153,3 +269,17 @@ def signature_of(fn: Any, dtype: torch.dtype, constexprs: dict[str, Any]) -> dic
         else:
             sig[name] = "i32"
     return sig
+
+
+def attention_build(name: str, fn: Any, t: Tiles, dtype: torch.dtype, D: int, blocks: dict[str, Any]) -> KernelBuild:
+    """The build of attention kernel ``fn`` at tiling ``t`` as its launcher runs it on a GPU: 16-byte
+    aligned rows, no interpreter upcast, ``blocks`` the kernel's tile constexprs."""
+    c = dict(attention_constexprs(D, dtype, 16 // dtype.itemsize), UPCAST=False, **blocks)
+    tags: dict[str, Any] = {"dtype": TL_DTYPES[dtype], "head_dim": D}
+    if dtype == torch.float32:  # why there is no wgmma: exact fp32 dots multiply on the FMA units
+        tags["note"] = "fp32 uses exact fp32 dots (input_precision='ieee') on FMA units; wgmma is for 16-bit"
+    tag = f"D={D},{TL_DTYPES[dtype]},{t.block_m}x{t.block_n},w{t.num_warps}"
+    return KernelBuild(
+        f"{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages,
+        uses_mma=dtype != torch.float32, tags=tags,
+    )  # fmt: skip

@@ -29,8 +29,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import TL_DTYPES, KernelBuild, new_output, signature_of, triton_availability
-from .triton_self_attention import alignment
+from .triton_common import (
+    SHIPPED_DTYPES,
+    TL_DTYPES,
+    KernelBuild,
+    alignment,
+    check_dtype,
+    new_output,
+    signature_of,
+    unit_stride_last,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -230,14 +238,9 @@ def _consts(C: int, align: int) -> dict:
                 num_warps=cfg.num_warps)  # fmt: skip
 
 
-def _c_contiguous(x: torch.Tensor) -> torch.Tensor:
-    # Kernels address tokens by strides but assume unit stride along C.
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _per_sample(m: torch.Tensor) -> torch.Tensor:
     """(B, 1, C) or (B, C) -> a (B, C) view with unit stride along C."""
-    return _c_contiguous(m[:, 0] if m.dim() == 3 else m)
+    return unit_stride_last(m[:, 0] if m.dim() == 3 else m)
 
 
 def _grid(N: int, B: int, block_n: int) -> tuple[int, int]:
@@ -248,7 +251,7 @@ def ln_modulate_forward(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, N, C) -> (y (B, N, C), mean (B, N) fp32, rstd (B, N) fp32)."""
-    x = _c_contiguous(x)
+    x = unit_stride_last(x)
     shift, scale = _per_sample(shift), _per_sample(scale)
     B, N, C = x.shape
     y = new_output((B, N, C), x)
@@ -270,7 +273,7 @@ def ln_modulate_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (B, N, C), dshift and dscale in the shapes of shift and scale)."""
     shift_shape, scale_shape = shift.shape, scale.shape
-    x, dy = _c_contiguous(x), _c_contiguous(dy)
+    x, dy = unit_stride_last(x), unit_stride_last(dy)
     scale = _per_sample(scale)
     B, N, C = x.shape
     dx = new_output((B, N, C), x)
@@ -289,7 +292,7 @@ def ln_modulate_backward(
 
 def gated_residual_forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x, y (B, N, C), gate (B, 1, C) or (B, C) -> x + gate * y (B, N, C)."""
-    x, y, gate = _c_contiguous(x), _c_contiguous(y), _per_sample(gate)
+    x, y, gate = unit_stride_last(x), unit_stride_last(y), _per_sample(gate)
     B, N, C = x.shape
     out = new_output((B, N, C), x)
     if out.numel() == 0:
@@ -306,7 +309,7 @@ def gated_residual_forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor)
 def gated_residual_backward(dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate in gate's shape, dy (B, N, C)); dx is dout itself."""
     gate_shape = gate.shape
-    dout, y, gate = _c_contiguous(dout), _c_contiguous(y), _per_sample(gate)
+    dout, y, gate = unit_stride_last(dout), unit_stride_last(y), _per_sample(gate)
     B, N, C = y.shape
     dy = new_output((B, N, C), y)
     consts = _consts(C, alignment(dout, y, dy))
@@ -402,6 +405,13 @@ def _gr_backward(ctx, dout):
 _gated_residual_op.register_autograd(_gr_backward, setup_context=_gr_setup_context)
 
 
+def check_input(x: torch.Tensor) -> None:
+    """Raise a clear error for an x (B, N, C) that these kernels do not take."""
+    check_dtype("x", x)
+    if x.shape[0] > 65535:  # B is the grid's second axis, capped by CUDA
+        raise ValueError(f"x: the triton backend takes B <= 65535, got B = {x.shape[0]}")
+
+
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """Backend entry point (inputs validated by fused_ops): x (B, N, C) -> LN(x) * (1 + scale) + shift."""
     y, _, _ = _ln_modulate_op(x, shift, scale, float(eps))
@@ -413,15 +423,13 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     return _gated_residual_op(x, gate, y)
 
 
-def availability(device: torch.device) -> str | None:
-    return triton_availability(device)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Shipped configurations, for `stdit inspect`
 # ----------------------------------------------------------------------------------------------------
 
 SHIPPED_CHANNELS = (1152, 144)  # STDiT-XL's hidden size, and a small one (BLOCK_C = 256, many rows)
+
+
 def shipped_builds() -> list[KernelBuild]:
     """Every (kernel, C, dtype) configuration the launchers above pick for the shipped channel counts."""
     kernels = {
@@ -431,9 +439,9 @@ def shipped_builds() -> list[KernelBuild]:
         "gated_residual_bwd": _gated_residual_bwd_kernel,
     }
     builds = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for dtype in SHIPPED_DTYPES:
         for C in SHIPPED_CHANNELS:
-            consts = _consts(C, 16 // torch.tensor([], dtype=dtype).element_size())
+            consts = _consts(C, 16 // dtype.itemsize)
             warps = consts.pop("num_warps")
             for name, fn in kernels.items():
                 tag = f"C={C},{TL_DTYPES[dtype]},{consts['BLOCK_N']}x{consts['ROWS']}x{consts['BLOCK_C']},w{warps}"

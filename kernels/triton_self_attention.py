@@ -1,65 +1,37 @@
 """Triton self-attention for STDiT: spatial, temporal and full attention on the native qkv layout.
 
-One kernel family serves all three kinds. The input is the qkv projection output viewed as
-(B, N = T*S, 3, H, D) with any strides, token index n = t*S + s; the output is (B, N, H, D) in the same
-order. A *kind* is only a way of grouping tokens into independent sequences:
+The input is the qkv projection output viewed as (B, N = T*S, 3, H, D) with any strides, token index
+n = t*S + s; the output is (B, N, H, D) in the same order. A *kind* is only a way of grouping tokens
+into independent sequences, so one kernel family serves all three:
 
     kind      sequences (NSEQ)   length (LEN)   token of (seq j, position p)
     spatial   T frames           S              j*S + p         (SEQ_TOK = S, POS_TOK = 1)
     temporal  S positions        T              j   + p*S       (SEQ_TOK = 1, POS_TOK = S)
     full      1                  T*S            p               (SEQ_TOK = 0, POS_TOK = 1)
 
-Each row of a tile computes its token index with that formula and reads q/k/v straight from the
-strided qkv tensor, so temporal attention needs none of the ``B (T S) C -> (B S) T C`` copies that
-Open-Sora makes before and after it.
+Each row of a tile computes its token with that formula and reads q/k/v straight from the strided
+qkv, so temporal attention needs none of Open-Sora's ``B (T S) C -> (B S) T C`` copies. Two tilings:
+*packed* (LEN <= BLOCK_M): a tile holds G = BLOCK_M // LEN whole sequences, attention is
+block-diagonal within it and the key loop runs once (at T = 16 all 128 rows of a tile carry work,
+where a FlashAttention tile would hold one 16-row sequence); *streamed* (LEN > BLOCK_M):
+FlashAttention-2's online softmax over key tiles of BLOCK_N.
 
-Two tilings:
-- *packed* (LEN <= BLOCK_M): a tile holds G = BLOCK_M // LEN whole sequences, attention is
-  block-diagonal within the tile and the key loop runs once. At T = 16 and BLOCK_M = 128 all 128 rows
-  carry work (a FlashAttention tile would hold one 16-row sequence: 12.5% busy).
-- *streamed* (LEN > BLOCK_M): FlashAttention-2 style: one query tile of one sequence, an online
-  softmax over key tiles of BLOCK_N.
-
-Head dim: tl.dot needs power-of-two operands, so D is split into D0 + D1 chunks
-(see triton_common.split_head_dim): 72 = 64 + 16 with 8 masked columns (1.11x the MMA work, not
-128's 1.78x); 96 = 64 + 32 and 80 = 64 + 16 are exact. Every dot over D is the sum of two dots; every
-(rows x D) accumulator is two accumulators.
-
-Softmax runs in fp32 in the log2 domain (exp2, scale folded with log2(e)); the forward stores the
-per-token log-sum-exp LSE (B, H, N) for the backward.
-
-Backward (dS is the gradient w.r.t. the scaled logits, P the softmax):
-    dV = P^T dO          dP = dO V^T          Delta_i = sum_d dO_id O_id  (= rowsum(P * dP))
-    dS = P * (dP - Delta)          dQ = scale * dS K          dK = scale * dS^T Q
-P is recomputed from Q, K and the stored LSE. Packed tiles are self-contained (their keys are their
-queries), so one program computes dQ, dK and dV with no atomics. Streamed sequences use two kernels:
-one per query tile for dQ (it also stores Delta), then one per key tile for dK and dV.
+Head dim D runs as two power-of-two chunks D0 + D1 (triton_common.split_head_dim; 72 = 64 + 16), so
+every dot over D is the sum of two dots. Softmax runs in fp32 in the log2 domain (exp2, scale folded
+with log2(e)); the forward stores the per-token log-sum-exp LSE (B, H, N) for the backward.
 """
 
-
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from .triton_common import (
-    TL_DTYPES,
-    build_tags,
-    KernelBuild,
-    dot_precision,
-    signature_of,
-    interpreting,
-    new_output,
-    SHIPPED_HEAD_DIMS,
-    head_class,
-    split_head_dim,
-    triton_takes,
-    triton_availability,
-)
-
-LOG2E = 1.4426950408889634
+    LOG2E, SHIPPED_DTYPES, SHIPPED_HEAD_DIMS, KernelBuild, TileTable, Tiles, alignment, attention_build,
+    attention_constexprs, check_attention_input, dot_operand, load_rows, new_output, row_offsets, store_rows,
+    tile_entry, unit_stride_last,
+)  # fmt: skip
 
 # ----------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -91,41 +63,6 @@ def _rows(pid_m, offs, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK: tl.constexpr, PACKED:
 
 
 @triton.jit
-def _offsets(head, tok, stride_n, ALIGN: tl.constexpr):
-    """Element offset of each row's first element: head offset + token * token stride.
-
-    Every offset is a multiple of ALIGN (the host checks strides and base addresses), which tells
-    Triton how aligned rows start; with the usual ALIGN of 16 bytes, loads along D vectorize
-    (8 bf16 per access) even for D = 72.
-    """
-    return tl.multiple_of(head + tok.to(tl.int64) * stride_n, ALIGN)
-
-
-@triton.jit
-def _load(ptr, rows, valid, offs_d, D: tl.constexpr, UPCAST: tl.constexpr):
-    """Load a (rows, len(offs_d)) tile: row r starts at ptr + rows[r]; masked past D / invalid rows."""
-    x = tl.load(ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    if UPCAST:  # Triton's interpreter computes garbage in bf16 arithmetic: upcast right after loading
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _store(ptr, rows, valid, offs_d, D: tl.constexpr, x):
-    mask = valid[:, None] & (offs_d[None, :] < D)
-    tl.store(ptr + rows[:, None] + offs_d[None, :], x.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _lowp(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """Round fp32 probabilities to the input dtype before a tensor-core dot (as FlashAttention does)."""
-    x = x.to(DTYPE)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
 def _fwd_kernel(
     QKV, O, LSE,
     stride_b, stride_n, stride_3, stride_h,
@@ -149,10 +86,10 @@ def _fwd_kernel(
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
 
     tok_m, valid_m, grp_m = _rows(pid_m, offs_m, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK_M, PACKED)
-    q_rows = _offsets(q_head, tok_m, stride_n, ALIGN)
-    q0 = _load(QKV, q_rows, valid_m, offs_d0, D, UPCAST)
+    q_rows = row_offsets(q_head, tok_m, stride_n, ALIGN)
+    q0 = load_rows(QKV, q_rows, valid_m, offs_d0, D, UPCAST)
     if BLOCK_D1 > 0:
-        q1 = _load(QKV, q_rows, valid_m, offs_d1, D, UPCAST)
+        q1 = load_rows(QKV, q_rows, valid_m, offs_d1, D, UPCAST)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -174,34 +111,42 @@ def _fwd_kernel(
             valid_n = pos_n < LEN
             tok_n = seq * SEQ_TOK + pos_n * POS_TOK
             mask = valid_n[None, :]
-        k_rows = _offsets(k_head, tok_n, stride_n, ALIGN)
-        v_rows = _offsets(v_head, tok_n, stride_n, ALIGN)
-        k0 = _load(QKV, k_rows, valid_n, offs_d0, D, UPCAST)
+        k_rows = row_offsets(k_head, tok_n, stride_n, ALIGN)
+        v_rows = row_offsets(v_head, tok_n, stride_n, ALIGN)
+        k0 = load_rows(QKV, k_rows, valid_n, offs_d0, D, UPCAST)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         if BLOCK_D1 > 0:
-            k1 = _load(QKV, k_rows, valid_n, offs_d1, D, UPCAST)
+            k1 = load_rows(QKV, k_rows, valid_n, offs_d1, D, UPCAST)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         s = tl.where(mask, s * qk_scale, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        p_lp = _lowp(p, DTYPE, UPCAST)
-        v0 = _load(QKV, v_rows, valid_n, offs_d0, D, UPCAST)
+        p_lp = dot_operand(p, DTYPE, UPCAST)
+        v0 = load_rows(QKV, v_rows, valid_n, offs_d0, D, UPCAST)
         acc0 = acc0 * alpha[:, None] + tl.dot(p_lp, v0, input_precision=DOT_PREC)
         if BLOCK_D1 > 0:
-            v1 = _load(QKV, v_rows, valid_n, offs_d1, D, UPCAST)
+            v1 = load_rows(QKV, v_rows, valid_n, offs_d1, D, UPCAST)
             acc1 = acc1 * alpha[:, None] + tl.dot(p_lp, v1, input_precision=DOT_PREC)
         m_i = m_new
 
     o_head = b * o_stride_b + h * o_stride_h
-    o_rows = _offsets(o_head, tok_m, o_stride_n, ALIGN)
+    o_rows = row_offsets(o_head, tok_m, o_stride_n, ALIGN)
     inv_l = 1.0 / l_i
-    _store(O, o_rows, valid_m, offs_d0, D, acc0 * inv_l[:, None])
+    store_rows(O, o_rows, valid_m, offs_d0, D, acc0 * inv_l[:, None])
     if BLOCK_D1 > 0:
-        _store(O, o_rows, valid_m, offs_d1, D, acc1 * inv_l[:, None])
+        store_rows(O, o_rows, valid_m, offs_d1, D, acc1 * inv_l[:, None])
     lse_ptrs = LSE + pid_bh.to(tl.int64) * N + tok_m
     tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=valid_m)
+
+
+# Backward (dS is the gradient w.r.t. the scaled logits, P the softmax, recomputed from Q, K and LSE):
+#     dV = P^T dO          dP = dO V^T          Delta_i = sum_d dO_id O_id  (= rowsum(P * dP))
+#     dS = P * (dP - Delta)          dQ = scale * dS K          dK = scale * dS^T Q
+# Packed tiles are self-contained (their keys are their queries), so one program computes dQ, dK and
+# dV with no atomics. Streamed sequences use two kernels: one per query tile for dQ (it also stores
+# Delta), then one per key tile for dK and dV.
 
 
 @triton.jit
@@ -234,47 +179,47 @@ def _bwd_packed_kernel(
     if BLOCK_D1 > 0:  # the masked second chunk of a non-power-of-two head dim
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     tok, valid, grp = _rows(pid_m, offs, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK, True)
-    q_rows = _offsets(q_head, tok, stride_n, ALIGN)
-    k_rows = _offsets(k_head, tok, stride_n, ALIGN)
-    v_rows = _offsets(v_head, tok, stride_n, ALIGN)
-    do_rows = _offsets(do_head, tok, do_stride_n, ALIGN)
-    o_rows = _offsets(o_head, tok, o_stride_n, ALIGN)
-    dq_rows = _offsets(dq_head, tok, g_stride_n, ALIGN)
-    dk_rows = _offsets(dk_head, tok, g_stride_n, ALIGN)
-    dv_rows = _offsets(dv_head, tok, g_stride_n, ALIGN)
+    q_rows = row_offsets(q_head, tok, stride_n, ALIGN)
+    k_rows = row_offsets(k_head, tok, stride_n, ALIGN)
+    v_rows = row_offsets(v_head, tok, stride_n, ALIGN)
+    do_rows = row_offsets(do_head, tok, do_stride_n, ALIGN)
+    o_rows = row_offsets(o_head, tok, o_stride_n, ALIGN)
+    dq_rows = row_offsets(dq_head, tok, g_stride_n, ALIGN)
+    dk_rows = row_offsets(dk_head, tok, g_stride_n, ALIGN)
+    dv_rows = row_offsets(dv_head, tok, g_stride_n, ALIGN)
     mask = valid[:, None] & valid[None, :] & (grp[:, None] == grp[None, :])
 
-    q0 = _load(QKV, q_rows, valid, offs_d0, D, UPCAST)
-    k0 = _load(QKV, k_rows, valid, offs_d0, D, UPCAST)
-    v0 = _load(QKV, v_rows, valid, offs_d0, D, UPCAST)
-    do0 = _load(DO, do_rows, valid, offs_d0, D, UPCAST)
-    o0 = _load(O, o_rows, valid, offs_d0, D, True)
+    q0 = load_rows(QKV, q_rows, valid, offs_d0, D, UPCAST)
+    k0 = load_rows(QKV, k_rows, valid, offs_d0, D, UPCAST)
+    v0 = load_rows(QKV, v_rows, valid, offs_d0, D, UPCAST)
+    do0 = load_rows(DO, do_rows, valid, offs_d0, D, UPCAST)
+    o0 = load_rows(O, o_rows, valid, offs_d0, D, True)
     s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
     dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
     delta = tl.sum(do0.to(tl.float32) * o0, 1)
     if BLOCK_D1 > 0:
-        q1 = _load(QKV, q_rows, valid, offs_d1, D, UPCAST)
-        k1 = _load(QKV, k_rows, valid, offs_d1, D, UPCAST)
-        v1 = _load(QKV, v_rows, valid, offs_d1, D, UPCAST)
-        do1 = _load(DO, do_rows, valid, offs_d1, D, UPCAST)
-        o1 = _load(O, o_rows, valid, offs_d1, D, True)
+        q1 = load_rows(QKV, q_rows, valid, offs_d1, D, UPCAST)
+        k1 = load_rows(QKV, k_rows, valid, offs_d1, D, UPCAST)
+        v1 = load_rows(QKV, v_rows, valid, offs_d1, D, UPCAST)
+        do1 = load_rows(DO, do_rows, valid, offs_d1, D, UPCAST)
+        o1 = load_rows(O, o_rows, valid, offs_d1, D, True)
         s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
         delta += tl.sum(do1.to(tl.float32) * o1, 1)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * N + tok, mask=valid, other=0.0)
     p = tl.where(mask, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
     ds = p * (dp - delta[:, None])
-    p_lp = _lowp(p, DTYPE, UPCAST)
-    ds_lp = _lowp(ds, DTYPE, UPCAST)
+    p_lp = dot_operand(p, DTYPE, UPCAST)
+    ds_lp = dot_operand(ds, DTYPE, UPCAST)
     p_t = tl.trans(p_lp)
     ds_t = tl.trans(ds_lp)
-    _store(DQKV, dv_rows, valid, offs_d0, D, tl.dot(p_t, do0, input_precision=DOT_PREC))
-    _store(DQKV, dq_rows, valid, offs_d0, D, tl.dot(ds_lp, k0, input_precision=DOT_PREC) * sm_scale)
-    _store(DQKV, dk_rows, valid, offs_d0, D, tl.dot(ds_t, q0, input_precision=DOT_PREC) * sm_scale)
+    store_rows(DQKV, dv_rows, valid, offs_d0, D, tl.dot(p_t, do0, input_precision=DOT_PREC))
+    store_rows(DQKV, dq_rows, valid, offs_d0, D, tl.dot(ds_lp, k0, input_precision=DOT_PREC) * sm_scale)
+    store_rows(DQKV, dk_rows, valid, offs_d0, D, tl.dot(ds_t, q0, input_precision=DOT_PREC) * sm_scale)
     if BLOCK_D1 > 0:
-        _store(DQKV, dv_rows, valid, offs_d1, D, tl.dot(p_t, do1, input_precision=DOT_PREC))
-        _store(DQKV, dq_rows, valid, offs_d1, D, tl.dot(ds_lp, k1, input_precision=DOT_PREC) * sm_scale)
-        _store(DQKV, dk_rows, valid, offs_d1, D, tl.dot(ds_t, q1, input_precision=DOT_PREC) * sm_scale)
+        store_rows(DQKV, dv_rows, valid, offs_d1, D, tl.dot(p_t, do1, input_precision=DOT_PREC))
+        store_rows(DQKV, dq_rows, valid, offs_d1, D, tl.dot(ds_lp, k1, input_precision=DOT_PREC) * sm_scale)
+        store_rows(DQKV, dk_rows, valid, offs_d1, D, tl.dot(ds_t, q1, input_precision=DOT_PREC) * sm_scale)
 
 
 @triton.jit
@@ -306,20 +251,20 @@ def _bwd_dq_kernel(
     if BLOCK_D1 > 0:  # the masked second chunk of a non-power-of-two head dim
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     tok_m, valid_m, _ = _rows(pid_m, offs_m, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK_M, False)
-    q_rows = _offsets(q_head, tok_m, stride_n, ALIGN)
-    do_rows = _offsets(do_head, tok_m, do_stride_n, ALIGN)
-    o_rows = _offsets(o_head, tok_m, o_stride_n, ALIGN)
-    dq_rows = _offsets(dq_head, tok_m, g_stride_n, ALIGN)
+    q_rows = row_offsets(q_head, tok_m, stride_n, ALIGN)
+    do_rows = row_offsets(do_head, tok_m, do_stride_n, ALIGN)
+    o_rows = row_offsets(o_head, tok_m, o_stride_n, ALIGN)
+    dq_rows = row_offsets(dq_head, tok_m, g_stride_n, ALIGN)
     seq = pid_m // tl.cdiv(LEN, BLOCK_M)
 
-    q0 = _load(QKV, q_rows, valid_m, offs_d0, D, UPCAST)
-    do0 = _load(DO, do_rows, valid_m, offs_d0, D, UPCAST)
-    delta = tl.sum(do0.to(tl.float32) * _load(O, o_rows, valid_m, offs_d0, D, True), 1)
+    q0 = load_rows(QKV, q_rows, valid_m, offs_d0, D, UPCAST)
+    do0 = load_rows(DO, do_rows, valid_m, offs_d0, D, UPCAST)
+    delta = tl.sum(do0.to(tl.float32) * load_rows(O, o_rows, valid_m, offs_d0, D, True), 1)
     dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:
-        q1 = _load(QKV, q_rows, valid_m, offs_d1, D, UPCAST)
-        do1 = _load(DO, do_rows, valid_m, offs_d1, D, UPCAST)
-        delta += tl.sum(do1.to(tl.float32) * _load(O, o_rows, valid_m, offs_d1, D, True), 1)
+        q1 = load_rows(QKV, q_rows, valid_m, offs_d1, D, UPCAST)
+        do1 = load_rows(DO, do_rows, valid_m, offs_d1, D, UPCAST)
+        delta += tl.sum(do1.to(tl.float32) * load_rows(O, o_rows, valid_m, offs_d1, D, True), 1)
         dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     row_ptrs = pid_bh.to(tl.int64) * N + tok_m
     tl.store(DELTA + row_ptrs, delta, mask=valid_m)
@@ -329,25 +274,25 @@ def _bwd_dq_kernel(
         pos_n = start_n + offs_n
         valid_n = pos_n < LEN
         tok_n = seq * SEQ_TOK + pos_n * POS_TOK
-        k_rows = _offsets(k_head, tok_n, stride_n, ALIGN)
-        v_rows = _offsets(v_head, tok_n, stride_n, ALIGN)
-        k0 = _load(QKV, k_rows, valid_n, offs_d0, D, UPCAST)
-        v0 = _load(QKV, v_rows, valid_n, offs_d0, D, UPCAST)
+        k_rows = row_offsets(k_head, tok_n, stride_n, ALIGN)
+        v_rows = row_offsets(v_head, tok_n, stride_n, ALIGN)
+        k0 = load_rows(QKV, k_rows, valid_n, offs_d0, D, UPCAST)
+        v0 = load_rows(QKV, v_rows, valid_n, offs_d0, D, UPCAST)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
         if BLOCK_D1 > 0:
-            k1 = _load(QKV, k_rows, valid_n, offs_d1, D, UPCAST)
-            v1 = _load(QKV, v_rows, valid_n, offs_d1, D, UPCAST)
+            k1 = load_rows(QKV, k_rows, valid_n, offs_d1, D, UPCAST)
+            v1 = load_rows(QKV, v_rows, valid_n, offs_d1, D, UPCAST)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
             dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
         p = tl.where(valid_n[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
-        ds_lp = _lowp(p * (dp - delta[:, None]), DTYPE, UPCAST)
+        ds_lp = dot_operand(p * (dp - delta[:, None]), DTYPE, UPCAST)
         dq0 += tl.dot(ds_lp, k0, input_precision=DOT_PREC)
         if BLOCK_D1 > 0:
             dq1 += tl.dot(ds_lp, k1, input_precision=DOT_PREC)
-    _store(DQKV, dq_rows, valid_m, offs_d0, D, dq0 * sm_scale)
+    store_rows(DQKV, dq_rows, valid_m, offs_d0, D, dq0 * sm_scale)
     if BLOCK_D1 > 0:
-        _store(DQKV, dq_rows, valid_m, offs_d1, D, dq1 * sm_scale)
+        store_rows(DQKV, dq_rows, valid_m, offs_d1, D, dq1 * sm_scale)
 
 
 @triton.jit
@@ -378,19 +323,19 @@ def _bwd_dkdv_kernel(
     if BLOCK_D1 > 0:  # the masked second chunk of a non-power-of-two head dim
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     tok_n, valid_n, _ = _rows(pid_n, offs_n, NSEQ, LEN, SEQ_TOK, POS_TOK, BLOCK_N, False)
-    k_rows = _offsets(k_head, tok_n, stride_n, ALIGN)
-    v_rows = _offsets(v_head, tok_n, stride_n, ALIGN)
-    dk_rows = _offsets(dk_head, tok_n, g_stride_n, ALIGN)
-    dv_rows = _offsets(dv_head, tok_n, g_stride_n, ALIGN)
+    k_rows = row_offsets(k_head, tok_n, stride_n, ALIGN)
+    v_rows = row_offsets(v_head, tok_n, stride_n, ALIGN)
+    dk_rows = row_offsets(dk_head, tok_n, g_stride_n, ALIGN)
+    dv_rows = row_offsets(dv_head, tok_n, g_stride_n, ALIGN)
     seq = pid_n // tl.cdiv(LEN, BLOCK_N)
 
-    k0 = _load(QKV, k_rows, valid_n, offs_d0, D, UPCAST)
-    v0 = _load(QKV, v_rows, valid_n, offs_d0, D, UPCAST)
+    k0 = load_rows(QKV, k_rows, valid_n, offs_d0, D, UPCAST)
+    v0 = load_rows(QKV, v_rows, valid_n, offs_d0, D, UPCAST)
     dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:
-        k1 = _load(QKV, k_rows, valid_n, offs_d1, D, UPCAST)
-        v1 = _load(QKV, v_rows, valid_n, offs_d1, D, UPCAST)
+        k1 = load_rows(QKV, k_rows, valid_n, offs_d1, D, UPCAST)
+        v1 = load_rows(QKV, v_rows, valid_n, offs_d1, D, UPCAST)
         dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
 
@@ -398,33 +343,33 @@ def _bwd_dkdv_kernel(
         pos_m = start_m + offs_m
         valid_m = pos_m < LEN
         tok_m = seq * SEQ_TOK + pos_m * POS_TOK
-        q_rows = _offsets(q_head, tok_m, stride_n, ALIGN)
-        do_rows = _offsets(do_head, tok_m, do_stride_n, ALIGN)
+        q_rows = row_offsets(q_head, tok_m, stride_n, ALIGN)
+        do_rows = row_offsets(do_head, tok_m, do_stride_n, ALIGN)
         row_ptrs = pid_bh.to(tl.int64) * N + tok_m
         lse = tl.load(LSE + row_ptrs, mask=valid_m, other=0.0)
         delta = tl.load(DELTA + row_ptrs, mask=valid_m, other=0.0)
-        q0 = _load(QKV, q_rows, valid_m, offs_d0, D, UPCAST)
-        do0 = _load(DO, do_rows, valid_m, offs_d0, D, UPCAST)
+        q0 = load_rows(QKV, q_rows, valid_m, offs_d0, D, UPCAST)
+        do0 = load_rows(DO, do_rows, valid_m, offs_d0, D, UPCAST)
         s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M) = S^T
         dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
         if BLOCK_D1 > 0:
-            q1 = _load(QKV, q_rows, valid_m, offs_d1, D, UPCAST)
-            do1 = _load(DO, do_rows, valid_m, offs_d1, D, UPCAST)
+            q1 = load_rows(QKV, q_rows, valid_m, offs_d1, D, UPCAST)
+            do1 = load_rows(DO, do_rows, valid_m, offs_d1, D, UPCAST)
             s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
             dp_t += tl.dot(v1, tl.trans(do1), input_precision=DOT_PREC)
         p_t = tl.where(valid_m[None, :], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
-        ds_t = _lowp(p_t * (dp_t - delta[None, :]), DTYPE, UPCAST)
-        p_t = _lowp(p_t, DTYPE, UPCAST)
+        ds_t = dot_operand(p_t * (dp_t - delta[None, :]), DTYPE, UPCAST)
+        p_t = dot_operand(p_t, DTYPE, UPCAST)
         dv0 += tl.dot(p_t, do0, input_precision=DOT_PREC)
         dk0 += tl.dot(ds_t, q0, input_precision=DOT_PREC)
         if BLOCK_D1 > 0:
             dv1 += tl.dot(p_t, do1, input_precision=DOT_PREC)
             dk1 += tl.dot(ds_t, q1, input_precision=DOT_PREC)
-    _store(DQKV, dk_rows, valid_n, offs_d0, D, dk0 * sm_scale)
-    _store(DQKV, dv_rows, valid_n, offs_d0, D, dv0)
+    store_rows(DQKV, dk_rows, valid_n, offs_d0, D, dk0 * sm_scale)
+    store_rows(DQKV, dv_rows, valid_n, offs_d0, D, dv0)
     if BLOCK_D1 > 0:
-        _store(DQKV, dk_rows, valid_n, offs_d1, D, dk1 * sm_scale)
-        _store(DQKV, dv_rows, valid_n, offs_d1, D, dv1)
+        store_rows(DQKV, dk_rows, valid_n, offs_d1, D, dk1 * sm_scale)
+        store_rows(DQKV, dv_rows, valid_n, offs_d1, D, dv1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -447,74 +392,25 @@ def geometry(kind: str, N: int, num_frames: int) -> tuple[int, int, int, int]:
     raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
 
 
-@dataclass(frozen=True)
-class Tiles:
-    """Tiling of one launch: BLOCK_M query rows x BLOCK_N key rows (packed: both are the tile)."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int = 1
-
-
-# (BLOCK_M, BLOCK_N, num_warps) per kernel, input width (16-bit or fp32) and head-dim class (the
-# padded width BLOCK_D0 + BLOCK_D1, see head_class). Each entry is the largest tiling that compiles
-# for both sm_90 and sm_80 without register spills (measured with `stdit inspect`; the inspect test
-# keeps it so). "dkdv" tiles are (query rows per step, key rows per program). fp32 tiles are smaller:
-# fp32 dots run on FMA units and the same registers hold half as many values; fp32 is the accuracy
-# path, 16-bit the fast one.
-TILES: dict[tuple[str, int, int], tuple[int, int, int]] = {
-    ('bwd_dkdv', 16, 32): (64, 64, 8),
-    ('bwd_dkdv', 16, 64): (64, 64, 8),
-    ('bwd_dkdv', 16, 80): (32, 64, 8),
-    ('bwd_dkdv', 16, 96): (32, 64, 8),
-    ('bwd_dkdv', 16, 128): (64, 64, 8),
-    ('bwd_dkdv', 32, 32): (32, 32, 4),
-    ('bwd_dkdv', 32, 64): (32, 32, 4),
-    ('bwd_dkdv', 32, 80): (32, 32, 4),
-    ('bwd_dkdv', 32, 96): (32, 32, 8),
-    ('bwd_dkdv', 32, 128): (32, 32, 8),
-    ('bwd_dq', 16, 32): (64, 64, 8),
-    ('bwd_dq', 16, 64): (64, 64, 8),
-    ('bwd_dq', 16, 80): (64, 64, 8),
-    ('bwd_dq', 16, 96): (64, 64, 8),
-    ('bwd_dq', 16, 128): (64, 64, 8),
-    ('bwd_dq', 32, 32): (32, 32, 4),
-    ('bwd_dq', 32, 64): (32, 32, 4),
-    ('bwd_dq', 32, 80): (32, 32, 8),
-    ('bwd_dq', 32, 96): (16, 16, 4),
-    ('bwd_dq', 32, 128): (32, 32, 4),
-    ('bwd_packed', 16, 32): (64, 64, 8),
-    ('bwd_packed', 16, 64): (64, 64, 8),
-    ('bwd_packed', 16, 80): (64, 64, 8),
-    ('bwd_packed', 16, 96): (64, 64, 4),
-    ('bwd_packed', 16, 128): (64, 64, 8),
-    ('bwd_packed', 32, 32): (32, 32, 4),
-    ('bwd_packed', 32, 64): (32, 32, 8),
-    ('bwd_packed', 32, 80): (16, 16, 4),
-    ('bwd_packed', 32, 96): (16, 16, 4),
-    ('bwd_packed', 32, 128): (16, 16, 4),
-    ('fwd_packed', 16, 32): (128, 128, 8),
-    ('fwd_packed', 16, 64): (128, 128, 8),
-    ('fwd_packed', 16, 80): (128, 128, 8),
-    ('fwd_packed', 16, 96): (128, 128, 8),
-    ('fwd_packed', 16, 128): (64, 64, 4),
-    ('fwd_packed', 32, 32): (64, 64, 8),
-    ('fwd_packed', 32, 64): (32, 32, 4),
-    ('fwd_packed', 32, 80): (32, 32, 4),
-    ('fwd_packed', 32, 96): (16, 16, 4),
-    ('fwd_packed', 32, 128): (16, 16, 4),
-    ('fwd_streamed', 16, 32): (128, 64, 8),
-    ('fwd_streamed', 16, 64): (128, 64, 8),
-    ('fwd_streamed', 16, 80): (128, 64, 8),
-    ('fwd_streamed', 16, 96): (128, 64, 8),
-    ('fwd_streamed', 16, 128): (128, 32, 8),
-    ('fwd_streamed', 32, 32): (64, 32, 8),
-    ('fwd_streamed', 32, 64): (64, 32, 8),
-    ('fwd_streamed', 32, 80): (64, 32, 8),
-    ('fwd_streamed', 32, 96): (64, 32, 8),
-    ('fwd_streamed', 32, 128): (16, 16, 4),
-}
+# (BLOCK_M, BLOCK_N, num_warps) per kernel and input width (16-bit or fp32), one entry per head-dim
+# class (the padded width BLOCK_D0 + BLOCK_D1, see head_class). Each entry is the largest tiling that
+# compiles for both sm_90 and sm_80 without register spills (measured with `stdit inspect`; the
+# inspect test keeps it so). "dkdv" tiles are (query rows per step, key rows per program). fp32 tiles
+# are smaller: fp32 dots run on FMA units and the same registers hold half as many values; fp32 is
+# the accuracy path, 16-bit the fast one.
+TILES: TileTable = {
+    # head-dim class:   32             64             80             96             128
+    ("fwd_packed", 16): ((128, 128, 8), (128, 128, 8), (128, 128, 8), (128, 128, 8), (64, 64, 4)),
+    ("fwd_packed", 32): ((64, 64, 8), (32, 32, 4), (32, 32, 4), (16, 16, 4), (16, 16, 4)),
+    ("fwd_streamed", 16): ((128, 64, 8), (128, 64, 8), (128, 64, 8), (128, 64, 8), (128, 32, 8)),
+    ("fwd_streamed", 32): ((64, 32, 8), (64, 32, 8), (64, 32, 8), (64, 32, 8), (16, 16, 4)),
+    ("bwd_packed", 16): ((64, 64, 8), (64, 64, 8), (64, 64, 8), (64, 64, 4), (64, 64, 8)),
+    ("bwd_packed", 32): ((32, 32, 4), (32, 32, 8), (16, 16, 4), (16, 16, 4), (16, 16, 4)),
+    ("bwd_dq", 16): ((64, 64, 8), (64, 64, 8), (64, 64, 8), (64, 64, 8), (64, 64, 8)),
+    ("bwd_dq", 32): ((32, 32, 4), (32, 32, 4), (32, 32, 8), (16, 16, 4), (32, 32, 4)),
+    ("bwd_dkdv", 16): ((64, 64, 8), (64, 64, 8), (32, 64, 8), (32, 64, 8), (64, 64, 8)),
+    ("bwd_dkdv", 32): ((32, 32, 4), (32, 32, 4), (32, 32, 4), (32, 32, 8), (32, 32, 8)),
+}  # fmt: skip
 _STAGES = {"fwd_streamed": 2, "bwd_dq": 2, "bwd_dkdv": 2}
 _override: int | None = None
 
@@ -540,54 +436,8 @@ def tiles(kernel: str, D: int, dtype: torch.dtype) -> Tiles:
     """The shipped tiling of ``kernel`` (fwd_packed, fwd_streamed, bwd_packed, bwd_dq, bwd_dkdv)."""
     if _override is not None:
         return Tiles(_override, _override, 4)
-    bm, bn, warps = TILES[(kernel, 32 if dtype == torch.float32 else 16, head_class(D))]
+    bm, bn, warps = tile_entry(TILES, kernel, D, dtype)
     return Tiles(bm, bn, warps, _STAGES.get(kernel, 1))
-
-
-def check_supported(name: str, x: torch.Tensor) -> None:
-    """Raise a clear error for inputs the triton backend does not take."""
-    if x.dtype not in TL_DTYPES:
-        raise TypeError(
-            f"{name}: the triton backend takes float16, bfloat16 or float32, got {x.dtype} "
-            "(use backend='reference' for float64)"
-        )
-    D = x.shape[-1]
-    if not triton_takes(None, D):
-        raise ValueError(f"{name}: the triton backend takes head dims 16..128, got D = {D}")
-    if x.shape[0] * x.shape[-2] > 65535:  # B*H is the grid's second axis, capped by CUDA
-        raise ValueError(f"{name}: the triton backend takes B*H <= 65535, got B*H = {x.shape[0] * x.shape[-2]}")
-    reason = None if torch.compiler.is_compiling() else triton_availability(x.device)
-    if reason is not None:
-        from .backends import BackendUnavailable
-
-        raise BackendUnavailable(f"backend 'triton' cannot run on {x.device}: {reason}")
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    # Kernels address rows by strides but assume unit stride along D (the only copy we ever make,
-    # and only for exotic views such as a transposed head dim).
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def alignment(*tensors: torch.Tensor) -> int:
-    """The largest ALIGN (elements, <= 16 bytes' worth) dividing every row/head/batch stride and every
-    base address: the kernels promise Triton that row offsets are multiples of it, which is what
-    lets loads along D vectorize. Open-Sora layouts get the full 16 bytes (every stride is a
-    multiple of D = 72, itself a multiple of 8)."""
-    size = tensors[0].element_size()
-    align = 16 // size
-    while align > 1 and not all(
-        t.data_ptr() % (align * t.element_size()) == 0 and all(st % align == 0 for st in t.stride()[:-1]) for t in tensors
-    ):
-        align //= 2
-    return align
-
-
-def _consts(D: int, dtype: torch.dtype, align: int) -> dict:
-    """Compile-time constants shared by every launch: head-dim split, alignment, interpreter mode."""
-    d0, d1 = split_head_dim(D)
-    upcast = interpreting() and dtype == torch.bfloat16
-    return dict(D=D, ALIGN=align, BLOCK_D0=d0, BLOCK_D1=d1, UPCAST=upcast, DOT_PREC=dot_precision(dtype))
 
 
 def _grid(packed: bool, block: int, NSEQ: int, LEN: int, BH: int) -> tuple[int, int]:
@@ -599,7 +449,7 @@ def _grid(packed: bool, block: int, NSEQ: int, LEN: int, BH: int) -> tuple[int, 
 
 def forward(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv (B, N, 3, H, D) -> (out (B, N, H, D), lse (B, H, N) fp32, log2 domain)."""
-    qkv = _last_dim_contiguous(qkv)
+    qkv = unit_stride_last(qkv)
     B, N, _, H, D = qkv.shape
     NSEQ, LEN, SEQ_TOK, POS_TOK = geometry(kind, N, num_frames)
     out = new_output((B, N, H, D), qkv)
@@ -612,7 +462,7 @@ def forward(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> tupl
         out.stride(0), out.stride(1), out.stride(2),
         H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, scale * LOG2E,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n if not packed else t.block_m, PACKED=packed,
-        **_consts(D, qkv.dtype, alignment(qkv, out)), num_warps=t.num_warps, num_stages=t.num_stages,
+        **attention_constexprs(D, qkv.dtype, alignment(qkv, out)), num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     return out, lse
 
@@ -621,19 +471,17 @@ def backward(
     dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, kind: str, num_frames: int, scale: float
 ) -> torch.Tensor:
     """Gradient of forward's out w.r.t. qkv: (B, N, 3, H, D), one tensor in qkv's layout."""
-    qkv = _last_dim_contiguous(qkv)
-    dout = _last_dim_contiguous(dout)
+    qkv = unit_stride_last(qkv)
+    dout = unit_stride_last(dout)
     B, N, _, H, D = qkv.shape
     NSEQ, LEN, SEQ_TOK, POS_TOK = geometry(kind, N, num_frames)
     dqkv = new_output((B, N, 3, H, D), qkv)
-    args = (
-        qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
-    )  # fmt: skip
+    args = (qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3))
     o_strides = (out.stride(0), out.stride(1), out.stride(2))
     do_strides = (dout.stride(0), dout.stride(1), dout.stride(2))
     g_strides = (dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), dqkv.stride(3))
     sizes = (H, N, NSEQ, LEN, SEQ_TOK, POS_TOK, scale * LOG2E, scale)
-    consts = _consts(D, qkv.dtype, alignment(qkv, out, dout, dqkv))
+    consts = attention_constexprs(D, qkv.dtype, alignment(qkv, out, dout, dqkv))
     t = tiles("bwd_packed", D, qkv.dtype)
     if LEN <= t.block_m:
         _bwd_packed_kernel[_grid(True, t.block_m, NSEQ, LEN, B * H)](
@@ -700,7 +548,7 @@ _self_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> torch.Tensor:
     """Backend entry point: qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D) for kind spatial|temporal|full."""
-    check_supported("qkv", qkv)
+    check_attention_input("qkv", qkv)
     out, _ = _self_attention_op(qkv, kind, num_frames, float(scale))
     return out
 
@@ -708,8 +556,6 @@ def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) 
 # ----------------------------------------------------------------------------------------------------
 # Shipped configurations, for `stdit inspect`
 # ----------------------------------------------------------------------------------------------------
-
-_ELEMENT_SIZE = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 
 
 def shipped_builds() -> list[KernelBuild]:
@@ -721,22 +567,9 @@ def shipped_builds() -> list[KernelBuild]:
         "bwd_dq": (_bwd_dq_kernel, lambda t: dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n)),
         "bwd_dkdv": (_bwd_dkdv_kernel, lambda t: dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n)),
     }
-    builds = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for D in SHIPPED_HEAD_DIMS:
-            consts = dict(_consts(D, dtype, 16 // _ELEMENT_SIZE[dtype]), UPCAST=False)
-            for name, (fn, blocks) in kernels.items():
-                t = tiles(name, D, dtype)
-                c = dict(consts, **blocks(t))
-                tag = f"D={D},{TL_DTYPES[dtype]},{t.block_m}x{t.block_n},w{t.num_warps}"
-                builds.append(
-                    KernelBuild(
-                        f"self_attn_{name}[{tag}]", fn, signature_of(fn, dtype, c), c, t.num_warps, t.num_stages,
-                        uses_mma=dtype != torch.float32, tags=build_tags(dtype, D),
-                    )
-                )
-    return builds
-
-
-def availability(device: torch.device) -> str | None:
-    return triton_availability(device)
+    return [
+        attention_build(f"self_attn_{name}", fn, tiles(name, D, dtype), dtype, D, blocks(tiles(name, D, dtype)))
+        for dtype in SHIPPED_DTYPES
+        for D in SHIPPED_HEAD_DIMS
+        for name, (fn, blocks) in kernels.items()
+    ]

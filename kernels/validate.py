@@ -1,8 +1,8 @@
-"""Input checks shared by every attention backend.
+"""Input checks shared by every attention backend, and the error a backend raises when it cannot run.
 
-Every public function in :mod:`stdit.kernels` validates its arguments here before dispatching, so each
-backend can assume well-formed input and every backend rejects bad input with the same message:
-the argument's name and the form that was expected.
+Every public function in :mod:`stdit.kernels` validates its arguments here, in one call, before
+dispatching, so each backend can assume well-formed input and every backend rejects bad input with
+the same message: the argument's name and the form that was expected.
 """
 
 from __future__ import annotations
@@ -11,7 +11,13 @@ import operator
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from stdit.common.dtypes import FLOAT_DTYPES
+
+_INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when a backend was asked for by name but cannot run on the input's device."""
 
 
 def _check_tensor(name: str, x: object) -> torch.Tensor:
@@ -27,7 +33,7 @@ def _check_float(name: str, x: torch.Tensor) -> None:
         )
 
 
-def check_scale(scale: float | None, head_dim: int) -> float:
+def _check_scale(scale: float | None, head_dim: int) -> float:
     """Default the softmax scale to D^-0.5 and reject values that would give silent garbage."""
     if scale is None:
         return head_dim**-0.5
@@ -39,8 +45,8 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     return scale
 
 
-def check_qkv(qkv: torch.Tensor) -> tuple[int, int, int, int]:
-    """qkv must be (B, N, 3, H, D) with a floating dtype; returns (B, N, H, D)."""
+def check_self(qkv: torch.Tensor, num_frames: object, scale: float | None) -> tuple[int, float]:
+    """qkv (B, T*S, 3, H, D) floating, num_frames an int T >= 1 dividing T*S; returns (T, scale)."""
     _check_tensor("qkv", qkv)
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv: expected shape (B, T*S, 3, H, D), got {tuple(qkv.shape)}")
@@ -48,27 +54,28 @@ def check_qkv(qkv: torch.Tensor) -> tuple[int, int, int, int]:
     B, N, _, H, D = qkv.shape
     if B < 1 or N < 1 or H < 1 or D < 1:
         raise ValueError(f"qkv: every dimension must be >= 1, got {tuple(qkv.shape)}")
-    return B, N, H, D
-
-
-def check_num_frames(num_frames: object, num_tokens: int) -> int:
     if isinstance(num_frames, bool) or not hasattr(type(num_frames), "__index__"):
         raise TypeError(f"num_frames: expected an int, got {type(num_frames).__name__}")
     num_frames = operator.index(num_frames)  # numpy / 0-d torch integers are ints too
     if num_frames < 1:
         raise ValueError(f"num_frames: expected an int >= 1, got {num_frames}")
-    if num_tokens % num_frames != 0:
+    if N % num_frames != 0:
         raise ValueError(
-            f"num_frames: {num_frames} does not divide the token count qkv.shape[1] = {num_tokens}; "
+            f"num_frames: {num_frames} does not divide the token count qkv.shape[1] = {N}; "
             "expected qkv of shape (B, T*S, 3, H, D) with T = num_frames"
         )
-    return num_frames
+    return num_frames, _check_scale(scale, D)
 
 
 def check_cross(
-    q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, check_lens: bool = True
-) -> tuple[int, int, int, int, int]:
-    """q (B, N, H, D), kv (B, L, 2, H, D), kv_lens (B,) integer in [1, L]; returns (B, N, L, H, D)."""
+    q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, scale: float | None, check_lens: bool
+) -> tuple[torch.Tensor, float]:
+    """q (B, N, H, D), kv (B, L, 2, H, D), kv_lens (B,) integer; returns (kv_lens, scale).
+
+    With ``check_lens`` every length must lie in [1, L]: a read of kv_lens on the host. Under
+    torch.compile that read runs inside the opaque op ``stdit::check_kv_lens``, whose output the
+    caller uses in place of kv_lens, so a compiled caller gets the same ValueError at run time.
+    """
     _check_tensor("q", q)
     _check_tensor("kv", kv)
     _check_tensor("kv_lens", kv_lens)
@@ -90,15 +97,33 @@ def check_cross(
         )
     if min(B, N, H, D, L) < 1:
         raise ValueError(f"q, kv: every dimension must be >= 1, got q {tuple(q.shape)}, kv {tuple(kv.shape)}")
-    if kv_lens.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+    if kv_lens.dtype not in _INT_DTYPES:
         raise TypeError(f"kv_lens: expected an integer tensor (int32 or int64), got {kv_lens.dtype}")
     if kv_lens.dim() != 1 or kv_lens.shape[0] != B:
         raise ValueError(f"kv_lens: expected shape ({B},) (one length per sample), got {tuple(kv_lens.shape)}")
     if kv_lens.device != q.device:
         raise ValueError(f"kv_lens: on device {kv_lens.device}, but q is on {q.device}; expected the same device")
-    if not check_lens or torch.compiler.is_compiling():
-        return B, N, L, H, D  # a value check would be data-dependent: a graph break under compile
-    lo, hi = int(kv_lens.min()), int(kv_lens.max())
+    if check_lens and torch.compiler.is_compiling():
+        kv_lens = _check_kv_lens_op(kv_lens, L)
+    elif check_lens:
+        _check_lens_values(kv_lens, L)
+    return kv_lens, _check_scale(scale, D)
+
+
+def _check_lens_values(kv_lens: torch.Tensor, L: int) -> None:
+    lo, hi = int(kv_lens.min()), int(kv_lens.max())  # the host reads the lengths: a synchronisation
     if lo < 1 or hi > L:
         raise ValueError(f"kv_lens: every length must lie in [1, L={L}], got values in [{lo}, {hi}]")
-    return B, N, L, H, D
+
+
+# An op with no output would be dropped from a compiled graph as dead code, so it returns a copy of the
+# lengths (B integers) that the caller attends with: the check then always runs before the attention.
+@torch.library.custom_op("stdit::check_kv_lens", mutates_args=())
+def _check_kv_lens_op(kv_lens: torch.Tensor, L: int) -> torch.Tensor:
+    _check_lens_values(kv_lens, L)
+    return kv_lens.clone()
+
+
+@_check_kv_lens_op.register_fake
+def _(kv_lens, L):
+    return torch.empty_like(kv_lens)

@@ -7,7 +7,10 @@
   block-diagonal by ``BlockDiagonalMask.from_seqlens([N] * B, lens)``, so sample b's N queries see
   only its own len(b) keys.
 
-xformers is imported lazily (never at import time of stdit.kernels). It has no CPU kernels.
+``BlockDiagonalMask.from_seqlens`` takes the lengths as Python ints, so cross-attention reads kv_lens
+on the host (a device-to-host synchronisation per call), as Open-Sora 1.0 did; every other backend
+but "reference" attends without one. xformers is imported lazily (never at import time of
+stdit.kernels). It has no CPU kernels.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import importlib.util
 from types import ModuleType
 
 import torch
+
 from .reference import from_sequences, pack_valid, to_sequences
 
 

@@ -13,7 +13,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from stdit.kernels.inspect_gpu import run_inspect
+    from stdit.bench.inspect import run_inspect
 
     return run_inspect(json_output=args.json, targets=args.target, kernels=args.kernel)
 

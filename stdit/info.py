@@ -1,12 +1,11 @@
 """`stdit info`: versions, devices, and which attention backends can run here (and why not).
 
-Every "available" comes from the backend's own availability check (stdit.kernels.backends), never
+Every "available" comes from the attention API's own resolver (stdit.kernels.availability), never
 from a list kept here, so the report cannot drift from what the API will actually do.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import platform
@@ -15,45 +14,30 @@ from typing import Any
 
 import torch
 
+from stdit.common.env import package_version
+from stdit.kernels import BACKENDS, auto_backend, availability
+from stdit.kernels.api import limitations
+
 SDPA_SUBS = ("sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "sdpa:math")
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _availability(name: str, device: str) -> str | None:
     """None if available, else the reason; a backend whose check itself fails is reported, not fatal."""
-    from stdit.kernels import backends
-
     try:
-        return backends.availability(name, device)
+        return availability(name, device)
     except Exception as e:  # a broken optional install must not hide the rest of the report
         return f"availability check failed: {type(e).__name__}: {e}"
 
 
-def _limitations(name: str, device: str) -> str | None:
-    """A backend module may say what it cannot do while available (optional ``limitations(device)``)."""
-    from stdit.kernels import backends
-
-    fn = getattr(backends._module(name), "limitations", None)
-    return fn(torch.device(device)) if fn is not None else None
-
-
 def collect() -> dict[str, Any]:
     """Everything `stdit info` reports, as one JSON-serializable dict."""
-    from stdit.kernels import backends
-
     cuda = torch.cuda.is_available()
     devices = ["cpu"] + (["cuda"] if cuda else [])
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "cuda": {
             "available": cuda,
             "version": torch.version.cuda,  # the CUDA torch was built with; None for CPU builds
@@ -72,19 +56,18 @@ def collect() -> dict[str, Any]:
         "backends": {},
     }
     for device in devices:
-        names = list(backends.BACKENDS) + list(SDPA_SUBS)
+        names = list(BACKENDS) + list(SDPA_SUBS)
         info["backends"][device] = {name: _availability(name, device) for name in names}
-    # caveats of available backends (e.g. flex on CPU is forward only), from the backend modules
+    # caveats of available backends (e.g. flex on CPU is forward only)
     info["notes"] = {
         device: {
             name: note
-            for name in backends.BACKENDS
-            if info["backends"][device][name] is None
-            and (note := _limitations(name, device)) is not None
+            for name in BACKENDS
+            if info["backends"][device][name] is None and (note := limitations(name, device)) is not None
         }
         for device in devices
     }
-    info["auto"] = {device: backends.auto_backend(torch.device(device)) for device in devices}
+    info["auto"] = {device: auto_backend(torch.device(device)) for device in devices}
     return info
 
 

@@ -131,3 +131,22 @@ def test_bad_input_is_rejected_before_the_backend() -> None:
     # validation comes first: an unavailable backend does not mask a bad argument
     with pytest.raises(ValueError, match=r"^num_frames\b"):
         K.temporal_attention(qkv(), 5, backend="flash_attn")
+
+
+@pytest.mark.parametrize("bad", [[0, L], [1, L + 1]], ids=["zero", "too_long"])
+def test_bad_kv_lens_under_torch_compile(bad: list[int]) -> None:
+    """A compiled caller gets the eager ValueError for lengths outside [1, L], not a silent clamp."""
+
+    def attend(q, kv, kv_lens):
+        return K.cross_attention(q, kv, kv_lens, backend="sdpa")
+
+    with pytest.raises(ValueError) as eager:
+        attend(q(), kv(), torch.tensor(bad))
+    assert str(eager.value).startswith("kv_lens: every length must lie in [1, L=5]")
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    inputs = (q(), kv(), torch.tensor([1, L]))
+    torch.testing.assert_close(compiled(*inputs), attend(*inputs))
+    with pytest.raises(ValueError) as traced:
+        compiled(q(), kv(), torch.tensor(bad))
+    assert str(traced.value) == str(eager.value)

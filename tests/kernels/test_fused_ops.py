@@ -1,7 +1,7 @@
 """layernorm_modulate and gated_residual: our Triton kernels against the float64 reference, forward and
 every gradient, plus input validation.
 
-Oracle: the reference backend on float64 inputs. fp32 must match to 1e-5 relative; fp16/bf16 are
+Oracle: the reference backend on float64 inputs. fp32 must match to FP32_TOL relative; fp16/bf16 are
 judged against the reference backend's own error in the same dtype: err(triton) <= 2 * err(reference)
 + eps. Outputs start NaN-filled (``poison_outputs``), so an element a kernel forgets to write fails.
 Small token blocks (``config_override``) make small N span several programs, so the per-sample
@@ -11,6 +11,7 @@ reductions of dshift/dscale/dgate over token blocks are exercised with B = 3 dif
 from __future__ import annotations
 
 import contextlib
+import zlib
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ needs_triton = pytest.mark.skipif(
 )
 LOWP = (torch.bfloat16, torch.float16)
 B = 3
+# about 10x the largest fp32 errors measured on these cases: 1.8e-7 (outputs), 2.2e-7 (gradients)
+FP32_TOL = 2e-6
 
 
 @pytest.fixture(autouse=True)
@@ -81,9 +84,9 @@ def _check(fn, inputs, dtype, gen):
         assert gr.shape == x.shape and gr.dtype == dtype
         assert torch.isfinite(gr).all(), "unwritten (NaN-poisoned) or non-finite gradient"
     if dtype == torch.float32:
-        assert _err(out, ref) < 1e-5
+        assert _err(out, ref) < FP32_TOL
         for i, (gr, gref) in enumerate(zip(grads, ref_grads)):
-            assert _err(gr, gref) < 1e-5, f"gradient {i}"
+            assert _err(gr, gref) < FP32_TOL, f"gradient {i}"
         return
     out_lp, grads_lp = _run(fn, inputs, dtype, g, "reference")
     eps = torch.finfo(dtype).eps
@@ -119,7 +122,7 @@ def _blocks(blocks):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N,C,form,layout,blocks", CASES)
 def test_layernorm_modulate(N, C, form, layout, blocks, dtype):
-    gen = torch.Generator().manual_seed(hash((N, C, form, layout)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((N, C, form, layout)).encode()))
     # a per-row offset and spread, so mean subtraction and rstd both matter
     x = _tokens(N, C, layout, gen) * 3 + 5
     inputs = [x, _per_sample(C, form, gen, 0.5), _per_sample(C, form, gen, 0.3)]
@@ -131,7 +134,7 @@ def test_layernorm_modulate(N, C, form, layout, blocks, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N,C,form,layout,blocks", CASES)
 def test_gated_residual(N, C, form, layout, blocks, dtype):
-    gen = torch.Generator().manual_seed(hash((N, C, layout, form, 1)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((N, C, layout, form, 1)).encode()))
     inputs = [_tokens(N, C, layout, gen), _per_sample(C, form, gen), _tokens(N, C, "contiguous", gen)]
     with _blocks(blocks):
         _check(_gr, inputs, dtype, gen)
@@ -154,7 +157,7 @@ def test_per_sample_reduction_is_per_sample():
         dshift, dscale = torch.autograd.grad(out, [shift, scale], g)
     assert (dshift[0] == 0).all() and (dshift[2] == 0).all() and (dshift[1] != 0).any()
     assert (dscale[0] == 0).all() and (dscale[2] == 0).all() and (dscale[1] != 0).any()
-    torch.testing.assert_close(dshift[1], g[1].sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dshift[1], g[1].sum(0), rtol=7e-6, atol=7e-6)  # measured 6.6e-7
 
 
 @needs_triton
@@ -243,9 +246,9 @@ def test_triton_float64_is_a_type_error():
 
 
 def test_triton_unavailable_raises_backend_unavailable(monkeypatch):
-    from stdit.kernels import fused_ops
+    from stdit.kernels import api
 
-    monkeypatch.setattr(fused_ops, "triton_availability", lambda device: "no triton here (test)")
+    monkeypatch.setattr(api, "availability", lambda name, device: "no triton here (test)")
     x, shift, scale = _good()
     with pytest.raises(K.BackendUnavailable, match="no triton here"):
         K.layernorm_modulate(x, shift, scale, backend="triton")

@@ -1,12 +1,14 @@
 """The PyTorch-built backends (reference, sdpa and its CPU sub-backends, flex) through the public API.
 
-Oracle: the reference backend on float64 copies of the inputs. fp32 must match it tightly; fp16/bf16
+Oracle: the reference backend on float64 copies of the inputs. fp32 must match it to FP32_TOL; fp16/bf16
 are judged against PyTorch's own low-precision error: err(backend) <= 2 * err(reference in the same
 dtype) + eps, both measured against the float64 oracle (FlashAttention's test criterion).
 Shapes break tile assumptions: T = 1 / odd / 16, S not a multiple of 16, D = 72, non-contiguous qkv.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import pytest
 import torch
@@ -20,6 +22,9 @@ BACKENDS = [b for b in CANDIDATES if availability(b, "cpu") is None]
 # flex on CPU runs forward only (torch has no CPU backward for it); its refusal is tested below
 GRAD_BACKENDS = [b for b in BACKENDS if b != "flex"]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# fp32 relative errors against the float64 oracle measured at most 1.1e-6 (outputs and gradients of
+# every backend and case here): the tolerances are about 10x what was measured
+FP32_TOL = 1e-5
 
 # (T, S, D, layout): every T, D and layout appears; T*S <= 192 keeps the CPU run short
 SELF_CASES = [
@@ -84,7 +89,7 @@ def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 def _check(out: torch.Tensor, out_lowp_ref: torch.Tensor | None, oracle: torch.Tensor, dtype: torch.dtype, what: str):
     if dtype == torch.float32:
         err = _rel_err(out, oracle)
-        assert err < 2e-5, f"{what}: fp32 relative error {err:.2e}"
+        assert err < FP32_TOL, f"{what}: fp32 relative error {err:.2e}"
     else:
         err, ref_err = _rel_err(out, oracle), _rel_err(out_lowp_ref, oracle)
         # + a quarter ulp at the output's magnitude: room for one more rounding than the reference
@@ -117,7 +122,7 @@ def _cotangent(out: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_self_attention(backend: str, op: str, case: tuple) -> None:
     T, S, D, layout = case
-    gen = torch.Generator().manual_seed(hash((T, S, D)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((T, S, D)).encode()))
     base = _base((B, T * S, 3, H, D), layout, torch.float64, gen)
     grad = backend in GRAD_BACKENDS
     oracle, oracle_grad = _run_self(op, base, T, layout, torch.float64, "reference", True)
@@ -136,12 +141,13 @@ def test_self_attention(backend: str, op: str, case: tuple) -> None:
 
 @pytest.mark.skipif("flex" not in BACKENDS, reason="flex unavailable on CPU")
 def test_flex_cpu_refuses_gradients_but_runs_under_no_grad() -> None:
-    qkv = torch.randn(B, 12, 3, H, 64, requires_grad=True)
+    qkv = torch.randn(B, 12, 3, H, 64, generator=torch.Generator().manual_seed(12), requires_grad=True)
     with pytest.raises(BackendUnavailable, match="backward"):
         K.spatial_attention(qkv, 2, backend="flex")
     with torch.no_grad():  # inference with grad-requiring inputs (e.g. model weights' outputs) is fine
         out = K.spatial_attention(qkv, 2, backend="flex")
-    assert torch.allclose(out, K.spatial_attention(qkv, 2, backend="reference"), atol=1e-5)
+    # measured max abs difference 6.0e-7
+    assert torch.allclose(out, K.spatial_attention(qkv, 2, backend="reference"), rtol=0, atol=6e-6)
 
 
 # ---------------------------------------------------------------- cross-attention
@@ -222,4 +228,4 @@ def test_flex_temporal_packing_matches_batching(T, S, D):
     q, k, v = qkv.unbind(2)
     for packed in (False, True):
         out = flex_attention._temporal(q, k, v, T, D**-0.5, packed=packed)
-        assert (out.double() - ref).abs().max().item() < 1e-5
+        assert (out.double() - ref).abs().max().item() < 8e-6  # measured at most 7.5e-7

@@ -1,6 +1,6 @@
 """Our Triton kernels (backend "triton") through the public API, forward and every gradient.
 
-Oracle: the reference backend on float64 copies of the inputs. fp32 must match tightly; fp16/bf16
+Oracle: the reference backend on float64 copies of the inputs. fp32 must match to FP32_TOL; fp16/bf16
 are judged against PyTorch's own low-precision error (FlashAttention's criterion): err(triton) <=
 2 * err(reference in the same dtype) + eps, both against the float64 oracle. Every output buffer
 starts NaN-filled (``poison_outputs``), so an element a kernel forgets to write fails the test.
@@ -13,6 +13,7 @@ multi-tile streaming paths that real shapes take.
 from __future__ import annotations
 
 import contextlib
+import zlib
 
 import pytest
 import torch
@@ -28,6 +29,12 @@ pytestmark = pytest.mark.skipif(
 )
 H = 2
 LOWP = (torch.bfloat16, torch.float16)
+# fp32 error bounds (output, gradients), about 10x the largest errors measured on these shapes:
+# 5.5e-7 (output) and 1.2e-6 (gradients: dq of the cross case with every length 1, exactly 0)
+FP32_TOL = (5e-6, 1.2e-5)
+# The GPU tier runs shapes too large for the interpreter (so its errors cannot be measured on a CPU)
+# with up to 15x longer sums over keys and queries: it allows 4x the bounds above.
+GPU_FP32_TOL = (2e-5, 5e-5)
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +77,7 @@ def _run(fn, inputs: list[torch.Tensor], dtype: torch.dtype, grad_out: torch.Ten
     return out, grads, leaves
 
 
-def _check(fn, inputs: list[torch.Tensor], dtype: torch.dtype, gen: torch.Generator):
+def _check(fn, inputs: list[torch.Tensor], dtype: torch.dtype, gen: torch.Generator, fp32_tol=FP32_TOL):
     """Compare triton against the float64 oracle, forward and every gradient."""
     leaves64 = [x.detach().to(DEVICE).requires_grad_() for x in inputs]
     ref = fn(*leaves64, "reference")
@@ -82,9 +89,9 @@ def _check(fn, inputs: list[torch.Tensor], dtype: torch.dtype, gen: torch.Genera
     for gr in grads:
         assert torch.isfinite(gr).all(), "unwritten (NaN-poisoned) or non-finite gradient"
     if dtype == torch.float32:
-        assert _err(out, ref) < 2e-5
+        assert _err(out, ref) < fp32_tol[0]
         for gr, gref in zip(grads, ref_grads):
-            assert _err(gr, gref) < 5e-5
+            assert _err(gr, gref) < fp32_tol[1]
         return
     # low precision: against PyTorch's own error in the same dtype (the reference backend)
     out_lp, grads_lp, _ = _run(fn, inputs, dtype, g, "reference")
@@ -113,7 +120,7 @@ SELF_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind,T,S,D,layout", SELF_CASES)
 def test_self_attention(kind, T, S, D, layout, dtype):
-    gen = torch.Generator().manual_seed(hash((kind, T, S, D, layout)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((kind, T, S, D, layout)).encode()))
     qkv = _make((2, T * S, 3, H, D), layout, gen)
     op = _self_op(kind)
     _check(lambda x, backend: op(x, T, backend=backend), [qkv], dtype, gen)
@@ -236,7 +243,7 @@ def test_torch_compile_traces_without_graph_breaks():
 
 def test_auto_picks_a_backend_that_takes_the_input():
     """auto never hands triton an input it rejects (float64, head dim > 128): it uses sdpa then."""
-    from stdit.kernels.backends import auto_backend
+    from stdit.kernels import auto_backend
 
     cuda = torch.device("cuda")
     assert auto_backend(cuda, torch.float64, 72) == "sdpa"
@@ -275,7 +282,7 @@ def test_open_sora_shapes_on_gpu(kind, T, S, dtype):
     gen = torch.Generator().manual_seed(T * S)
     qkv = _make((2, T * S, 3, 16, 72), "linear", gen)
     op = _self_op(kind)
-    _check(lambda x, backend: op(x, T, backend=backend), [qkv], dtype, gen)
+    _check(lambda x, backend: op(x, T, backend=backend), [qkv], dtype, gen, GPU_FP32_TOL)
 
 
 @pytest.mark.gpu
@@ -286,4 +293,6 @@ def test_open_sora_cross_attention_on_gpu(dtype):
     q = _make((3, 4096, 16, 72), "linear", gen)
     kv = _make((3, 120, 2, 16, 72), "linear", gen)
     kv_lens = torch.tensor([120, 37, 1], device=DEVICE)
-    _check(lambda a, b, backend: K.cross_attention(a, b, kv_lens, backend=backend), [q, kv], dtype, gen)
+    _check(
+        lambda a, b, backend: K.cross_attention(a, b, kv_lens, backend=backend), [q, kv], dtype, gen, GPU_FP32_TOL
+    )

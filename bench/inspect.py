@@ -37,7 +37,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .triton_common import KernelBuild
+from stdit.kernels.triton_common import KernelBuild
 
 # The Triton kernel modules whose `shipped_builds()` are inspected. STDIT_INSPECT_MODULES (comma
 # separated) replaces this list, e.g. to inspect an experimental module or a test's example kernels.

@@ -2,11 +2,12 @@
 shipped build. Needs no GPU: Triton compiles for an explicit target and ships ptxas and cuobjdump.
 
 The example builds are compiled once per session (one process pool, results cached in
-``stdit.kernels.inspect_gpu``); Triton's on-disk cache makes later sessions cheaper still.
+``stdit.bench.inspect``); Triton's on-disk cache makes later sessions cheaper still.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from stdit.kernels import inspect_gpu  # noqa: E402
+from stdit.bench import inspect as harness  # noqa: E402
 from stdit.kernels.triton_common import KernelBuild  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,13 +72,13 @@ def shipped_builds() -> list[KernelBuild]:
 @pytest.fixture(scope="module")
 def rows() -> dict[tuple[str, str], dict]:
     """Every example build on both targets, compiled in one pool; keyed by (kernel, target)."""
-    return {(r["kernel"], r["target"]): r for r in inspect_gpu.inspect_all(EXAMPLES)}
+    return {(r["kernel"], r["target"]): r for r in harness.inspect_all(EXAMPLES)}
 
 
 def test_tools_present() -> None:
     # Triton's wheel bundles them; if this fails every other report would be "unknown".
-    assert inspect_gpu.find_tool("ptxas"), "ptxas not found next to triton"
-    assert inspect_gpu.find_tool("cuobjdump"), "cuobjdump not found next to triton"
+    assert harness.find_tool("ptxas"), "ptxas not found next to triton"
+    assert harness.find_tool("cuobjdump"), "cuobjdump not found next to triton"
 
 
 @pytest.mark.slow
@@ -116,29 +117,29 @@ def test_shared_memory_overflow_is_flagged(rows: dict, target: str) -> None:
 
 
 def test_occupancy_math() -> None:
-    sm90, sm80 = inspect_gpu.TARGETS["sm_90"], inspect_gpu.TARGETS["sm_80"]
+    sm90, sm80 = harness.TARGETS["sm_90"], harness.TARGETS["sm_80"]
     # 128 regs x 32 threads = 4096 per warp -> 16 warps by registers -> 4 blocks of 4 warps.
-    occ = inspect_gpu.occupancy(128, 0, 4, sm90)
+    occ = harness.occupancy(128, 0, 4, sm90)
     assert occ == {"blocks_per_sm": 4, "warps_per_sm": 16, "occupancy_pct": 25.0, "occupancy_limiter": "registers"}
     # 33 regs round up to 40 per thread (256 per warp): 65536 / 1280 = 51 warps -> 12 blocks of 4.
-    assert inspect_gpu.occupancy(33, 0, 4, sm80)["blocks_per_sm"] == 12
+    assert harness.occupancy(33, 0, 4, sm80)["blocks_per_sm"] == 12
     # 100 KB + 1 KB reserved: one block fits in sm_80's 164 KB, two in sm_90's 228 KB.
-    assert inspect_gpu.occupancy(32, 100 * 1024, 4, sm80)["blocks_per_sm"] == 1
-    assert inspect_gpu.occupancy(32, 100 * 1024, 4, sm90)["blocks_per_sm"] == 2
+    assert harness.occupancy(32, 100 * 1024, 4, sm80)["blocks_per_sm"] == 1
+    assert harness.occupancy(32, 100 * 1024, 4, sm90)["blocks_per_sm"] == 2
     # Tiny kernels: 32 blocks per SM, or 64 warps per SM, whichever binds first.
-    assert inspect_gpu.occupancy(16, 0, 1, sm90)["occupancy_limiter"] == "blocks"
-    assert inspect_gpu.occupancy(16, 0, 4, sm90)["warps_per_sm"] == 64
-    assert inspect_gpu.occupancy(32, 200 * 1024, 4, sm80)["blocks_per_sm"] == 0
+    assert harness.occupancy(16, 0, 1, sm90)["occupancy_limiter"] == "blocks"
+    assert harness.occupancy(16, 0, 4, sm90)["warps_per_sm"] == 64
+    assert harness.occupancy(32, 200 * 1024, 4, sm80)["blocks_per_sm"] == 0
 
 
 def test_parse_resource_usage() -> None:
     text = (" Resource usage:\n Common:\n  GLOBAL:0\n Function mm:\n"
             "  REG:58 STACK:16 SHARED:1024 LOCAL:8 CONSTANT[0]:576 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
-    assert inspect_gpu.parse_resource_usage(text) == {"REG": 58, "STACK": 16, "SHARED": 1024, "LOCAL": 8}
+    assert harness.parse_resource_usage(text) == {"REG": 58, "STACK": 16, "SHARED": 1024, "LOCAL": 8}
 
 
 def test_missing_module_is_an_error_row() -> None:
-    builds, errors = inspect_gpu.load_shipped_builds(["stdit.kernels.no_such_kernel_module"])
+    builds, errors = harness.load_shipped_builds(["stdit.kernels.no_such_kernel_module"])
     assert builds == [] and len(errors) == 1
     assert not errors[0]["ok"] and "no_such_kernel_module" in errors[0]["problems"][0]
 
@@ -160,11 +161,8 @@ def test_cli_json(rows: dict) -> None:
 
 @pytest.mark.slow
 def test_shipped_builds_do_not_spill() -> None:
-    builds = []
-    for name in inspect_gpu.KERNEL_MODULES:
-        module = pytest.importorskip(name, reason=f"{name} is not importable yet")
-        builds.extend(module.shipped_builds())
+    builds = [b for name in harness.KERNEL_MODULES for b in importlib.import_module(name).shipped_builds()]
     assert builds, "no shipped builds"
-    bad = [r for r in inspect_gpu.inspect_all(builds) if not r["ok"]]
+    bad = [r for r in harness.inspect_all(builds) if not r["ok"]]
     # The message lists every failing (kernel, target) with why, like `stdit inspect` does.
     assert not bad, "\n" + "\n".join(f"{r['kernel']} {r['target']}: {'; '.join(r['problems'])}" for r in bad)
