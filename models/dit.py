@@ -14,7 +14,7 @@ patch tokens once, before block 0 (full attention has no separate temporal input
 The block takes the self-attention kind ("full", "spatial" or "temporal") as an argument, so Latte
 (stdit.models.latte) reuses it and this model class with a different block layout.
 
-Reads top-down: self-attention, block, model, presets. Dimension alphabet: B batch, T frames,
+Reads top-down: block, model, presets. Dimension alphabet: B batch, T frames,
 S tokens per frame, N = T*S tokens, L text tokens, H heads, D head dim, C channels.
 """
 
@@ -25,41 +25,12 @@ import math
 import torch
 import torch.nn as nn
 
-from stdit.kernels import full_attention, spatial_attention, temporal_attention
-
 from .sizes import SIZES
-from .stdit import CrossAttention, DropPath, FinalLayer, Mlp, SelfAttention, STDiTBlock, VideoDiTBase
+from .base import VideoDiTBase
+from .layers import DropPath, FinalLayer, Mlp
+from .stdit import CrossAttention, SelfAttention, STDiTBlock
 
-__all__ = ["DiT", "DIT_PRESETS", "dit_from_preset", "PixArtBlock", "VideoSelfAttention"]
-
-ATTENTION_KINDS = ("full", "spatial", "temporal")
-
-
-# ------------------------------------------------------------------------------------------------
-# Self-attention over a chosen token set
-# ------------------------------------------------------------------------------------------------
-
-
-class VideoSelfAttention(SelfAttention):
-    """STDiT's SelfAttention (keys qkv / proj) with a third kind, "full": all T*S tokens attend to
-    each other. "spatial" attends within a frame, "temporal" across frames at one position."""
-
-    def __init__(self, dim: int, num_heads: int, kind: str):
-        if kind not in ATTENTION_KINDS:
-            raise ValueError(f"kind: expected one of {ATTENTION_KINDS}, got {kind!r}")
-        super().__init__(dim, num_heads, kind)
-
-    def forward(self, x: torch.Tensor, num_frames: int, backend: str) -> torch.Tensor:
-        """x (B, T*S, C) -> (B, T*S, C)."""
-        B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, D)
-        if self.kind == "full":
-            out = full_attention(qkv, backend=backend)  # (B, N, H, D)
-        elif self.kind == "spatial":
-            out = spatial_attention(qkv, num_frames, backend=backend)
-        else:
-            out = temporal_attention(qkv, num_frames, backend=backend)
-        return self.proj(out.flatten(2))
+__all__ = ["DiT", "DIT_PRESETS", "dit_from_preset", "PixArtBlock"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,7 +55,7 @@ class PixArtBlock(nn.Module):
         self.kind = kind
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
-        self.attn = VideoSelfAttention(hidden_size, num_heads, kind)
+        self.attn = SelfAttention(hidden_size, num_heads, kind)
         self.cross_attn = CrossAttention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), hidden_size)

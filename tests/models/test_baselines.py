@@ -22,7 +22,7 @@ from stdit.models import (
 from stdit.models.dit import PixArtBlock
 
 BUILDERS = {"DiT": (dit_from_preset, "DiT-tiny"), "Latte": (latte_from_preset, "Latte-tiny")}
-STDIT_XL2_PARAMS = 759_620_768  # FACTS §1 and tests/models/test_stdit_golden.py
+STDIT_XL2_PARAMS = 759_620_768  # Open-Sora 1.0 STDiT-XL/2, as tests/models/test_stdit_golden.py checks
 
 
 def _tiny(name: str, **overrides) -> torch.nn.Module:
@@ -107,7 +107,7 @@ def test_backend_matches_reference(name, backend):
         model.attention_backend = backend
         out = model(x, t, y, mask)
     assert ref.abs().max() > 1e-2  # the comparison is not between zeros
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)  # measured <= 9.5e-7 at output scale 2.3
 
 
 @pytest.mark.parametrize("name", ["DiT", "Latte"])
@@ -128,9 +128,10 @@ def test_fused_ops_and_checkpoint_match(name):
     ref_out, ref_grads = run(fused_ops=None, checkpoint=False)
     for switches in (dict(fused_ops="reference", checkpoint=False), dict(fused_ops=None, checkpoint=True)):
         out, grads = run(**switches)
-        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+        # measured: equal to the bit; allowed: a few float32 ulps of the output (2.3) and gradient scales
+        torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=0)
         for g, rg in zip(grads, ref_grads):
-            torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(g, rg, atol=1e-7, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["DiT", "Latte"])
@@ -230,4 +231,4 @@ def test_temporal_position_table_is_added(name):
         model.pos_embed_temporal.zero_()
         same = model(x, t, y, mask)
     assert (out[:, :, 1] - out[:, :, 0]).abs().max() > 1e-4
-    torch.testing.assert_close(same[:, :, 1], same[:, :, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(same[:, :, 1], same[:, :, 0], atol=1e-6, rtol=0)  # measured: equal

@@ -1,5 +1,8 @@
 """Sequence parallelism (DSP and Ulysses) for STDiT is exactly one-device STDiT.
 
+Sequence parallelism only hooks the model's attention modules and sets its token layout; these
+tests check that the hooked model equals an untouched one, forward, backward and over AdamW steps.
+
 One torchrun launch (2 gloo CPU processes) runs tests/train/sp_worker.py, which writes max abs
 diffs and byte counts to JSON; the tests below assert on it.
 """
@@ -40,24 +43,31 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_and_grads_match_single_device(results, mode, shape):
-    r = results[f"{mode}/{shape}"]  # float64, reference attention
-    assert r["out_diff"] <= 1e-6 * max(1.0, r["out_scale"])  # output is float32 (the model casts)
-    assert r["grad_diff"] <= 1e-10 * max(1.0, r["grad_scale"])
-    assert r["shard_diff"] <= 1e-6  # gather_output=False: the rank's shard of the final-layer output
+    # float64, reference attention. Measured: outputs equal, gradients within 6e-14 at scales 54-94.
+    r = results[f"{mode}/{shape}"]
+    assert r["out_diff"] <= 3e-7 * max(1.0, r["out_scale"])  # the output is float32: 2 ulp
+    assert r["grad_diff"] <= 1e-14 * max(1.0, r["grad_scale"])
+    assert r["shard_diff"] <= 3e-7 * max(1.0, r["out_scale"])  # gather_output=False: this rank's tokens
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_float32_sdpa_uneven(results, mode):
-    r = results[f"{mode}/uneven_S/fp32_sdpa"]
-    assert r["out_diff"] <= 1e-5 * max(1.0, r["out_scale"])
-    assert r["grad_diff"] <= 1e-5 * max(1.0, r["grad_scale"])
+    r = results[f"{mode}/uneven_S/fp32_sdpa"]  # measured: outputs equal, gradients 1.9e-5 at scale 58
+    assert r["out_diff"] <= 3e-7 * max(1.0, r["out_scale"])
+    assert r["grad_diff"] <= 4e-6 * max(1.0, r["grad_scale"])
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_adamw_steps_match(results, mode):
     r = results[f"{mode}/steps/odd_frames"]  # 3 AdamW steps, activation checkpointing on
     assert r["param_moved"] > 1e-4
-    assert r["param_diff"] <= 1e-9
+    assert r["param_diff"] <= 3e-10  # measured 3.1e-11
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_checkpoint_recompute_uses_its_own_split(results, mode):
+    r = results[f"{mode}/interleaved"]  # two shapes forward, then one backward
+    assert r["grad_diff"] <= 1e-14 * max(1.0, r["grad_scale"])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,0 +1,469 @@
+"""Analytic cost model of STDiT, full-attention DiT and Latte: FLOPs and minimal HBM bytes.
+
+Arithmetic on shapes and a :class:`~stdit.models.sizes.ModelSize` (XL/2 unless given), so it answers
+"how much work is this?" for any size without building a model; the benchmarks turn it into TFLOP/s
+and % of roofline, the trainer into MFU.
+
+Conventions (details beside each function):
+- A multiply-add is 2 FLOPs. Elementwise ops (LayerNorm + modulate, residuals, GELU, SiLU) count 0
+  FLOPs, only bytes: ``flops`` is "model FLOPs", the MFU convention.
+- "Minimal bytes": each op reads each input once and writes each output once at ``elem_bytes`` per
+  element (2: bf16), the lower bound of a kernel fused within that op; blocks and models sum their
+  ops (fused within an op, not across ops).
+- Not counted: the optimizer step, the loss, the sin-cos tables, per-block (6, C) + t0 additions,
+  text masking (all ``text_len`` tokens count), caption dropout, unpatchify.
+
+Open-Sora 1.0 reports forward-FLOP ratios full-attention DiT / STDiT of 1.14, 2.13 and 6.37 at
+16x256, 16x512 and 64x512; this model gives 1.1408, 2.1302, 6.3669 for whole models and 1.1408,
+2.1303, 6.3674 for the blocks alone (embedders and final layer are < 0.3% of either model), see
+:func:`opensora_flop_ratios`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from .sizes import SIZES, ModelSize
+
+__all__ = [
+    "ATTENTION_KINDS", "BLOCK_MODELS", "MODELS", "MODEL_MODES", "OPENSORA_SETTINGS", "OP_MODES", "Cost",
+    "activation_cost", "attention_cost", "block_cost", "check_size", "gated_residual_cost",
+    "layernorm_modulate_cost", "linear_cost", "model_cost", "model_tokens", "opensora_flop_ratios",
+    "stdit_param_count",
+]  # fmt: skip
+
+ATTENTION_KINDS = ("spatial", "temporal", "full", "cross")
+BLOCK_MODELS = ("stdit", "dit", "latte_spatial", "latte_temporal")
+MODELS = ("stdit", "dit", "latte")
+OP_MODES = ("fwd", "fwd+bwd")
+MODEL_MODES = ("fwd", "train_step")
+LSE_BYTES = 4  # fp32 logsumexp per query row per head
+VAE_DOWNSAMPLE = 8  # the SD VAE: 8x spatial, no temporal compression
+TIMESTEP_FREQ_DIM = 256  # sinusoid width fed to the timestep MLP
+
+
+@dataclass(frozen=True)
+class Cost:
+    """FLOPs and minimal HBM bytes of some work; add costs, scale by a count."""
+
+    flops: float = 0.0
+    bytes: float = 0.0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        if not isinstance(other, Cost):
+            return NotImplemented
+        return Cost(self.flops + other.flops, self.bytes + other.bytes)
+
+    def __radd__(self, other):  # lets sum([...]) start from 0
+        if other == 0:
+            return self
+        return NotImplemented
+
+    def __mul__(self, k: float) -> "Cost":
+        if isinstance(k, bool) or not isinstance(k, numbers.Real):
+            return NotImplemented
+        return Cost(float(self.flops * k), float(self.bytes * k))
+
+    __rmul__ = __mul__
+
+    @property
+    def intensity(self) -> float:
+        """Arithmetic intensity, FLOP per byte (inf when there are no bytes)."""
+        if self.bytes == 0:
+            return math.inf if self.flops else 0.0
+        return self.flops / self.bytes
+
+
+def _choice(name: str, value, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}: unknown value {value!r}; expected one of {list(valid)}")
+
+
+def _positive(**kwargs) -> None:
+    for name, v in kwargs.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or v <= 0:
+            raise ValueError(f"{name}: expected a positive number, got {v!r}")
+
+
+def check_size(size: ModelSize | None) -> ModelSize:
+    """``size`` itself (SIZES["XL/2"] for None) if it is a ModelSize whose heads divide its width,
+    else ValueError."""
+    if size is None:
+        return SIZES["XL/2"]
+    if not isinstance(size, ModelSize):
+        raise ValueError(f"size: expected a stdit.models.sizes.ModelSize (e.g. SIZES['XL/2']), got {size!r}")
+    if size.hidden_size % size.num_heads:
+        raise ValueError(f"size: hidden_size {size.hidden_size} is not a multiple of num_heads {size.num_heads}")
+    return size
+
+
+# ------------------------------------------------------------------------------------------------
+# Ops
+# ------------------------------------------------------------------------------------------------
+
+
+def attention_cost(
+    kind: str,
+    *,
+    batch: int,
+    frames: int,
+    tokens_per_frame: int,
+    num_heads: int,
+    head_dim: int,
+    text_len: int = 120,
+    mode: str = "fwd",
+    elem_bytes: float = 2,
+) -> Cost:
+    """One attention call over a (B, T*S) token video, projections excluded.
+
+    kind: "spatial" (B*T sequences of S), "temporal" (B*S sequences of T), "full" (B sequences of
+    T*S) or "cross" (each sample's T*S queries against its text_len keys). mode "fwd" or
+    "fwd+bwd" (forward + backward summed).
+
+    FLOPs: forward 4*B*H*Lq*Lk*D (Q K^T and P V; softmax, scaling and masking not counted); backward
+    2.5x forward (FlashAttention's convention: recompute Q K^T plus dV, dP, dQ, dK). Bytes: self-
+    attention reads the packed qkv (3C per token, strided in the (B, T*S, 3, H, D) layout, so
+    Open-Sora's temporal rearranges are not counted) and writes o (C per token); cross-attention
+    reads q (C per video token) and kv (2C per text token) and writes o. "fwd+bwd" adds the forward's
+    fp32 logsumexp (4 bytes per query row per head) and a backward that reads q, k, v, o, dO, lse and
+    writes dq, dk, dv.
+    """
+    _choice("kind", kind, ATTENTION_KINDS)
+    _choice("mode", mode, OP_MODES)
+    _positive(batch=batch, frames=frames, tokens_per_frame=tokens_per_frame, num_heads=num_heads,
+              head_dim=head_dim, elem_bytes=elem_bytes)  # fmt: skip
+    if kind == "cross":
+        _positive(text_len=text_len)
+    B, T, S, H, D = batch, frames, tokens_per_frame, num_heads, head_dim
+    N = T * S
+    C = H * D
+    if kind == "spatial":
+        seqs, Lq, Lk = B * T, S, S
+    elif kind == "temporal":
+        seqs, Lq, Lk = B * S, T, T
+    elif kind == "full":
+        seqs, Lq, Lk = B, N, N
+    else:
+        seqs, Lq, Lk = B, N, text_len
+    fwd_flops = 4.0 * seqs * H * Lq * Lk * D
+    q_elems = B * N * C  # queries (and outputs) over the whole batch
+    kv_elems = (2 * B * N * C) if kind != "cross" else (2 * B * text_len * C)
+    fwd_bytes = elem_bytes * (q_elems + kv_elems + q_elems)  # read q, k, v; write o
+    if mode == "fwd":
+        return Cost(fwd_flops, fwd_bytes)
+    lse = LSE_BYTES * B * N * H  # one fp32 per query row per head
+    fwd = Cost(fwd_flops, fwd_bytes + lse)
+    # backward: read q, k, v, o, dO, lse; write dq, dk, dv
+    bwd_bytes = elem_bytes * (q_elems + kv_elems + 2 * q_elems) + lse + elem_bytes * (q_elems + kv_elems)
+    return fwd + Cost(2.5 * fwd_flops, bwd_bytes)
+
+
+def linear_cost(
+    tokens: int,
+    in_features: int,
+    out_features: int,
+    mode: str = "fwd",
+    elem_bytes: float = 2,
+    *,
+    bias: bool = True,
+    needs_input_grad: bool = True,
+) -> Cost:
+    """Y = X W^T + b over ``tokens`` rows in total (all samples together).
+
+    Forward 2*M*K*N FLOPs, reading X, W (and b) and writing Y. Backward 2x forward (dX = dY W^T and
+    dW = X^T dY), reading dY, X, W and writing dX, dW, db; where the input needs no gradient (the
+    patch embedding of the latent, the caption MLP's first layer on T5 features, the timestep MLP's
+    first layer on the sinusoid) only dW: 1x forward. Bias adds and the bias gradient count 0 FLOPs.
+    A Conv3d with kernel = stride = patch is a Linear over patches.
+    """
+    _choice("mode", mode, OP_MODES)
+    _positive(tokens=tokens, in_features=in_features, out_features=out_features, elem_bytes=elem_bytes)
+    M, K, N = tokens, in_features, out_features
+    w = K * N + (N if bias else 0)
+    fwd = Cost(2.0 * M * K * N, elem_bytes * (M * K + w + M * N))
+    if mode == "fwd":
+        return fwd
+    bwd_bytes = elem_bytes * (M * N + M * K + K * N + (M * K if needs_input_grad else 0) + w)
+    bwd_flops = (2.0 if needs_input_grad else 1.0) * fwd.flops
+    return fwd + Cost(bwd_flops, bwd_bytes)
+
+
+def layernorm_modulate_cost(
+    tokens: int, channels: int, batch: int = 1, mode: str = "fwd", elem_bytes: float = 2
+) -> Cost:
+    """LayerNorm (no affine) then x*(1+scale)+shift with per-sample (B, C) rows; ``tokens`` per sample.
+
+    Forward reads x and the shift and scale rows, writes y; backward reads x, dy and scale (the
+    statistics are recomputed), writes dx and the (B, C) dshift, dscale.
+    """
+    _choice("mode", mode, OP_MODES)
+    _positive(tokens=tokens, channels=channels, batch=batch, elem_bytes=elem_bytes)
+    x = batch * tokens * channels
+    row = batch * channels
+    fwd = Cost(0.0, elem_bytes * (x + 2 * row + x))
+    if mode == "fwd":
+        return fwd
+    return fwd + Cost(0.0, elem_bytes * (x + x + row + x + 2 * row))
+
+
+def gated_residual_cost(
+    tokens: int, channels: int, batch: int = 1, mode: str = "fwd", elem_bytes: float = 2, *, gated: bool = True
+) -> Cost:
+    """out = x + gate*y with a per-sample (B, C) gate row (``gated=False``: out = x + y); ``tokens`` per sample.
+
+    Forward reads x, y and the gate row, writes out; backward reads dout, y, gate and writes dy and
+    dgate (dx = dout passes through without a copy). Ungated, both gradients are dout itself.
+    """
+    _choice("mode", mode, OP_MODES)
+    _positive(tokens=tokens, channels=channels, batch=batch, elem_bytes=elem_bytes)
+    x = batch * tokens * channels
+    row = batch * channels if gated else 0
+    fwd = Cost(0.0, elem_bytes * (2 * x + row + x))
+    if mode == "fwd" or not gated:
+        return fwd
+    return fwd + Cost(0.0, elem_bytes * (2 * x + row + x + row))
+
+
+def activation_cost(elements: int, mode: str = "fwd", elem_bytes: float = 2) -> Cost:
+    """An elementwise activation (GELU, SiLU) over ``elements`` values: read x, write y; backward
+    reads x and dy, writes dx."""
+    _choice("mode", mode, OP_MODES)
+    _positive(elements=elements, elem_bytes=elem_bytes)
+    fwd = Cost(0.0, 2.0 * elem_bytes * elements)
+    if mode == "fwd":
+        return fwd
+    return fwd + Cost(0.0, 3.0 * elem_bytes * elements)
+
+
+# ------------------------------------------------------------------------------------------------
+# Blocks
+# ------------------------------------------------------------------------------------------------
+
+
+def block_cost(
+    model: str,
+    *,
+    hidden_size: int,
+    num_heads: int,
+    batch: int,
+    frames: int,
+    tokens_per_frame: int,
+    text_len: int = 120,
+    mlp_ratio: float = 4.0,
+    mode: str = "fwd",
+    elem_bytes: float = 2,
+) -> Cost:
+    """One transformer block, in the order of stdit.models.
+
+    "stdit": norm1 + modulate, spatial attention (qkv, attention, proj) + gated residual, temporal
+    attention (qkv, attention, proj) + gated residual, cross-attention (q on the N video tokens, kv
+    on the L text tokens, attention, proj) + residual, norm2 + modulate, fc1, GELU, fc2, gated
+    residual. "dit" (a PixArt block): the same with full attention in place of spatial and no
+    temporal attention. "latte_spatial" / "latte_temporal": PixArt blocks whose self-attention is
+    spatial / temporal.
+    """
+    _choice("model", model, BLOCK_MODELS)
+    _choice("mode", mode, OP_MODES)
+    _positive(hidden_size=hidden_size, num_heads=num_heads, batch=batch, frames=frames,
+              tokens_per_frame=tokens_per_frame, text_len=text_len, mlp_ratio=mlp_ratio,
+              elem_bytes=elem_bytes)  # fmt: skip
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size: {hidden_size} is not a multiple of num_heads = {num_heads}")
+    C, B, T, S, L = hidden_size, batch, frames, tokens_per_frame, text_len
+    N = T * S
+    Ch = int(hidden_size * mlp_ratio)  # as the models: int(hidden_size * mlp_ratio)
+    kw = dict(mode=mode, elem_bytes=elem_bytes)
+    geo = dict(batch=B, frames=T, tokens_per_frame=S, num_heads=num_heads, head_dim=C // num_heads, text_len=L, **kw)
+
+    def self_attn(kind: str) -> Cost:
+        return linear_cost(B * N, C, 3 * C, **kw) + attention_cost(kind, **geo) + linear_cost(B * N, C, C, **kw)
+
+    cost = layernorm_modulate_cost(N, C, B, **kw)
+    first = {"stdit": "spatial", "dit": "full", "latte_spatial": "spatial", "latte_temporal": "temporal"}[model]
+    cost += self_attn(first) + gated_residual_cost(N, C, B, **kw)
+    if model == "stdit":
+        cost += self_attn("temporal") + gated_residual_cost(N, C, B, **kw)
+    cost += (
+        linear_cost(B * N, C, C, **kw)  # q_linear
+        + linear_cost(B * L, C, 2 * C, **kw)  # kv_linear on the text tokens
+        + attention_cost("cross", **geo)
+        + linear_cost(B * N, C, C, **kw)  # proj
+        + gated_residual_cost(N, C, B, gated=False, **kw)
+    )
+    cost += (
+        layernorm_modulate_cost(N, C, B, **kw)
+        + linear_cost(B * N, C, Ch, **kw)
+        + activation_cost(B * N * Ch, **kw)
+        + linear_cost(B * N, Ch, C, **kw)
+        + gated_residual_cost(N, C, B, **kw)
+    )
+    return cost
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole models
+# ------------------------------------------------------------------------------------------------
+
+
+def model_tokens(
+    *, frames=None, height=None, width=None, latent=None, patch_size=(1, 2, 2)
+) -> tuple[int, int, tuple[int, int, int]]:
+    """(T', S, latent (T, H, W)) from VIDEO frames/height/width (VAE 8x spatial, no temporal
+    compression) or from ``latent=(T, H, W)``, then the patch grid: T' = T/p_t, S = (H/p_h)*(W/p_w)."""
+    if latent is not None:
+        if frames is not None or height is not None or width is not None:
+            raise ValueError("latent: give either latent=(T, H, W) or frames/height/width, not both")
+        if len(tuple(latent)) != 3:
+            raise ValueError(f"latent: expected (T, H, W), got {latent!r}")
+        lat = tuple(int(v) for v in latent)
+    else:
+        if frames is None or height is None or width is None:
+            raise ValueError("frames: give frames, height and width (video pixels) or latent=(T, H, W)")
+        _positive(frames=frames, height=height, width=width)
+        for name, v in (("height", height), ("width", width)):
+            if v % VAE_DOWNSAMPLE:
+                raise ValueError(f"{name}: {v} px is not a multiple of the VAE downsampling {VAE_DOWNSAMPLE}")
+        lat = (int(frames), int(height) // VAE_DOWNSAMPLE, int(width) // VAE_DOWNSAMPLE)
+    patch_size = tuple(patch_size)
+    for name, size, p in zip("THW", lat, patch_size):
+        if size <= 0 or size % p:
+            raise ValueError(f"latent: {name} = {size} is not a positive multiple of the patch size {p}")
+    T = lat[0] // patch_size[0]
+    S = (lat[1] // patch_size[1]) * (lat[2] // patch_size[2])
+    return T, S, lat
+
+
+def model_cost(
+    model: str,
+    *,
+    size: ModelSize | None = None,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    latent: tuple[int, int, int] | None = None,
+    batch: int = 1,
+    text_len: int | None = None,
+    mode: str = "fwd",
+    checkpoint: bool = False,
+    elem_bytes: float = 2,
+    blocks_only: bool = False,
+) -> Cost:
+    """A whole model's forward ("fwd") or training step ("train_step": forward + backward of
+    everything, plus one more forward of the blocks when ``checkpoint``, as per-block activation
+    checkpointing recomputes it) for ``batch`` samples.
+
+    model: "stdit", "dit" or "latte" (variant 1: PixArt blocks with spatial self-attention in even
+    blocks and temporal in odd ones). size: a ModelSize (default SIZES["XL/2"]); text_len defaults to
+    its model_max_length. Video: frames, height, width in pixels, or latent=(T, H, W).
+    ``blocks_only`` leaves out the embedders and the final layer.
+    """
+    _choice("model", model, MODELS)
+    _choice("mode", mode, (*MODEL_MODES, "fwd+bwd"))
+    size = check_size(size)
+    text_len = size.model_max_length if text_len is None else text_len
+    _positive(depth=size.depth, batch=batch, text_len=text_len, elem_bytes=elem_bytes)
+    C, B, L = size.hidden_size, batch, text_len
+    T, S, _ = model_tokens(frames=frames, height=height, width=width, latent=latent, patch_size=size.patch_size)
+    N = T * S
+    op_mode = "fwd" if mode == "fwd" else "fwd+bwd"
+    kw = dict(mode=op_mode, elem_bytes=elem_bytes)
+    bkw = dict(hidden_size=C, num_heads=size.num_heads, batch=B, frames=T, tokens_per_frame=S, text_len=L,
+               mlp_ratio=size.mlp_ratio, elem_bytes=elem_bytes)  # fmt: skip
+
+    def blocks(block_mode: str) -> Cost:
+        if model in ("stdit", "dit"):
+            return size.depth * block_cost(model, mode=block_mode, **bkw)
+        n_spatial = (size.depth + 1) // 2  # even blocks spatial, odd temporal
+        return n_spatial * block_cost("latte_spatial", mode=block_mode, **bkw) + (
+            size.depth - n_spatial
+        ) * block_cost("latte_temporal", mode=block_mode, **bkw)
+
+    cost = blocks(op_mode)
+    if mode != "fwd" and checkpoint:
+        cost += blocks("fwd")
+    if blocks_only:
+        return cost
+
+    p = math.prod(size.patch_size)
+    # embedders: patch conv (a Linear over patches, input needs no grad), pos-emb adds
+    cost += linear_cost(B * N, size.in_channels * p, C, needs_input_grad=False, **kw)
+    # fixed position tables: spatial + temporal adds of N*C values each (DiT/Latte add both to the
+    # input; STDiT adds the spatial one to the input and the temporal one to block 0's temporal
+    # input); no backward (the tables are fixed, the gradient passes through)
+    cost += 2 * Cost(0.0, elem_bytes * 2 * B * N * C)
+    # timestep MLP 256 -> C -> C (SiLU) and t_block SiLU + Linear(C, 6C), on B rows
+    cost += linear_cost(B, TIMESTEP_FREQ_DIM, C, needs_input_grad=False, **kw)
+    cost += activation_cost(B * C, **kw) + linear_cost(B, C, C, **kw)
+    cost += activation_cost(B * C, **kw) + linear_cost(B, C, 6 * C, **kw)
+    # caption MLP caption_channels -> C -> C (GELU) over the L text tokens of each sample
+    cost += linear_cost(B * L, size.caption_channels, C, needs_input_grad=False, **kw)
+    cost += activation_cost(B * L * C, **kw) + linear_cost(B * L, C, C, **kw)
+    # final layer: LN + modulate, Linear(C, prod(patch) * C_out)
+    cost += layernorm_modulate_cost(N, C, B, **kw) + linear_cost(B * N, C, p * size.out_channels, **kw)
+    return cost
+
+
+def stdit_param_count(size: ModelSize | None = None) -> int:
+    """Trainable parameters of STDiT at ``size`` (default XL/2: 759,620,768).
+
+    Per block 20*C^2 + 23*C: spatial and temporal attention (qkv + proj, 4C^2 + 4C each), cross
+    attention (q, kv, proj: 4C^2 + 4C), MLP (C -> rC -> C), the (6, C) scale-shift table. Plus the
+    patch embedding, timestep MLP (256 -> C -> C), t_block (C -> 6C), caption MLP (caption -> C ->
+    C), final (2, C) table and Linear(C, prod(patch) * out_channels). Buffers (sin-cos tables, the
+    null caption embedding) are not parameters.
+    """
+    s = check_size(size)
+    C = s.hidden_size
+    Ch = int(C * s.mlp_ratio)
+    p = math.prod(s.patch_size)
+    attn = 4 * C * C + 4 * C
+    block = 3 * attn + (C * Ch + Ch + Ch * C + C) + 6 * C
+    embed = s.in_channels * p * C + C
+    t_emb = TIMESTEP_FREQ_DIM * C + C + C * C + C
+    t_block = 6 * C * C + 6 * C
+    y_emb = s.caption_channels * C + C + C * C + C
+    final = 2 * C + C * p * s.out_channels + p * s.out_channels
+    return int(s.depth * block + embed + t_emb + t_block + y_emb + final)
+
+
+# ------------------------------------------------------------------------------------------------
+# Open-Sora's published comparison
+# ------------------------------------------------------------------------------------------------
+
+# Published in Open-Sora 1.0's own repository (its docs/acceleration.md): full-attention DiT vs STDiT
+# training throughput on 8x H800, samples/s per GPU, at its three settings and per-GPU batches.
+OPENSORA_SETTINGS: tuple[dict, ...] = (
+    dict(setting="16x256x256", frames=16, resolution=256, batch=8,
+         published_dit_samples_per_s=7.20, published_stdit_samples_per_s=7.00, published_ratio=0.97),
+    dict(setting="16x512x512", frames=16, resolution=512, batch=8,
+         published_dit_samples_per_s=0.85, published_stdit_samples_per_s=1.45, published_ratio=1.71),
+    dict(setting="64x512x512", frames=64, resolution=512, batch=4,
+         published_dit_samples_per_s=0.08, published_stdit_samples_per_s=0.40, published_ratio=5.0),
+)  # fmt: skip
+
+
+def opensora_flop_ratios(*, blocks_only: bool = False) -> list[dict]:
+    """Forward FLOPs per sample of XL/2 STDiT and full-attention DiT at Open-Sora's three published
+    settings, their ratio, and the published throughputs.
+
+    flop_ratio is the whole-model ratio (embedders and final layer included) unless
+    ``blocks_only``; each row also carries flop_ratio_blocks (blocks only). Both round to Open-Sora's
+    1.14 / 2.13 / 6.37 within 0.01.
+    """
+    rows = []
+    for s in OPENSORA_SETTINGS:
+        video = dict(frames=s["frames"], height=s["resolution"], width=s["resolution"], batch=1)
+        st = model_cost("stdit", blocks_only=blocks_only, **video).flops
+        dt = model_cost("dit", blocks_only=blocks_only, **video).flops
+        st_b = model_cost("stdit", blocks_only=True, **video).flops
+        dt_b = model_cost("dit", blocks_only=True, **video).flops
+        rows.append(dict(
+            setting=s["setting"], frames=s["frames"], resolution=s["resolution"], batch=s["batch"],
+            flops_stdit=st, flops_dit=dt, flop_ratio=dt / st, flop_ratio_blocks=dt_b / st_b,
+            published_dit_samples_per_s=s["published_dit_samples_per_s"],
+            published_stdit_samples_per_s=s["published_stdit_samples_per_s"],
+            published_ratio=s["published_ratio"],
+        ))  # fmt: skip
+    return rows
