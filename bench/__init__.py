@@ -1,1 +1,1 @@
-"""stdit.bench: benchmark harnesses, cost model and reports (issue: benchmarks)."""
+"""stdit.bench: benchmark suites, timing, results and reports (`stdit bench`, `stdit report`, `pytest bench/`)."""

@@ -7,11 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from .env import REPO_ROOT
+from stdit.common.env import REPO_ROOT
 
 
 def add_bench_parser(sub) -> None:
-    from .suites import SIZES, SUITES
+    from .cases import SIZES
+    from .suites import SUITES
 
     p = sub.add_parser(
         "bench",
@@ -41,18 +42,20 @@ def add_report_parser(sub) -> None:
 
 
 def _default_results(device) -> Path:
-    from .env import device_slug
+    from .devices import device_slug
 
     return REPO_ROOT / "reports" / device_slug(device) / "results.jsonl"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .env import best_device, check_device
+    from stdit.common.dtypes import as_dtype
+
+    from .devices import best_device, check_device
     from .run import run_cases
-    from .suites import build_cases, parse_dtype
+    from .suites import build_cases
 
     device = check_device(args.device) if args.device else best_device()
-    dtype = parse_dtype(args.dtype) if args.dtype else None
+    dtype = as_dtype(args.dtype) if args.dtype else None
     cases = build_cases(args.suite, args.size, device, dtype, only=args.only)
     if args.list:
         for c in cases:
@@ -72,13 +75,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _report(results_path: Path, out_dir: Path) -> None:
-    from .report import format_summary, summarize, write_report
-
-    from . import comm_model
+    from . import comm_report
+    from .analysis import summarize
+    from .markdown import format_summary
+    from .report import write_report
 
     readme = write_report(results_path, out_dir)
     print(f"report: {readme}", file=sys.stderr)
-    parallel = comm_model.write_report(Path(out_dir).parent / "parallel-model")  # beside reports/<device>/
+    parallel = comm_report.write_report(Path(out_dir).parent / "parallel-model")  # beside reports/<device>/
     print(f"communication model: {parallel}", file=sys.stderr)
     for line in format_summary(summarize(results_path)):
         print(line)

@@ -1,77 +1,21 @@
 """Communication model for hybrid-parallel STDiT training: bytes, collective calls and projected time
 per training step per rank, for sequence parallelism (Ulysses, DSP, Open-Sora 1.0's SP) and data
-parallelism (FSDP / ZeRO-3, ZeRO-2, DDP), next to the per-rank compute time of ``stdit.bench.costs``.
-
-Pure arithmetic on shapes (no torch, no GPU). Sizes default to STDiT-XL/2 (``costs.XL2``).
+parallelism (FSDP / ZeRO-3, ZeRO-2, DDP), next to the per-rank compute time of the cost model
+(stdit.models.costs). Arithmetic on shapes and a ModelSize (STDiT-XL/2 unless given); its tables
+and plots are drawn by stdit.bench.comm_report.
 
 Conventions
------------
-Shapes
-  A shape is a video "FRAMESxHEIGHTxWIDTH" in pixels (e.g. "64x512x512") or a (frames, height,
-  width) tuple; tokens as in ``costs.model_tokens`` (VAE 8x spatial, patch (1, 2, 2)):
-  T frames of S tokens, N = T*S tokens per sample. ``batch`` is the number of samples per
-  sequence-parallel group (SP rows) or per data-parallel rank (DP rows).
-Bytes
-  ``bytes_per_rank`` = bytes one rank SENDS per training step (for every scheme here a rank
-  receives the same amount). Activations at ``act_dtype`` (bf16: 2 bytes), parameters gathered at
-  ``param_dtype``, gradients reduced at ``grad_dtype``.
-  * An all-to-all over p ranks of a local payload of X bytes sends X*(p-1)/p (the 1/p kept is
-    local). A ring reduce-scatter or all-gather of an M-byte tensor sends M*(p-1)/p per rank, a
-    ring all-reduce 2*M*(p-1)/p.
-Sequence parallel (degree sp, tokens_local = batch*T*S/sp), payload per local token per block
-per forward pass:
-  * ulysses: tokens sharded by spatial position within each frame; around BOTH self-attentions
-    (spatial, temporal) one all-to-all of qkv (3C) to head sharding and one of the output (C)
-    back: 2*(3C + C) = 8C, 4 calls. Cross-attention needs none (text is replicated).
-  * ulysses_local_temporal: the same sharding, but the temporal all-to-alls skipped. With tokens
-    sharded by spatial position a temporal sequence (one spatial position, all T frames) is
-    already local, so only the spatial attention needs Ulysses: 4C, 2 calls. (Not in the brief of
-    the DSP paper; listed because it is the cheapest correct Ulysses for STDiT.)
-  * dsp (arXiv 2403.10266): frames sharded for spatial / cross / MLP work; one all-to-all of the
-    temporal-attention input (C) to spatial-position sharding and one (C) back: 2C, 2 calls.
-    DSP / ulysses = 2C / 8C = 25 % exactly, the paper's ">= 75 % less communication".
-  * opensora_sp (Open-Sora 1.0): the flattened T*S axis sharded; Ulysses all-to-alls around both
-    self-attentions (8C) plus, in its sequence-parallel cross-attention, an all-to-all of q (C) to
-    head sharding and of the output (C) back (k/v of the replicated text are split locally, no
-    communication): 10C, 6 calls.
-  Backward moves the same bytes again (the gradients of the same tensors go through the inverse
-  all-to-alls); per-block activation checkpointing recomputes the forward all-to-alls once more.
-  So bytes = passes * depth * payload * tokens_local * act_bytes * (sp-1)/sp with passes = 3 with
-  checkpointing, 2 without; calls = passes * depth * calls_per_block. Not counted: splitting the
-  input and the loss (local slices; a scalar all-reduce), the gradient synchronisation of the
-  parameters replicated across SP ranks (see ``hybrid_step``: it belongs to the data-parallel
-  collective over all dp*sp ranks).
-  Feasible degrees (exact divisibility): ulysses / ulysses_local_temporal need heads % sp == 0
-  and S % sp == 0; dsp needs T % sp == 0 and S % sp == 0; opensora_sp needs heads % sp == 0 and
-  (T*S) % sp == 0. Bytes are still computed for infeasible degrees; rows say ``feasible=False``
-  with the reason (XL/2 has 16 heads: no Ulysses beyond sp = 16).
-Data parallel (degree dp, P parameters; one collective per FSDP unit / bucket, units = depth + 1
-blocks + the root):
-  * fsdp (ZeRO-3): all-gather the parameters in forward and again in backward, reduce-scatter the
-    gradients: (2*P*param_bytes + P*grad_bytes)*(dp-1)/dp, 3*units calls. (With per-block
-    checkpointing the recompute runs while the block is gathered for backward: no third gather.)
-  * zero2 (what Open-Sora 1.0 used): reduce-scatter of gradients + all-gather of the updated
-    parameters: (P*grad_bytes + P*param_bytes)*(dp-1)/dp = 2*P*bytes*(dp-1)/dp when both dtypes
-    match, 2*units calls.
-  * ddp: ring all-reduce of gradients, 2*P*grad_bytes*(dp-1)/dp, one call per 25 MiB bucket.
-Time
-  Effective bandwidths: NVLink 4 = 450 GB/s per GPU per direction at ``NVLINK_EFFICIENCY`` (0.75)
-  = 337.5 GB/s; InfiniBand NDR 400 Gb/s = 50 GB/s per GPU per direction at ``IB_EFFICIENCY``
-  (0.8) = 40 GB/s. 8 GPUs per node; a group of degree <= 8 sits in one node, a larger one spans
-  degree/8 nodes (ranks placed contiguously).
-  * all-to-all, the slowest link bounds it: within a node t = bytes / nvlink_eff; across nodes a
-    rank sends the fraction f = (p - g)/(p - 1) of its bytes off-node (g = 8 GPUs per node) over
-    its NIC and the rest over NVLink at the same time: t = max(bytes*(1-f)/nvlink_eff,
-    bytes*f/ib_eff).
-  * ring reduce-scatter / all-gather / all-reduce: t = bytes / bw with bw = nvlink_eff within a
-    node and ib_eff across nodes (every ring crosses a NIC; no hierarchical algorithm assumed).
-  * plus a latency per call: ``LATENCY_INTRA_S`` (10 us) within a node, ``LATENCY_INTER_S``
-    (25 us) across nodes.
-  Compute per rank = costs.model_cost("stdit", train_step, checkpoint).flops of the batch /
-  (peak 989e12 * mfu 0.40), divided by the degree for SP (the work is split evenly) and not
-  divided for DP (each rank runs its own batch). SP all-to-alls sit between dependent ops
-  ("blocking": exposed = comm); DP collectives overlap with compute ("overlappable": exposed =
-  max(0, comm - compute)). ``can_hide`` = comm <= compute.
+- A shape is a video "FRAMESxHEIGHTxWIDTH" in pixels (e.g. "64x512x512") or a (frames, height,
+  width) tuple, tokenized as stdit.models.costs.model_tokens does: T frames of S tokens. ``batch`` is
+  the number of samples per sequence-parallel group (SP rows) or per data-parallel rank (DP rows).
+- ``bytes_per_rank`` = bytes one rank SENDS per training step (for every scheme here a rank
+  receives the same amount); activations at ``act_dtype``, parameters gathered at ``param_dtype``,
+  gradients reduced at ``grad_dtype``. An all-to-all over p ranks of a local payload of X bytes
+  sends X*(p-1)/p (the 1/p kept is local); a ring reduce-scatter or all-gather of an M-byte tensor
+  sends M*(p-1)/p per rank, a ring all-reduce 2*M*(p-1)/p.
+- Links: NVLink 4 = 450 GB/s per GPU per direction at 75 % efficiency, InfiniBand NDR 400 Gb/s =
+  50 GB/s per GPU per direction at 80 %, 8 GPUs per node, 10 us / 25 us latency per call within /
+  across nodes (``Cluster``); compute at 989 TFLOP/s (H100 SXM bf16) x MFU 0.40.
 """
 
 from __future__ import annotations
@@ -81,31 +25,15 @@ import numbers
 import re
 from dataclasses import dataclass
 
-from stdit.bench import costs as _costs
+from stdit.common.dtypes import dtype_bytes
+from stdit.models.costs import check_size, model_cost, model_tokens, stdit_param_count
+from stdit.models.sizes import ModelSize
 
 __all__ = [
-    "Cluster",
-    "CLUSTERS",
-    "H100_1NODE",
-    "H100_8NODE",
-    "H800_1NODE",
-    "DEGREES",
-    "SHAPES",
-    "SCHEMES",
-    "SP_SCHEMES",
-    "DP_SCHEMES",
-    "XL2_PARAMS",
-    "DSP_PAPER_CLAIMS",
-    "stdit_param_count",
-    "sp_comm",
-    "dp_comm",
-    "collective_time",
-    "comm_rows",
-    "hybrid_step",
-    "dsp_vs_ulysses",
-    "markdown_section",
-    "plot",
-]
+    "CLUSTERS", "Cluster", "DEGREES", "DP_SCHEMES", "DSP_PAPER_CLAIMS", "H100_1NODE", "H100_8NODE", "H800_1NODE",
+    "SCHEMES", "SHAPES", "SP_SCHEMES", "collective_time", "comm_rows", "dp_comm", "dsp_vs_ulysses", "hybrid_step",
+    "parse_shape", "sp_comm",
+]  # fmt: skip
 
 DEGREES = (2, 4, 8, 16, 32, 64)
 SHAPES: dict[str, tuple[int, int, int]] = {
@@ -117,11 +45,21 @@ SHAPES: dict[str, tuple[int, int, int]] = {
 SP_SCHEMES = ("ulysses", "ulysses_local_temporal", "dsp", "opensora_sp")
 DP_SCHEMES = ("fsdp", "zero2", "ddp")
 SCHEMES = SP_SCHEMES + DP_SCHEMES
-XL2_PARAMS = 759_620_768  # FACTS section 1; tests check it against the meta-device model
 
-# payload (in units of C per local token) and calls per block per forward pass
+# Payload (in units of C per local token) and all-to-all calls per block per forward pass:
+# - ulysses: tokens sharded by spatial position within each frame; around BOTH self-attentions
+#   (spatial, temporal) one all-to-all of qkv (3C) to head sharding and one of the output (C) back:
+#   2*(3C + C) = 8C, 4 calls. Cross-attention needs none (the text is replicated).
+# - ulysses_local_temporal: the same sharding, but the temporal all-to-alls skipped: with tokens
+#   sharded by spatial position a temporal sequence (one position, all T frames) is already local,
+#   so only spatial attention needs Ulysses: 4C, 2 calls (the cheapest correct Ulysses for STDiT).
+# - dsp (arXiv 2403.10266): frames sharded for spatial / cross / MLP work; one all-to-all of the
+#   temporal-attention input (C) to position sharding and one (C) back: 2C, 2 calls. DSP / Ulysses =
+#   2C / 8C = 25 % exactly, the paper's ">= 75 % less communication".
+# - opensora_sp (Open-Sora 1.0): the flattened T*S axis sharded; Ulysses all-to-alls around both
+#   self-attentions (8C) plus, in its sequence-parallel cross-attention, an all-to-all of q (C) to
+#   head sharding and of the output (C) back (k/v of the replicated text split locally): 10C, 6 calls.
 _SP_PER_BLOCK = {"ulysses": (8, 4), "ulysses_local_temporal": (4, 2), "dsp": (2, 2), "opensora_sp": (10, 6)}
-_SIZE_KEYS = tuple(_costs.XL2)
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP default bucket_cap_mb = 25
 
 PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16
@@ -193,7 +131,7 @@ def _positive_int(name: str, v) -> int:
     return int(v)
 
 
-def _parse_shape(shape) -> tuple[str, int, int, int]:
+def parse_shape(shape) -> tuple[str, int, int, int]:
     """(name, frames, height, width) from "FxHxW" or a (frames, height, width) tuple."""
     if isinstance(shape, str):
         if shape in SHAPES:
@@ -215,54 +153,13 @@ def _parse_shape(shape) -> tuple[str, int, int, int]:
     return f"{f}x{h}x{w}", f, h, w
 
 
-def _sizes(sizes: dict | None) -> dict:
-    out = dict(_costs.XL2)
-    if sizes:
-        bad = sorted(set(sizes) - set(_SIZE_KEYS))
-        if bad:
-            raise ValueError(f"sizes: unknown size keys {bad}; expected a subset of {list(_SIZE_KEYS)}")
-        out.update(sizes)
-    if out["hidden"] % out["heads"]:
-        raise ValueError(f"sizes: hidden {out['hidden']} is not a multiple of heads {out['heads']}")
-    return out
-
-
-def _tokens(shape, sizes: dict) -> tuple[str, int, int, int, int, int]:
-    name, f, h, w = _parse_shape(shape)
+def _tokens(shape, size: ModelSize) -> tuple[str, int, int, int, int, int]:
+    name, f, h, w = parse_shape(shape)
     try:
-        T, S, _ = _costs.model_tokens(frames=f, height=h, width=w, patch=sizes["patch"])
+        T, S, _ = model_tokens(frames=f, height=h, width=w, patch_size=size.patch_size)
     except ValueError as e:
         raise ValueError(f"shape: {name} does not tokenize: {e}") from None
     return name, f, h, w, T, S
-
-
-# ------------------------------------------------------------------------------------------------
-# Parameters
-# ------------------------------------------------------------------------------------------------
-
-
-def stdit_param_count(sizes: dict | None = None) -> int:
-    """Trainable parameters of STDiT at ``sizes`` (default XL/2: 759,620,768).
-
-    Per block 20*C^2 + 23*C: spatial and temporal attention (qkv + proj, 4C^2 + 4C each), cross
-    attention (q, kv, proj: 4C^2 + 4C), MLP (C -> rC -> C), the (6, C) scale-shift table. Plus the
-    patch embedding, timestep MLP (256 -> C -> C), t_block (C -> 6C), caption MLP (caption -> C ->
-    C), final (2, C) table and Linear(C, prod(patch) * out_channels). Buffers (sin-cos tables, the
-    null caption embedding) are not parameters.
-    """
-    s = _sizes(sizes)
-    C = s["hidden"]
-    Ch = int(C * s["mlp_ratio"])
-    p = math.prod(s["patch"])
-    out_ch = s["in_channels"] * (2 if s["pred_sigma"] else 1)
-    attn = 4 * C * C + 4 * C
-    block = 3 * attn + (C * Ch + Ch + Ch * C + C) + 6 * C
-    embed = s["in_channels"] * p * C + C
-    t_emb = _costs.TIMESTEP_FREQ_DIM * C + C + C * C + C
-    t_block = 6 * C * C + 6 * C
-    y_emb = s["caption_channels"] * C + C + C * C + C
-    final = 2 * C + C * p * out_ch + p * out_ch
-    return int(s["depth"] * block + embed + t_emb + t_block + y_emb + final)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,22 +188,37 @@ def sp_comm(
     batch: int = 1,
     act_dtype="bf16",
     checkpoint: bool = True,
-    sizes: dict | None = None,
+    size: ModelSize | None = None,
 ) -> dict:
-    """Activation all-to-all traffic of one training step per rank for a sequence-parallel scheme."""
+    """Activation all-to-all traffic of one training step per rank for a sequence-parallel scheme.
+
+    Degree sp, tokens_local = batch*T*S/sp; the payload per local token per block per forward pass
+    is in ``_SP_PER_BLOCK``. Backward moves the same bytes again (the gradients of the same tensors
+    go through the inverse all-to-alls) and per-block activation checkpointing recomputes the
+    forward all-to-alls once more: bytes = passes * depth * payload * tokens_local * act_bytes *
+    (sp-1)/sp with passes = 3 with checkpointing, 2 without; calls = passes * depth *
+    calls_per_block. Not counted: splitting the input and the loss (local slices; a scalar
+    all-reduce) and the gradient synchronisation of the parameters replicated across SP ranks (it
+    belongs to the data-parallel collective over all dp*sp ranks, see ``hybrid_step``).
+
+    Feasible degrees (exact divisibility): ulysses / ulysses_local_temporal need heads % sp == 0 and
+    S % sp == 0; dsp needs T % sp == 0 and S % sp == 0; opensora_sp needs heads % sp == 0 and
+    (T*S) % sp == 0. Bytes are still computed for infeasible degrees; ``feasible`` is False with the
+    reason (XL/2 has 16 heads: no Ulysses beyond sp = 16).
+    """
     _check_scheme(scheme, SP_SCHEMES)
     sp = _check_degree(sp)
     batch = _positive_int("batch", batch)
-    s = _sizes(sizes)
+    s = check_size(size)
     _, _, _, _, T, S = _tokens(shape, s)
-    C, depth = s["hidden"], s["depth"]
-    eb = _costs.dtype_bytes(act_dtype)
+    C, depth = s.hidden_size, s.depth
+    eb = dtype_bytes(act_dtype)
     payload_c, calls_per_block = _SP_PER_BLOCK[scheme]
     passes = 3 if checkpoint else 2
     tokens_local = batch * T * S / sp
     frac = (sp - 1) / sp
     per_pass = depth * payload_c * C * tokens_local * eb * frac
-    feasible, why = _sp_feasible(scheme, sp, T, S, s["heads"])
+    feasible, why = _sp_feasible(scheme, sp, T, S, s.num_heads)
     return dict(
         bytes_per_rank=passes * per_pass,
         bytes_fwd=per_pass,
@@ -325,16 +237,26 @@ def dp_comm(
     params: int | None = None,
     param_dtype="bf16",
     grad_dtype="bf16",
-    sizes: dict | None = None,
+    size: ModelSize | None = None,
 ) -> dict:
-    """Parameter / gradient traffic of one training step per rank for a data-parallel scheme."""
+    """Parameter / gradient traffic of one training step per rank for a data-parallel scheme.
+
+    Degree dp, P parameters (STDiT's at ``size`` unless ``params``); one collective per FSDP unit /
+    bucket, units = depth + 1 (the blocks and the root):
+    - fsdp (ZeRO-3): all-gather the parameters in forward and again in backward, reduce-scatter the
+      gradients: (2*P*param_bytes + P*grad_bytes)*(dp-1)/dp, 3*units calls. (With per-block
+      checkpointing the recompute runs while the block is gathered for backward: no third gather.)
+    - zero2 (what Open-Sora 1.0 used): reduce-scatter of gradients + all-gather of the updated
+      parameters: (P*grad_bytes + P*param_bytes)*(dp-1)/dp, 2*units calls.
+    - ddp: ring all-reduce of gradients, 2*P*grad_bytes*(dp-1)/dp, one call per 25 MiB bucket.
+    """
     _check_scheme(scheme, DP_SCHEMES)
     dp = _check_degree(degree)
-    s = _sizes(sizes)
+    s = check_size(size)
     P = stdit_param_count(s) if params is None else _positive_int("params", params)
-    pb, gb = _costs.dtype_bytes(param_dtype), _costs.dtype_bytes(grad_dtype)
+    pb, gb = dtype_bytes(param_dtype), dtype_bytes(grad_dtype)
     frac = (dp - 1) / dp
-    units = s["depth"] + 1
+    units = s.depth + 1
     if scheme == "fsdp":
         b, calls, coll = (2 * P * pb + P * gb) * frac, 3 * units, "all_gather+reduce_scatter"
     elif scheme == "zero2":
@@ -353,7 +275,16 @@ def dp_comm(
 
 def collective_time(nbytes: float, calls: int, degree: int, kind: str, cluster: Cluster) -> float | None:
     """Seconds for ``calls`` collectives of a group of ``degree`` ranks that send ``nbytes`` per rank
-    in total; None when the group does not fit the cluster. kind: "all_to_all" or "ring"."""
+    in total; None when the group does not fit the cluster. kind: "all_to_all" or "ring".
+
+    A group of degree <= gpus_per_node sits in one node, a larger one spans degree/gpus_per_node
+    nodes (ranks placed contiguously). An all-to-all is bounded by its slowest link: within a node
+    t = bytes / NVLink; across nodes a rank sends the fraction f = (p - g)/(p - 1) of its bytes
+    off-node (g GPUs per node) over its NIC and the rest over NVLink at the same time, t =
+    max(bytes*(1-f)/NVLink, bytes*f/IB). Ring reduce-scatter / all-gather / all-reduce: t = bytes /
+    bw with NVLink's bw within a node and IB's across nodes (every ring crosses a NIC; no
+    hierarchical algorithm assumed). Plus a latency per call (intra- or inter-node).
+    """
     degree = _check_degree(degree)
     if kind not in ("all_to_all", "ring"):
         raise ValueError(f"kind: unknown collective kind {kind!r}; expected 'all_to_all' or 'ring'")
@@ -380,11 +311,11 @@ def _link(degree: int, gpus_per_node: int = 8) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def _compute_time(shape, batch, text_len, checkpoint, sizes, mfu, peak_flops) -> float:
-    _, f, h, w = _parse_shape(shape)
-    flops = _costs.model_cost(
-        "stdit", frames=f, height=h, width=w, batch=batch, text_len=text_len, mode="train_step",
-        checkpoint=checkpoint, **sizes,
+def _compute_time(shape, batch, text_len, checkpoint, size: ModelSize, mfu, peak_flops) -> float:
+    _, f, h, w = parse_shape(shape)
+    flops = model_cost(
+        "stdit", size=size, frames=f, height=h, width=w, batch=batch, text_len=text_len, mode="train_step",
+        checkpoint=checkpoint,
     ).flops  # fmt: skip
     return flops / (peak_flops * mfu)
 
@@ -400,7 +331,7 @@ def comm_rows(
     param_dtype="bf16",
     grad_dtype="bf16",
     checkpoint: bool = True,
-    sizes: dict | None = None,
+    size: ModelSize | None = None,
     params: int | None = None,
     mfu: float = DEFAULT_MFU,
     peak_flops: float = PEAK_BF16_FLOPS,
@@ -408,7 +339,14 @@ def comm_rows(
 ) -> list[dict]:
     """Long-format rows, one per (shape, scheme, degree): bytes sent per rank per step, collective
     calls, projected communication time on each cluster (``comm_s_<cluster>``, None where the group
-    does not fit), per-rank compute time and the comm/compute ratio on the largest cluster."""
+    does not fit), per-rank compute time and the comm/compute ratio on the largest cluster.
+
+    Compute per rank = the train step's FLOPs (stdit.models.costs.model_cost) / (peak_flops * mfu),
+    divided by the degree for SP (the work is split evenly) and not for DP (each rank runs its own
+    batch). SP all-to-alls sit between dependent ops ("blocking": exposed = comm); DP collectives
+    overlap with compute ("overlappable": exposed = max(0, comm - compute)). ``can_hide`` = comm <=
+    compute.
+    """
     if isinstance(shapes, str) or (
         isinstance(shapes, (tuple, list)) and len(shapes) == 3 and all(isinstance(v, numbers.Integral) for v in shapes)
     ):
@@ -423,12 +361,12 @@ def comm_rows(
     batch = _positive_int("batch", batch)
     if not (0 < mfu <= 1):
         raise ValueError(f"mfu: expected 0 < mfu <= 1, got {mfu!r}")
-    s = _sizes(sizes)
+    s = check_size(size)
     clusters = dict(CLUSTERS if clusters is None else clusters)
     if not clusters:
         raise ValueError("clusters: need at least one cluster")
     big = max(clusters.values(), key=lambda c: c.gpus)
-    eb = _costs.dtype_bytes(act_dtype)
+    eb = dtype_bytes(act_dtype)
     rows = []
     for shape in shapes:
         name, f, h, w, T, S = _tokens(shape, s)
@@ -437,10 +375,10 @@ def comm_rows(
             is_sp = sc in SP_SCHEMES
             for d in degrees:
                 if is_sp:
-                    c = sp_comm(sc, shape, d, batch=batch, act_dtype=act_dtype, checkpoint=checkpoint, sizes=s)
+                    c = sp_comm(sc, shape, d, batch=batch, act_dtype=act_dtype, checkpoint=checkpoint, size=s)
                     kind, compute = "all_to_all", t_step / d
                 else:
-                    c = dp_comm(sc, d, params=params, param_dtype=param_dtype, grad_dtype=grad_dtype, sizes=s)
+                    c = dp_comm(sc, d, params=params, param_dtype=param_dtype, grad_dtype=grad_dtype, size=s)
                     kind, compute = "ring", t_step
                 row = dict(
                     shape=name, frames=f, height=h, width=w, T=T, S=S, batch=batch, scheme=sc,
@@ -448,8 +386,8 @@ def comm_rows(
                     infeasible_reason=c["infeasible_reason"], bytes_per_rank=float(c["bytes_per_rank"]),
                     n_collectives=int(c["n_collectives"]), collective=c["collective"],
                     act_bytes=eb if is_sp else None,
-                    param_bytes=None if is_sp else _costs.dtype_bytes(param_dtype),
-                    grad_bytes=None if is_sp else _costs.dtype_bytes(grad_dtype),
+                    param_bytes=None if is_sp else dtype_bytes(param_dtype),
+                    grad_bytes=None if is_sp else dtype_bytes(grad_dtype),
                     act_dtype=str(act_dtype), param_dtype=str(param_dtype), grad_dtype=str(grad_dtype),
                     checkpoint=bool(checkpoint), link=_link(d, big.gpus_per_node),
                 )  # fmt: skip
@@ -489,14 +427,14 @@ def hybrid_step(
     _check_scheme(sp_scheme, SP_SCHEMES)
     _check_scheme(dp_scheme, DP_SCHEMES)
     sp, dp = _check_degree(sp, "sp"), _check_degree(dp, "dp")
-    act = {k: kw[k] for k in ("act_dtype", "checkpoint", "sizes") if k in kw}
-    par = {k: kw[k] for k in ("params", "param_dtype", "grad_dtype", "sizes") if k in kw}
+    act = {k: kw[k] for k in ("act_dtype", "checkpoint", "size") if k in kw}
+    par = {k: kw[k] for k in ("params", "param_dtype", "grad_dtype", "size") if k in kw}
     a = sp_comm(sp_scheme, shape, sp, batch=batch, **act)
     g = dp_comm(dp_scheme, dp * sp, **par)
     t_a = collective_time(a["bytes_per_rank"], a["n_collectives"], sp, "all_to_all", cluster)
     t_g = collective_time(g["bytes_per_rank"], g["n_collectives"], dp * sp, "ring", cluster)
     return dict(
-        shape=_parse_shape(shape)[0], sp_scheme=sp_scheme, sp=sp, dp_scheme=dp_scheme, dp=dp, gpus=dp * sp,
+        shape=parse_shape(shape)[0], sp_scheme=sp_scheme, sp=sp, dp_scheme=dp_scheme, dp=dp, gpus=dp * sp,
         feasible=a["feasible"] and dp * sp <= cluster.gpus, sp_bytes_per_rank=a["bytes_per_rank"],
         dp_bytes_per_rank=g["bytes_per_rank"], bytes_per_rank=a["bytes_per_rank"] + g["bytes_per_rank"],
         sp_comm_s=t_a, dp_comm_s=t_g, cluster=cluster.name,
@@ -515,7 +453,7 @@ def dsp_vs_ulysses(
     batch: int = 1,
     act_dtype="bf16",
     checkpoint: bool = True,
-    sizes: dict | None = None,
+    size: ModelSize | None = None,
     inference_steps: int = 100,
 ) -> dict:
     """DSP's communication saving against Ulysses (and against Ulysses with local temporal attention)
@@ -524,13 +462,13 @@ def dsp_vs_ulysses(
     rows = []
     for shape in shapes:
         for d in degrees:
-            kw = dict(batch=batch, act_dtype=act_dtype, checkpoint=checkpoint, sizes=sizes)
+            kw = dict(batch=batch, act_dtype=act_dtype, checkpoint=checkpoint, size=size)
             u = sp_comm("ulysses", shape, d, **kw)
             ul = sp_comm("ulysses_local_temporal", shape, d, **kw)
             p = sp_comm("dsp", shape, d, **kw)
             ratio = p["bytes_per_rank"] / u["bytes_per_rank"] if u["bytes_per_rank"] else None
             rows.append(dict(
-                shape=_parse_shape(shape)[0], degree=d, ulysses_bytes=u["bytes_per_rank"],
+                shape=parse_shape(shape)[0], degree=d, ulysses_bytes=u["bytes_per_rank"],
                 ulysses_local_temporal_bytes=ul["bytes_per_rank"], dsp_bytes=p["bytes_per_rank"],
                 dsp_over_ulysses=ratio, saving_vs_ulysses=None if ratio is None else 1 - ratio,
                 saving_vs_ulysses_local_temporal=(1 - p["bytes_per_rank"] / ul["bytes_per_rank"])
@@ -541,9 +479,9 @@ def dsp_vs_ulysses(
     # the paper's inference setting, comm only: forward passes, no checkpointing, CFG doubles the batch
     proj = {}
     for sc in ("ulysses", "dsp"):
-        c = sp_comm(sc, (80, 512, 512), 8, batch=2, act_dtype=act_dtype, sizes=sizes)
+        c = sp_comm(sc, (80, 512, 512), 8, batch=2, act_dtype=act_dtype, size=size)
         per_fwd = c["bytes_fwd"]
-        calls = _SP_PER_BLOCK[sc][1] * _sizes(sizes)["depth"]  # one forward pass
+        calls = _SP_PER_BLOCK[sc][1] * check_size(size).depth  # one forward pass
         proj[sc] = dict(
             bytes_per_forward=per_fwd,
             comm_s_8xH100=inference_steps * collective_time(per_fwd, calls, 8, "all_to_all", H100_1NODE),
@@ -551,198 +489,3 @@ def dsp_vs_ulysses(
         )
     return dict(rows=rows, claims=dict(DSP_PAPER_CLAIMS), inference_projection=dict(
         setting="80x512x512, sp 8, batch 2 (CFG), forward only", steps=inference_steps, **proj))  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------------
-# Report
-# ------------------------------------------------------------------------------------------------
-
-
-def _gb(v):
-    return None if v is None else v / 1e9
-
-
-def _ms(v):
-    return None if v is None else v * 1e3
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
-
-
-def _table(df) -> str:
-    from stdit.bench.report import markdown_table
-
-    return markdown_table(df)
-
-
-def markdown_section(rows: list[dict], title: str = "Communication model (hybrid-parallel STDiT training)") -> str:
-    """A markdown section: assumptions, per-shape pivot tables (GB per rank, ms on each cluster,
-    comm/compute) and the DSP-vs-Ulysses comparison with the paper's claims."""
-    import pandas as pd
-
-    if not rows:
-        raise ValueError("rows: no rows to report")
-    df = pd.DataFrame(rows)
-    cl_cols = [c for c in df.columns if c.startswith("comm_s_")]
-    first = df.iloc[0]
-    lines = [f"## {title}", ""]
-    lines.append(
-        f"Bytes one rank sends per training step (it receives as many), batch {int(first['batch'])} per SP group / DP "
-        f"rank, activations {first['act_bytes'] if pd.notna(first.get('act_bytes')) else 2:g} B, "
-        f"checkpointing {'on' if first['checkpoint'] else 'off'}. Effective bandwidth: NVLink 4 "
-        f"{NVLINK4_BW * NVLINK_EFFICIENCY / 1e9:.1f} GB/s per GPU per direction ({NVLINK_EFFICIENCY:.0%} of 450), "
-        f"IB NDR {IB_NDR_BW * IB_EFFICIENCY / 1e9:.0f} GB/s ({IB_EFFICIENCY:.0%} of 50); groups of <= 8 stay in a node, "
-        f"larger ones cross nodes: an all-to-all is bounded by the slower of its NVLink share and its off-node share "
-        f"((p-8)/(p-1) of the bytes) over IB; ring collectives run at the IB rate. Latency "
-        f"{LATENCY_INTRA_S * 1e6:g} us / {LATENCY_INTER_S * 1e6:g} us per call. Compute = train-step FLOPs / "
-        f"(989 TFLOP/s x MFU {float(first['mfu']):.0%}), / degree for SP. SP all-to-alls are blocking (exposed), "
-        f"DP collectives overlap with compute. '-' = group larger than the cluster; '*' = degree infeasible."
-    )
-    lines.append("")
-    for shape, g in df.groupby("shape", sort=False):
-        lines += [f"### {shape} (T={int(g['T'].iloc[0])}, S={int(g['S'].iloc[0])})", ""]
-        degs = sorted(g["degree"].unique())
-
-        def pivot(fn):
-            out = []
-            for sc, gs in g.groupby("scheme", sort=False):
-                rec = {"scheme": sc}
-                for _, r in gs.iterrows():
-                    v = fn(r)
-                    mark = "" if r["feasible"] else "*"
-                    rec[str(int(r["degree"]))] = "-" if v is None else f"{_fmt(v)}{mark}"
-                out.append(rec)
-            return pd.DataFrame(out, columns=["scheme", *[str(int(d)) for d in degs]])
-
-        lines += ["GB sent per rank per step, by degree:", "", _table(pivot(lambda r: _gb(r["bytes_per_rank"]))), ""]
-        lines += ["Collective calls per step:", "", _table(pivot(lambda r: float(r["n_collectives"]))), ""]
-        for c in cl_cols:
-            lines += [f"Projected communication ms per step on {c.removeprefix('comm_s_')}:", "",
-                      _table(pivot(lambda r, c=c: None if pd.isna(r[c]) else _ms(r[c]))), ""]  # fmt: skip
-        lines += ["Compute ms per rank per step:", "", _table(pivot(lambda r: _ms(r["compute_s"]))), ""]
-        lines += ["Communication / compute (largest cluster; < 1: can hide if overlapped):", "",
-                  _table(pivot(lambda r: None if pd.isna(r["comm_compute_ratio"]) else r["comm_compute_ratio"])), ""]  # fmt: skip
-    # DSP vs Ulysses
-    sp = df[df["scheme"].isin(["ulysses", "dsp"])]
-    if set(sp["scheme"]) == {"ulysses", "dsp"}:
-        recs = []
-        for (shape, d), g in sp.groupby(["shape", "degree"], sort=False):
-            u = g[g["scheme"] == "ulysses"].iloc[0]
-            p = g[g["scheme"] == "dsp"].iloc[0]
-            ratio = p["bytes_per_rank"] / u["bytes_per_rank"] if u["bytes_per_rank"] else float("nan")
-            recs.append({"shape": shape, "degree": int(d), "Ulysses GB": _gb(u["bytes_per_rank"]),
-                         "DSP GB": _gb(p["bytes_per_rank"]), "DSP/Ulysses": ratio, "saving": f"{1 - ratio:.0%}",
-                         "Ulysses feasible": bool(u["feasible"]), "DSP feasible": bool(p["feasible"])})  # fmt: skip
-        c = DSP_PAPER_CLAIMS
-        lines += ["### DSP vs Ulysses", "", _table(pd.DataFrame(recs)), ""]
-        lines.append(
-            f"Paper claims ({c['source']}): >= {c['comm_reduction_at_least']:.0%} less communication than Ulysses "
-            f"(this model: exactly 75 %, 2C vs 8C per token per block, at every shape and degree; against a Ulysses "
-            f"that keeps temporal attention local it is 50 %); {c['inference_setting']} inference: DSP "
-            f"{c['inference_s']['dsp']:g} s, Ulysses {c['inference_s']['ulysses']:g} s, 1 GPU "
-            f"{c['inference_s']['single_gpu']:g} s (reported, not reproduced)."
-        )
-        pr = dsp_vs_ulysses(shapes=(), degrees=())["inference_projection"]
-        lines.append(
-            f"For scale, this model's all-to-all time for that setting ({pr['setting']}, {pr['steps']} steps): Ulysses "
-            f"{pr['ulysses']['comm_s_8xH800']:.1f} s vs DSP {pr['dsp']['comm_s_8xH800']:.1f} s on 8xH800 "
-            f"(NVLink 200 GB/s per direction assumed), {pr['ulysses']['comm_s_8xH100']:.1f} s vs "
-            f"{pr['dsp']['comm_s_8xH100']:.1f} s on 8xH100, i.e. communication alone explains about "
-            f"{pr['ulysses']['comm_s_8xH800'] - pr['dsp']['comm_s_8xH800']:.0f} s of the reported 23 s gap; the rest is "
-            f"outside this model (overlap, kernel and layout costs of the implementations compared)."
-        )
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path, shape: str | None = None, dpi: int = 110):
-    """Log-log PNG of bytes per rank per step vs degree, one line per scheme, for one shape (the
-    first in ``rows`` unless given). Infeasible degrees are drawn as hollow markers. Returns the path."""
-    from pathlib import Path
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not rows:
-        raise ValueError("rows: no rows to plot")
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    if shape is None:
-        shape = shapes[0]
-    else:
-        shape = _parse_shape(shape)[0]
-        if shape not in shapes:
-            raise ValueError(f"shape: {shape!r} not in rows (have {shapes})")
-    sel = [r for r in rows if r["shape"] == shape]
-    fig = Figure(figsize=(7.5, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for i, sc in enumerate(dict.fromkeys(r["scheme"] for r in sel)):
-        pts = sorted((r["degree"], r["bytes_per_rank"], r["feasible"]) for r in sel if r["scheme"] == sc)
-        pts = [p for p in pts if p[1] > 0]
-        if not pts:
-            continue
-        color = f"C{i % 10}"
-        ls = "-" if sc in SP_SCHEMES else {"fsdp": "--", "zero2": "-.", "ddp": ":"}.get(sc, "--")
-        ax.plot([p[0] for p in pts], [p[1] / 1e9 for p in pts], ls, color=color, label=sc)
-        for dg, b, ok in pts:
-            ax.plot([dg], [b / 1e9], "o", color=color, markerfacecolor=color if ok else "none")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("degree (SP ranks or DP ranks)")
-    ax.set_ylabel("GB sent per rank per training step")
-    r0 = sel[0]
-    dt = []
-    if any(r["scheme"] in SP_SCHEMES for r in sel):
-        dt.append(f"{r0.get('act_dtype', 'bf16')} activations")
-    if any(r["scheme"] in DP_SCHEMES for r in sel):
-        dt.append(f"{r0.get('param_dtype', 'bf16')} params, {r0.get('grad_dtype', 'bf16')} grads")
-    ax.set_title(
-        f"STDiT comm per rank: {shape}, batch {r0['batch']}, {', '.join(dt)}"
-        f"{', ckpt' if r0['checkpoint'] else ''} (hollow = infeasible)",
-        fontsize=9,
-    )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    path = Path(path)
-    fig.savefig(path, dpi=dpi, format="png")
-    return path
-
-
-def write_report(out_dir):
-    """``out_dir/README.md`` (the communication model's tables for every Open-Sora shape, DSP vs
-    Ulysses beside the paper's claims) and one bytes-vs-degree PNG per shape. Analytic: the same on
-    every machine, so it lives in ``reports/parallel-model/``."""
-    import tempfile
-    from pathlib import Path
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = comm_rows()
-    figs = []
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        name = f"comm_bytes_{shape}.png"
-        plot(rows, out / name, shape=shape)
-        figs.append(f"![bytes per rank per step vs degree, {shape}]({name})")
-    d = dsp_vs_ulysses()
-    proj = d["inference_projection"]
-    claims = ", ".join(f"{k} = {v}" for k, v in d["claims"].items())
-    text = "\n\n".join([
-        "<!-- generated by stdit.bench.comm_model -->\n# Parallel training: communication model",
-        "How many bytes each rank moves per STDiT-XL/2 training step under each sequence-parallel and "
-        "data-parallel scheme, projected onto 8 H100s (one NVLink node) and 64 H100s (8 nodes, InfiniBand), "
-        "against the step's compute time. Arithmetic, not measurement: `stdit.bench.comm_model`; the byte "
-        "counts of DSP and Ulysses match what `stdit.train.sequence_parallel` really sends (tested).",
-        markdown_section(rows),
-        "## DSP vs Ulysses\n\nDSP / Ulysses bytes = " + ", ".join(
-            sorted({f"{r['dsp_over_ulysses']:.2f}" for r in d["rows"] if r["dsp_over_ulysses"] is not None}))
-        + f" at every shape and degree (the DSP paper: >= 75% less). Paper's reported numbers (not reproduced here): "
-        f"{claims}. Our comm-only projection of its inference setting ({proj['setting']}, {proj['steps']} steps): "
-        f"Ulysses {proj['ulysses']['comm_s_8xH800']:.1f} s vs DSP {proj['dsp']['comm_s_8xH800']:.1f} s on 8xH800.",
-        "## Figures\n\n" + "\n\n".join(figs),
-    ])  # fmt: skip
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    with open(fd, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    Path(tmp).replace(out / "README.md")
-    return out / "README.md"

@@ -10,8 +10,6 @@ fp32 on CPU). The cases are exactly those of ``stdit bench``; cases that cannot 
 (interpreted Triton, missing backends) are skipped with the reason.
 """
 
-import pytest
-
 
 def pytest_addoption(parser):
     group = parser.getgroup("stdit bench")
@@ -24,12 +22,13 @@ def pytest_addoption(parser):
 def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
-    from stdit.bench.env import best_device, check_device
-    from stdit.bench.suites import SUITES, build_cases, parse_dtype
+    from stdit.bench.devices import best_device, check_device
+    from stdit.bench.suites import SUITES, build_cases
+    from stdit.common.dtypes import as_dtype
 
     opt = metafunc.config.getoption
     device = check_device(opt("--bench-device")) if opt("--bench-device") else best_device()
-    dtype = parse_dtype(opt("--bench-dtype")) if opt("--bench-dtype") else None
+    dtype = as_dtype(opt("--bench-dtype"), "bench-dtype") if opt("--bench-dtype") else None
     cases = build_cases(opt("--bench-suite") or ",".join(SUITES), opt("--bench-size"), device, dtype)
     metafunc.parametrize("case", cases, ids=[c.id for c in cases])
     metafunc.config._stdit_bench_device = device

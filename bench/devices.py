@@ -1,4 +1,4 @@
-"""Device peaks for rooflines: a table of datasheet numbers and an on-the-spot probe.
+"""The devices benchmarks run on: choosing one, naming its report folder, its peaks and rooflines.
 
 ``PEAKS``: NVIDIA datasheet peaks (dense, i.e. without 2:4 sparsity) in FLOP/s per dtype and HBM
 bytes/s. Checked against NVIDIA's H100 and A100 datasheets as reproduced in public spec tables
@@ -9,18 +9,58 @@ compute and bandwidth (the export variant cuts NVLink and fp64, not bf16 tensor 
 
 ``probe_peaks``: what this machine does now: a big square matmul (FLOP/s) and a big
 device-to-device copy (bytes/s, read + write counted), best of a few timed repetitions.
-``device_peaks``: the pair to use for a roofline, with where it came from.
+``device_peaks``: the pair to use for a roofline, with where it came from. ``roofline`` and
+``achieved``: what a cost (stdit.models.costs) and a measured time mean against those peaks.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import time
 
 import torch
 
-__all__ = ["PEAKS", "match_device", "probe_peaks", "device_peaks", "dtype_key"]
+from stdit.common.dtypes import short_name
+from stdit.common.env import device_name
+from stdit.models.costs import Cost
 
-T = 1e12
+__all__ = [
+    "PEAKS", "achieved", "best_device", "check_device", "device_peaks", "device_slug", "dtype_key", "match_device",
+    "probe_peaks", "roofline",
+]  # fmt: skip
+
+
+def best_device() -> torch.device:
+    """CUDA when there is a GPU, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch.device that exists here, else ValueError naming the argument."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device here")
+    return dev
+
+
+def device_slug(device: torch.device) -> str:
+    """A folder name for the device's report: 'nvidia-h100-80gb-hbm3', 'cpu-2-cores'."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu-{os.cpu_count()}-cores"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# ------------------------------------------------------------------------------------------------
+# Peaks
+# ------------------------------------------------------------------------------------------------
 
 PEAKS: dict[str, dict] = {
     "H100-SXM": dict(
@@ -83,14 +123,11 @@ def match_device(name: str) -> dict | None:
 def dtype_key(dtype: torch.dtype) -> str:
     """Table column for a matmul dtype: bf16, fp16, fp8, or tf32/fp32 for float32 (tf32 when
     torch allows TF32 matmuls, as it would then run on tensor cores)."""
-    if dtype == torch.bfloat16:
-        return "bf16"
-    if dtype == torch.float16:
-        return "fp16"
-    if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
     if "float8" in str(dtype):
         return "fp8"
+    if dtype in (torch.bfloat16, torch.float16, torch.float32):
+        name = short_name(dtype)
+        return "tf32" if name == "fp32" and torch.backends.cuda.matmul.allow_tf32 else name
     raise ValueError(f"dtype: no peak for {dtype}; expected bfloat16, float16, float32 or a float8 dtype")
 
 
@@ -116,7 +153,7 @@ def probe_peaks(device="cuda", dtype: torch.dtype = torch.bfloat16, seconds: flo
     two measurements.
     """
     device = torch.device(device)
-    _positive_seconds(seconds)
+    _positive("seconds", seconds)
     if device.type == "cuda":
         n, copy_bytes, mm_dtype = 8192, 1 << 30, dtype
 
@@ -160,9 +197,9 @@ def probe_peaks(device="cuda", dtype: torch.dtype = torch.bfloat16, seconds: flo
     return dict(flops=2.0 * n**3 / t_mm, bytes_per_s=2.0 * copy_bytes / t_cp, method=method)
 
 
-def _positive_seconds(seconds) -> None:
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
-        raise ValueError(f"seconds: expected a positive number, got {seconds!r}")
+def _positive(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise ValueError(f"{name}: expected a positive number, got {v!r}")
 
 
 def device_peaks(device="cuda", dtype: torch.dtype = torch.bfloat16, probe: bool = True) -> dict:
@@ -173,14 +210,8 @@ def device_peaks(device="cuda", dtype: torch.dtype = torch.bfloat16, probe: bool
     probe. CPU: the probe (None for both when probe=False).
     """
     device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        table = match_device(name)
-    else:
-        import platform
-
-        name = f"{device.type}: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-        table = None
+    name = device_name(device)
+    table = match_device(name) if device.type == "cuda" else None
     probed = probe_peaks(device, dtype) if probe else None
     flops = bw = None
     source = "none"
@@ -195,3 +226,38 @@ def device_peaks(device="cuda", dtype: torch.dtype = torch.bfloat16, probe: bool
         flops, bw = probed["flops"], probed["bytes_per_s"]
         source = "probed"
     return dict(name=name, table=table, probed=probed, flops=flops, bytes_per_s=bw, source=source)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rooflines
+# ------------------------------------------------------------------------------------------------
+
+
+def roofline(cost: Cost, peak_flops: float, peak_bytes_per_s: float) -> dict:
+    """Roofline lower bound on the time of ``cost``: max(flops/peak_flops, bytes/peak_bw)."""
+    for name, v in (("peak_flops", peak_flops), ("peak_bytes_per_s", peak_bytes_per_s)):
+        _positive(name, v)
+    t_compute = cost.flops / peak_flops
+    t_memory = cost.bytes / peak_bytes_per_s
+    return dict(
+        min_time_s=max(t_compute, t_memory),
+        bound="compute" if t_compute >= t_memory else "memory",
+        intensity=cost.intensity,
+        ridge=peak_flops / peak_bytes_per_s,
+        compute_time_s=t_compute,
+        memory_time_s=t_memory,
+    )
+
+
+def achieved(cost: Cost, seconds: float, peak_flops: float, peak_bw: float) -> dict:
+    """What a measured time means: TFLOP/s, GB/s and % of the roofline bound (100 = at the roof)."""
+    _positive("seconds", seconds)
+    roof = roofline(cost, peak_flops, peak_bw)
+    return dict(
+        tflops=cost.flops / seconds / 1e12,
+        gbs=cost.bytes / seconds / 1e9,
+        pct_roofline=100.0 * roof["min_time_s"] / seconds,
+        pct_peak_flops=100.0 * cost.flops / seconds / peak_flops,
+        pct_peak_bw=100.0 * cost.bytes / seconds / peak_bw,
+        bound=roof["bound"],
+    )

@@ -32,10 +32,10 @@ def main(spec: dict) -> dict | None:
     mesh = build_mesh(pc, device)
     dp_rank = mesh["dp"].get_local_rank()
     torch.manual_seed(0)
-    cfg = dict(spec["model"])
+    cfg = dict(spec["model"])  # a ModelSize's kwargs(), input_size = the latent (T, H, W)
     bf16 = spec["dtype"] == "bf16" and device.type == "cuda"
-    model = STDiT(input_size=tuple(spec["latent"]), attention_backend="auto", checkpoint=bool(layout.get("checkpoint")),
-                  class_dropout_prob=0.0, **cfg).to(device)  # fmt: skip
+    model = STDiT(**cfg, attention_backend="auto", checkpoint=bool(layout.get("checkpoint")),
+                  class_dropout_prob=0.0).to(device)  # fmt: skip
     pc.validate(world_size=world, num_heads=model.num_heads)
     net = model
     if pc.sp > 1:
@@ -49,12 +49,12 @@ def main(spec: dict) -> dict | None:
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         net, opt, booster = boost(net, opt, plugin=layout.get("plugin", "zero2"), device=device, bf16=bf16)
     else:
-        net = wrap_data_parallel(net, pc, device, per_block=pc.sp == 1, bf16=bf16)
+        net = wrap_data_parallel(net, pc, device, bf16=bf16)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     diffusion = IDDPM()
     g = torch.Generator(device=device).manual_seed(1 + dp_rank)
-    B, (T, H, W) = spec["batch"], spec["latent"]
-    x0 = torch.randn((B, 4, T, H, W), generator=g, device=device)
+    B, (T, H, W) = spec["batch"], cfg["input_size"]
+    x0 = torch.randn((B, cfg["in_channels"], T, H, W), generator=g, device=device)
     y = torch.randn((B, 1, cfg["model_max_length"], cfg["caption_channels"]), generator=g, device=device)
     mask = torch.ones(B, cfg["model_max_length"], dtype=torch.int64, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)

@@ -9,41 +9,42 @@ atomically (temporary file + rename), so an interrupted run never leaves a half-
 Every file starts with a header line ``{"stdit_results": SCHEMA_VERSION}``. A file without it, from
 another schema version, or with a line that is not a JSON object with every column is refused with
 a ``ResultsError`` that says which line and why; it is never read half-way into a report.
-
-Columns
-    suite       "kernels" | "fused" | "blocks" | "models" (and future suites: "train", "parallel")
-    op          what ran: "spatial_attention", "temporal_attention", "full_attention",
-                "cross_attention", "layernorm_modulate", "gated_residual", "stdit_block", "STDiT",
-                "DiT", "Latte", ...
-    backend     implementation label, e.g. "triton", "sdpa:flash", "flex", "reference",
-                "opensora" (Open-Sora 1.0's path), "ours", "torch.compile"
-    ours        True for this project's implementation (the numerator of every speedup)
-    shape       shape label, e.g. "16x256x256" (frames x height x width of the video) or "B8 T16 S256"
-    frames, resolution, batch, tokens   numbers behind the shape (None where not meaningful)
-    dims        JSON object with every size (B, T, S, H, D, L, C, ...)
-    mode        "fwd" | "fwd+bwd" | "train_step"
-    dtype       "bf16" | "fp16" | "fp32" | "fp64"
-    median_ms, p20_ms, p80_ms, reps      timing (None unless status == "ok")
-    flops, bytes                         cost model (stdit.bench.costs) for this op and shape
-    tflops, gbs, pct_roofline, bound     achieved rates and % of the roofline bound
-    peak_flops, peak_bytes_per_s, peak_source   the device peaks the roofline used, and where from
-                                         ("table: H100 SXM" or "probed: matmul 8192^3 bf16, copy 1 GiB")
-    peak_mem_mb                          peak device memory of the measurement (CUDA), else None
-    status      "ok" | "oom" | "unsupported: <why>" | "not timed: <why>" | "error: <message>"
-    device, device_kind, driver, torch, triton, cuda, python, git_commit, date   environment
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
+
+from stdit.common.files import write_text
 
 SCHEMA_VERSION = 1
 HEADER = {"stdit_results": SCHEMA_VERSION}
 
+# Columns (every row has all of them)
+# suite       "kernels" | "fused" | "blocks" | "models" | "train" | "parallel"
+# op          what ran: "spatial_attention", "temporal_attention", "full_attention",
+#             "cross_attention", "layernorm_modulate", "gated_residual", "stdit_block", "STDiT",
+#             "DiT", "Latte", ...
+# backend     implementation label, e.g. "triton", "sdpa:flash", "flex", "reference",
+#             "opensora" (Open-Sora 1.0's path), "ours", "torch.compile"
+# ours        True for this project's implementation (the numerator of every speedup)
+# shape       shape label, e.g. "16x256x256" (frames x height x width of the video) or "B8 T16 S256"
+# frames, resolution, batch, tokens   numbers behind the shape (None where not meaningful)
+# dims        JSON object with every size (B, T, S, H, D, L, C, ...)
+# mode        "fwd" | "fwd+bwd" | "train_step"
+# dtype       "bf16" | "fp16" | "fp32" | "fp64"
+# median_ms, p20_ms, p80_ms, reps      timing (None unless status == "ok")
+# flops, bytes                         cost model (stdit.models.costs) for this op and shape
+# tflops, gbs, pct_roofline, bound     achieved rates and % of the roofline bound
+# peak_flops, peak_bytes_per_s, peak_source   the device peaks the roofline used, and where from
+#                                      ("table:H100-SXM:bf16", "probed", see stdit.bench.devices)
+# peak_mem_mb                          peak device memory of the measurement (CUDA), else None
+# status      "ok" | "oom" | "unsupported: <why>" | "not timed: <why>" | "error: <message>"
+# device, device_kind, driver, torch, triton, cuda, python, git_commit, date   environment
+#                                      (stdit.common.env.environment)
 KEY = ("suite", "op", "backend", "shape", "mode", "dtype", "device")
 TIMING = ("median_ms", "p20_ms", "p80_ms", "reps")
 COST = ("flops", "bytes", "tflops", "gbs", "pct_roofline", "bound", "peak_flops", "peak_bytes_per_s", "peak_source")
@@ -125,21 +126,8 @@ def _has_header(path: Path) -> bool:
 
 def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Write exactly these rows (header first), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [check_row(r) for r in rows]
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(HEADER) + "\n")
-            for r in rows:
-                f.write(json.dumps(r, sort_keys=False, default=_jsonable) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    lines = [json.dumps(HEADER)] + [json.dumps(check_row(r), sort_keys=False, default=_jsonable) for r in rows]
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def merge_rows(old: list[dict], new: Iterable[dict]) -> list[dict]:

@@ -18,11 +18,11 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from stdit.kernels.backends import BackendUnavailable
+from stdit.common.env import environment
+from stdit.kernels import BackendUnavailable
 
-from . import costs, devices, results
-from .env import environment
-from .suites import Case
+from . import devices, results
+from .cases import Case
 from .timing import measure
 
 
@@ -48,9 +48,8 @@ def case_row(case: Case, env: dict, peaks: dict | None, *, status: str, timing=N
         row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
                    peak_mem_mb=timing.peak_mem_mb)  # fmt: skip
         if case.cost is not None and peaks is not None:
-            rates = costs.achieved(case.cost, timing.median_ms / 1e3, peaks["flops"], peaks["bytes_per_s"])
-            roof = costs.roofline(case.cost, peaks["flops"], peaks["bytes_per_s"])
-            row.update(tflops=rates["tflops"], gbs=rates["gbs"], pct_roofline=rates["pct_roofline"], bound=roof["bound"])
+            rates = devices.achieved(case.cost, timing.median_ms / 1e3, peaks["flops"], peaks["bytes_per_s"])
+            row.update(tflops=rates["tflops"], gbs=rates["gbs"], pct_roofline=rates["pct_roofline"], bound=rates["bound"])
     return row
 
 

@@ -1,150 +1,44 @@
 """Benchmark suites: what to measure, at which shapes, against which peers.
 
-A suite is a list of ``Case``s. A case names one measurement (suite, op, backend, shape, mode,
-dtype), carries its analytic cost (stdit.bench.costs) and a ``build(device)`` that allocates the
-inputs and returns the zero-argument callable to time. Building is lazy, so listing a suite is free
-and a case that fails to build (out of memory, backend missing) becomes a row with that status.
-
-Shapes come from Open-Sora 1.0's train configs (FACTS §1): a video ``FxRxR`` of F frames at R
-pixels is a latent of F x R/8 x R/8 (VAE), patchified 2x2, so T = F frames of S = (R/16)^2 tokens,
-at Open-Sora's per-GPU batch. Sizes:
-
-- ``full``  (GPU): STDiT-XL/2 widths (C 1152, 16 heads of 72, T5's 120 text tokens), bf16, shapes
-  16x256x256 B8, 16x512x512 B8, 64x512x512 B4; the model suite sweeps frames 16 -> 128 at 256 and
-  512 (batch 1) with the full depth of 28 blocks.
-- ``quick`` (the main job on any device; CPU-sized): same head dim 72, fewer heads and smaller
-  videos, fp32 on CPU (bf16 on CPU is neither fast nor what GPUs run), debug-depth models.
-- ``tiny``  (tests, pytest bench/ smoke runs): the smallest shapes that still exercise every path.
-
-Suites: ``kernels`` (the four attentions x every backend, fwd and fwd+bwd), ``fused``
-(LayerNorm+modulate and gated residual: ours vs eager vs torch.compile), ``blocks`` (one STDiT block
-as Open-Sora 1.0 ran it vs ours, eager and compiled), ``models`` (STDiT vs full-attention DiT vs
-Latte training step across frame counts). Training and parallel suites plug in through ``SUITES``.
+A suite turns a size preset (stdit.bench.cases.SIZES) into a list of cases. ``kernels``: the four
+attentions x every backend, fwd and fwd+bwd. ``fused``: LayerNorm+modulate and gated residual, ours
+vs eager vs torch.compile. ``blocks``: one STDiT block as Open-Sora 1.0 ran it vs ours, eager and
+compiled. ``models``: STDiT vs full-attention DiT vs Latte training step across frame counts.
+``train`` and ``parallel`` (training steps) live in stdit.bench.train_suites; ``SUITES`` names them
+all and ``build_cases`` picks from it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
 from typing import Callable
 
 import torch
 
-from stdit.kernels import backends as kb
-from stdit.kernels import cross_attention, full_attention, gated_residual, layernorm_modulate
+from stdit.common.dtypes import DTYPES, FLOAT_DTYPES, dtype_bytes
+from stdit.kernels import availability, cross_attention, full_attention, gated_residual, layernorm_modulate
+from stdit.kernels import reference_gated_residual, reference_layernorm_modulate
 from stdit.kernels import spatial_attention, temporal_attention
-from stdit.kernels.fused_ops import reference_gated_residual, reference_layernorm_modulate
+from stdit.models import costs
 
-from . import costs
-from .env import triton_interpreted
+from .cases import SIZES, Case, Size, VideoShape
+from .train_suites import parallel_suite, train_suite
 
 MODES = ("fwd", "fwd+bwd")
 ATTENTION_OPS = ("spatial_attention", "temporal_attention", "cross_attention", "full_attention")
 FUSED_OPS = ("layernorm_modulate", "gated_residual")
 MODEL_OPS = ("STDiT", "DiT", "Latte")
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 INTERPRETED = "not timed: triton runs under the CPU interpreter (a correctness tool, not a performance measurement)"
 
 
-@dataclass(frozen=True)
-class VideoShape:
-    """A training shape: ``frames`` x ``resolution``^2 pixels at ``batch`` samples per device."""
-
-    frames: int
-    resolution: int
-    batch: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.frames}x{self.resolution}x{self.resolution}"
-
-    @property
-    def latent(self) -> tuple[int, int, int]:
-        return (self.frames, self.resolution // 8, self.resolution // 8)
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return (self.resolution // 16) ** 2
-
-    @property
-    def tokens(self) -> int:
-        return self.frames * self.tokens_per_frame
-
-
-@dataclass(frozen=True)
-class Size:
-    """Widths and shapes of one size preset (see the module docstring)."""
-
-    name: str
-    hidden: int
-    heads: int
-    text_len: int
-    shapes: tuple[VideoShape, ...]  # kernels, fused and blocks suites
-    model_preset: dict  # model sizes for the models suite (depth, hidden, heads, caption...)
-    model_sweep: tuple[VideoShape, ...]  # models suite: frame sweep
-    compile_shapes: tuple[str, ...] | None = None  # shapes with compiled block variants (None: all)
-    train_shapes: tuple[VideoShape, ...] = ()  # train / parallel suites (default: the first of shapes)
-
-
-_XL = dict(depth=28, hidden_size=1152, num_heads=16, patch_size=(1, 2, 2), caption_channels=4096, model_max_length=120)
-SIZES: dict[str, Size] = {
-    "full": Size(
-        "full", 1152, 16, 120,
-        shapes=(VideoShape(16, 256, 8), VideoShape(16, 512, 8), VideoShape(64, 512, 4)),
-        model_preset=_XL,
-        model_sweep=tuple(VideoShape(f, 256, 1) for f in (16, 32, 64, 128))
-        + tuple(VideoShape(f, 512, 1) for f in (16, 32, 64)),
-        compile_shapes=("16x512x512",),  # Inductor takes ~0.5-1 min per block variant and mode
-    ),
-    "quick": Size(
-        "quick", 288, 4, 32,
-        shapes=(VideoShape(8, 128, 2), VideoShape(16, 128, 2), VideoShape(16, 256, 1)),
-        model_preset=dict(depth=2, hidden_size=144, num_heads=2, patch_size=(1, 2, 2), caption_channels=64,
-                          model_max_length=16),
-        model_sweep=tuple(VideoShape(f, 128, 1) for f in (4, 8, 16, 32)),
-        train_shapes=(VideoShape(8, 64, 2),),
-    ),  # fmt: skip
-    "tiny": Size(
-        "tiny", 144, 2, 8,
-        shapes=(VideoShape(4, 64, 1),),
-        model_preset=dict(depth=1, hidden_size=72, num_heads=1, patch_size=(1, 2, 2), caption_channels=16,
-                          model_max_length=8),
-        model_sweep=(VideoShape(2, 64, 1), VideoShape(4, 64, 1)),
-        compile_shapes=(),
-        train_shapes=(VideoShape(2, 32, 1),),
-    ),  # fmt: skip
-}
-
-
-@dataclass
-class Case:
-    suite: str
-    op: str
-    backend: str
-    ours: bool
-    shape: VideoShape
-    mode: str
-    dtype: torch.dtype
-    dims: dict
-    build: Callable[[torch.device], Callable[[], object]]
-    cost: costs.Cost | None
-    skip: str | None = None  # a status that means "do not run" ("unsupported: ...", "not timed: ...")
-    tokens: int | None = None
-    meta: dict = field(default_factory=dict)
-    # Cases that time themselves (e.g. a torchrun job reporting its own step times) set this instead
-    # of relying on build(): measure(device, quick) -> stdit.bench.timing.Timing.
-    measure: Callable | None = None
-
-    @property
-    def dtype_name(self) -> str:
-        return DTYPE_NAMES[self.dtype]
-
-    @property
-    def id(self) -> str:
-        return "-".join((self.suite, self.op, self.backend, self.shape.label, self.mode, self.dtype_name))
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs; fp32 on CPUs, where bf16 is neither fast nor what GPUs run."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def triton_interpreted(device: torch.device) -> bool:
+    """Whether triton kernels on ``device`` would run under the interpreter (never timed)."""
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,7 +82,7 @@ def _backend_skip(backend: str, device: torch.device, mode: str) -> str | None:
     base = backend.partition(":")[0]
     if base == "triton" and triton_interpreted(device):
         return INTERPRETED
-    reason = kb.availability(backend, device)
+    reason = availability(backend, device)
     if reason is not None:
         return f"unsupported: {reason}"
     if base == "flex" and mode != "fwd" and device.type != "cuda":
@@ -208,12 +102,12 @@ def attention_backends(device: torch.device) -> list[str]:
 
 
 def _attention_case(op: str, backend: str, shape: VideoShape, size: Size, mode: str, dtype, device) -> Case:
-    B, T, S, H = shape.batch, shape.frames, shape.tokens_per_frame, size.heads
-    D, L, N = size.hidden // size.heads, size.text_len, shape.tokens
+    B, T, S, H = shape.batch, shape.frames, shape.tokens_per_frame, size.num_heads
+    D, L, N = size.hidden_size // size.num_heads, size.text_len, shape.tokens
     kind = op.removesuffix("_attention")
     cost = costs.attention_cost(
-        kind, batch=B, frames=T, tokens_per_frame=S, heads=H, head_dim=D, text_len=L, mode=mode,
-        elem_bytes=costs.dtype_bytes(dtype),
+        kind, batch=B, frames=T, tokens_per_frame=S, num_heads=H, head_dim=D, text_len=L, mode=mode,
+        elem_bytes=dtype_bytes(dtype),
     )  # fmt: skip
 
     def build(dev: torch.device) -> Callable[[], object]:
@@ -249,8 +143,8 @@ def kernels_suite(size: Size, device: torch.device, dtype: torch.dtype) -> list[
 
 
 def _fused_case(op: str, backend: str, shape: VideoShape, size: Size, mode: str, dtype, device) -> Case:
-    B, N, C = shape.batch, shape.tokens, size.hidden
-    eb = costs.dtype_bytes(dtype)
+    B, N, C = shape.batch, shape.tokens, size.hidden_size
+    eb = dtype_bytes(dtype)
     cost_fn = costs.layernorm_modulate_cost if op == "layernorm_modulate" else costs.gated_residual_cost
     cost = cost_fn(tokens=N, channels=C, batch=B, mode=mode, elem_bytes=eb)
 
@@ -272,7 +166,7 @@ def _fused_case(op: str, backend: str, shape: VideoShape, size: Size, mode: str,
 
     skip = INTERPRETED if backend == "triton" and triton_interpreted(device) else None
     if backend == "triton" and skip is None:
-        reason = kb.availability("triton", device)
+        reason = availability("triton", device)
         skip = f"unsupported: {reason}" if reason else None
     dims = dict(B=B, N=N, C=C)
     return Case("fused", op, backend, backend == "triton", shape, mode, dtype, dims, build, cost, skip=skip, tokens=N)
@@ -306,10 +200,11 @@ def _block_case(label: str, shape: VideoShape, size: Size, mode: str, dtype, dev
     from stdit.models.stdit import STDiTBlock
 
     attn, fused, compiled, ours = BLOCK_VARIANTS[label]
-    B, T, S, C, H, L = shape.batch, shape.frames, shape.tokens_per_frame, size.hidden, size.heads, size.text_len
+    B, T, S, L = shape.batch, shape.frames, shape.tokens_per_frame, size.text_len
+    C, H = size.hidden_size, size.num_heads
     cost = costs.block_cost(
-        "stdit", hidden=C, heads=H, batch=B, frames=T, tokens_per_frame=S, text_len=L, mode=mode,
-        elem_bytes=costs.dtype_bytes(dtype),
+        "stdit", hidden_size=C, num_heads=H, batch=B, frames=T, tokens_per_frame=S, text_len=L, mode=mode,
+        elem_bytes=dtype_bytes(dtype),
     )  # fmt: skip
 
     def build(dev: torch.device) -> Callable[[], object]:
@@ -356,25 +251,23 @@ def _model_case(op: str, backend: str, shape: VideoShape, size: Size, dtype, dev
     from stdit.models import DiT, Latte, STDiT
 
     cls = {"STDiT": STDiT, "DiT": DiT, "Latte": Latte}[op]
-    cfg = dict(size.model_preset)
     T, Hl, Wl = shape.latent
-    B, L = shape.batch, cfg["model_max_length"]
+    sizes = size.model.replace(input_size=(T, Hl, Wl))
+    B, L = shape.batch, sizes.model_max_length
     checkpoint = shape.tokens >= 32768  # what fits: Open-Sora trained 64x512 with checkpointing
     cost = costs.model_cost(
-        op.lower(), frames=shape.frames, height=shape.resolution, width=shape.resolution, batch=B, text_len=L,
-        mode="train_step", checkpoint=checkpoint, elem_bytes=costs.dtype_bytes(dtype),
-        depth=cfg["depth"], hidden=cfg["hidden_size"], heads=cfg["num_heads"],
-        caption_channels=cfg["caption_channels"],
+        op.lower(), size=sizes, frames=shape.frames, height=shape.resolution, width=shape.resolution, batch=B,
+        mode="train_step", checkpoint=checkpoint, elem_bytes=dtype_bytes(dtype),
     )  # fmt: skip
 
     def build(dev: torch.device) -> Callable[[], object]:
         torch.manual_seed(0)
-        model = cls(input_size=(T, Hl, Wl), attention_backend=backend, checkpoint=checkpoint, **cfg)
+        model = cls(**sizes.kwargs(), attention_backend=backend, checkpoint=checkpoint)
         model = model.to(dev, dtype).train()
         model.y_embedder.uncond_prob = 0.0  # no random caption drop: every step does the same work
-        x = _randn((B, 4, T, Hl, Wl), dev, dtype, 1)
+        x = _randn((B, sizes.in_channels, T, Hl, Wl), dev, dtype, 1)
         t = torch.randint(0, 1000, (B,), device=dev)
-        y = _randn((B, 1, L, cfg["caption_channels"]), dev, dtype, 2)
+        y = _randn((B, 1, L, sizes.caption_channels), dev, dtype, 2)
         mask = torch.ones(B, L, dtype=torch.int64, device=dev)
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -385,8 +278,8 @@ def _model_case(op: str, backend: str, shape: VideoShape, size: Size, dtype, dev
         return step
 
     skip = _backend_skip(backend, device, "fwd+bwd")
-    dims = dict(B=B, T=T, S=shape.tokens_per_frame, N=shape.tokens, C=cfg["hidden_size"], depth=cfg["depth"],
-                H=cfg["num_heads"], L=L, checkpoint=checkpoint)  # fmt: skip
+    dims = dict(B=B, T=T, S=shape.tokens_per_frame, N=shape.tokens, C=sizes.hidden_size, depth=sizes.depth,
+                H=sizes.num_heads, L=L, checkpoint=checkpoint)  # fmt: skip
     return Case("models", op, backend, backend == "triton", shape, "train_step", dtype, dims, build, cost,
                 skip=skip, tokens=shape.tokens)  # fmt: skip
 
@@ -397,25 +290,13 @@ def models_suite(size: Size, device: torch.device, dtype: torch.dtype) -> list[C
     return [_model_case(op, b, shape, size, dtype, device) for b in backends for shape in size.model_sweep for op in MODEL_OPS]
 
 
-def _train_suite(size, device, dtype):
-    from .train_suites import train_suite
-
-    return train_suite(size, device, dtype)
-
-
-def _parallel_suite(size, device, dtype):
-    from .train_suites import parallel_suite
-
-    return parallel_suite(size, device, dtype)
-
-
 SUITES: dict[str, Callable[[Size, torch.device, torch.dtype], list[Case]]] = {
     "kernels": kernels_suite,
     "fused": fused_suite,
     "blocks": blocks_suite,
     "models": models_suite,
-    "train": _train_suite,
-    "parallel": _parallel_suite,
+    "train": train_suite,
+    "parallel": parallel_suite,
 }
 
 
@@ -429,17 +310,10 @@ def build_cases(suites, size: str, device: torch.device, dtype: torch.dtype | No
     if size not in SIZES:
         raise ValueError(f"size: unknown size {size!r}; expected one of {list(SIZES)}")
     dtype = dtype or default_dtype(device)
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype: expected one of {list(DTYPE_NAMES.values())}, got {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {dtype}")
     cases = [c for s in suites for c in SUITES[s](SIZES[size], device, dtype)]
     if only:
         cases = [c for c in cases if only in c.id]
     return cases
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    by_name = {v: k for k, v in DTYPE_NAMES.items()}
-    if name not in by_name:
-        raise ValueError(f"dtype: unknown dtype {name!r}; expected one of {list(by_name)}")
-    return by_name[name]
 

@@ -22,8 +22,10 @@ import sys
 
 import torch
 
-from . import costs
-from .suites import Case, Size, VideoShape
+from stdit.common.dtypes import dtype_bytes, short_name
+from stdit.models import costs
+
+from .cases import Case, Size, VideoShape
 from .timing import Timing
 
 TRAIN_VARIANTS = {  # label -> (encode every step, activation checkpointing, ours)
@@ -48,19 +50,17 @@ def _encoders(device: torch.device, model_max_length: int):
     vae = VideoVAE.from_pretrained(vae_dir) if vae_dir else VideoVAE.tiny(seed=0)
     text = (TextEncoder.from_pretrained(t5_dir, model_max_length=model_max_length) if t5_dir
             else TextEncoder.tiny(seed=0, model_max_length=model_max_length))  # fmt: skip
-    which = f"vae={'local' if vae_dir else 'tiny'}, t5={'local' if t5_dir else 'tiny'}"
-    return vae.to(device), text.to(device), which
+    return vae.to(device), text.to(device)
 
 
 def _train_case(label: str, shape: VideoShape, size: Size, dtype, device) -> Case:
     online, checkpoint, ours = TRAIN_VARIANTS[label]
-    cfg = dict(size.model_preset)
     T, Hl, Wl = shape.latent
-    B, L = shape.batch, cfg["model_max_length"]
+    sizes = size.model.replace(input_size=(T, Hl, Wl))
+    B, L = shape.batch, sizes.model_max_length
     cost = costs.model_cost(
-        "stdit", frames=shape.frames, height=shape.resolution, width=shape.resolution, batch=B, text_len=L,
-        mode="train_step", checkpoint=checkpoint, elem_bytes=costs.dtype_bytes(dtype), depth=cfg["depth"],
-        hidden=cfg["hidden_size"], heads=cfg["num_heads"], caption_channels=cfg["caption_channels"],
+        "stdit", size=sizes, frames=shape.frames, height=shape.resolution, width=shape.resolution, batch=B,
+        mode="train_step", checkpoint=checkpoint, elem_bytes=dtype_bytes(dtype),
     )  # fmt: skip
     encoders = "vae=" + ("local" if os.environ.get("STDIT_VAE_DIR") else "tiny") + ", t5=" + (
         "local" if os.environ.get("STDIT_T5_DIR") else "tiny")  # fmt: skip
@@ -69,10 +69,10 @@ def _train_case(label: str, shape: VideoShape, size: Size, dtype, device) -> Cas
         from stdit.models import STDiT
         from stdit.train.diffusion import IDDPM
 
-        vae, text, _ = _encoders(dev, L)
+        vae, text = _encoders(dev, L)
         torch.manual_seed(0)
-        model_cfg = {**cfg, "caption_channels": text.hidden_size}
-        model = STDiT(input_size=(T, Hl, Wl), attention_backend="auto", checkpoint=checkpoint, **model_cfg).to(dev)
+        model_sizes = sizes.replace(caption_channels=text.hidden_size)
+        model = STDiT(**model_sizes.kwargs(), attention_backend="auto", checkpoint=checkpoint).to(dev)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         diffusion = IDDPM()
@@ -93,7 +93,7 @@ def _train_case(label: str, shape: VideoShape, size: Size, dtype, device) -> Cas
 
         return step
 
-    dims = dict(B=B, T=T, S=shape.tokens_per_frame, C=cfg["hidden_size"], depth=cfg["depth"], L=L,
+    dims = dict(B=B, T=T, S=shape.tokens_per_frame, C=sizes.hidden_size, depth=sizes.depth, L=L,
                 checkpoint=checkpoint, encoders=encoders)  # fmt: skip
     return Case("train", "stdit_train_step", label, ours, shape, "train_step", dtype, dims, build, cost,
                 tokens=shape.tokens)  # fmt: skip
@@ -116,24 +116,22 @@ def _nproc(device: torch.device) -> int:
 def _parallel_case(label: str, shape: VideoShape, size: Size, dtype, device) -> Case:
     layout = dict(PARALLEL_LAYOUTS[label])
     n = _nproc(device)
-    cfg = dict(size.model_preset)
     T, Hl, Wl = shape.latent
+    sizes = size.model.replace(input_size=(T, Hl, Wl))
     sp = n if layout.get("sp") == "all" else 1
     dp = n // sp
-    spec = dict(layout=layout, sp=sp, dp=dp, latent=[T, Hl, Wl], batch=shape.batch, model=cfg,
-                dtype="bf16" if dtype == torch.bfloat16 else "fp32")  # fmt: skip
+    spec = dict(layout=layout, sp=sp, dp=dp, batch=shape.batch, model=sizes.kwargs(),
+                dtype=short_name(dtype))  # fmt: skip
     global_batch = shape.batch * dp
     cost = costs.model_cost(
-        "stdit", frames=shape.frames, height=shape.resolution, width=shape.resolution, batch=global_batch,
-        text_len=cfg["model_max_length"], mode="train_step", checkpoint=bool(layout.get("checkpoint")),
-        elem_bytes=costs.dtype_bytes(dtype), depth=cfg["depth"], hidden=cfg["hidden_size"], heads=cfg["num_heads"],
-        caption_channels=cfg["caption_channels"],
+        "stdit", size=sizes, frames=shape.frames, height=shape.resolution, width=shape.resolution,
+        batch=global_batch, mode="train_step", checkpoint=bool(layout.get("checkpoint")), elem_bytes=dtype_bytes(dtype),
     )  # fmt: skip
     skip = None
     if n < 2:
         skip = f"unsupported: parallel layouts need >= 2 devices, this machine has {n}"
-    elif layout.get("sp_mode") == "ulysses" and cfg["num_heads"] % sp:
-        skip = f"unsupported: Ulysses needs num_heads ({cfg['num_heads']}) divisible by sp ({sp})"
+    elif layout.get("sp_mode") == "ulysses" and sizes.num_heads % sp:
+        skip = f"unsupported: Ulysses needs num_heads ({sizes.num_heads}) divisible by sp ({sp})"
     elif layout.get("engine") == "colossalai":
         import warnings
 
@@ -166,7 +164,7 @@ def _parallel_case(label: str, shape: VideoShape, size: Size, dtype, device) -> 
         return Timing(r["median_ms"], r["p20_ms"], r["p80_ms"], r["reps"], r.get("peak_mem_mb"))
 
     dims = dict(processes=n, dp=dp, sp=sp, batch_per_dp_rank=shape.batch, global_batch=global_batch, T=T,
-                S=shape.tokens_per_frame, C=cfg["hidden_size"], depth=cfg["depth"], **{
+                S=shape.tokens_per_frame, C=sizes.hidden_size, depth=sizes.depth, **{
                     k: v for k, v in layout.items() if k != "sp"})  # fmt: skip
     return Case("parallel", "stdit_train_step", label, label != "colossalai-zero2", shape, "train_step", dtype, dims,
                 build=None, cost=cost, skip=skip, tokens=shape.tokens, measure=measure)  # fmt: skip

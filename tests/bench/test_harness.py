@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from stdit.bench import results
+from stdit.bench.cases import SIZES, Case, VideoShape
 from stdit.bench.run import run_cases
-from stdit.bench.suites import SIZES, Case, VideoShape, build_cases
+from stdit.bench.suites import build_cases
 from stdit.bench.timing import time_cpu
+from stdit.models.costs import Cost
+from stdit.models.sizes import SIZES as MODEL_SIZES
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -95,6 +98,18 @@ def test_full_size_uses_opensora_shapes():
     }  # fmt: skip
     sweep = build_cases("models", "full", CPU)
     assert {c.shape.frames for c in sweep if c.shape.resolution == 256} == {16, 32, 64, 128}
+    assert {(c.dims["C"], c.dims["H"], c.dims["depth"], c.dims["L"]) for c in sweep} == {(1152, 16, 28, 120)}
+
+
+def test_model_suites_read_the_model_presets():
+    """The models, train and parallel suites build named presets of stdit.models.sizes."""
+    assert SIZES["full"].model == MODEL_SIZES["XL/2"]
+    assert SIZES["quick"].model == MODEL_SIZES["tiny"].replace(caption_channels=64, model_max_length=16)
+    assert SIZES["tiny"].model == MODEL_SIZES["mini"].replace(model_max_length=8)
+    for name, size in SIZES.items():
+        for suite in ("models", "train", "parallel"):
+            for c in build_cases(suite, name, CPU):
+                assert (c.dims["C"], c.dims["depth"]) == (size.model.hidden_size, size.model.depth), c.id
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -103,8 +118,6 @@ def test_full_size_uses_opensora_shapes():
 
 
 def _case(build, skip=None, backend="sdpa"):
-    from stdit.bench.costs import Cost
-
     return Case("kernels", "spatial_attention", backend, False, VideoShape(4, 64, 1), "fwd", torch.float32,
                 {"B": 1}, build, Cost(1e6, 1e5), skip=skip, tokens=64)  # fmt: skip
 
@@ -120,7 +133,7 @@ def test_runner_statuses(tmp_path):
         raise RuntimeError("kernel\nexploded")
 
     def fine(device):
-        x = torch.randn(64, 64)
+        x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
         return lambda: x @ x
 
     cases = [
@@ -134,7 +147,8 @@ def test_runner_statuses(tmp_path):
     assert [r["status"] for r in rows] == ["not timed: interpreted", "oom", "error: RuntimeError: kernel exploded", "ok"]
     ok = rows[-1]
     assert ok["p20_ms"] <= ok["median_ms"] <= ok["p80_ms"] and ok["reps"] >= 1
-    assert ok["tflops"] == pytest.approx(1e6 / (ok["median_ms"] * 1e-3) / 1e12)
+    # ms / 1e3 there, ms * 1e-3 here: they differ by <= 4.4e-16 (measured over 1e5 medians)
+    assert ok["tflops"] == pytest.approx(1e6 / (ok["median_ms"] * 1e-3) / 1e12, rel=5e-15)
     assert 0 < ok["pct_roofline"] and ok["peak_flops"] > 0 and ok["peak_source"]
     assert ok["device_kind"] == "cpu" and ok["torch"] == torch.__version__ and ok["date"]
     assert all(r["median_ms"] is None for r in rows[:3])
@@ -142,7 +156,7 @@ def test_runner_statuses(tmp_path):
 
 
 def test_time_cpu_quantiles_are_ordered():
-    x = torch.randn(128, 128)
+    x = torch.randn(128, 128, generator=torch.Generator().manual_seed(0))
     t = time_cpu(lambda: x @ x, min_run_time=0.05)
     assert 0 < t.p20_ms <= t.median_ms <= t.p80_ms and t.reps >= 1
 
@@ -175,6 +189,8 @@ def test_cli_bad_names_give_one_clear_line(tmp_path):
     bad.write_text('{"stdit_results": 99}\n')
     proc = _stdit("report", "--results", str(bad), "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "schema version 99" in proc.stderr and not (tmp_path / "r").exists()
+    proc = _stdit("bench", "--dtype", "int8", "--list")
+    assert proc.returncode == 2 and "dtype: expected" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_pytest_bench_writes_valid_benchmark_json(tmp_path):

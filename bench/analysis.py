@@ -1,0 +1,297 @@
+"""Benchmark results as numbers: speedups of ours over each peer, geometric means, the STDiT-vs-DiT
+table of the models suite and the headline summary, from the long-format rows of
+stdit.bench.results. The figures (stdit.bench.figures) and the README (stdit.bench.markdown) are
+drawn from these.
+
+Conventions
+    speedup     peer median / fastest ``ours`` median for the same (device, suite, op, shape, mode,
+                dtype); > 1 means ours is faster. Geometric means are taken over those groups.
+    models      DiT (and Latte) time per train step / STDiT time per train step at the same device,
+                backend, frames, resolution, batch and dtype.
+    roofline    ``pct_roofline`` is a percentage (0-100): the cost model's lower-bound time
+                max(flops / peak_flops, bytes / peak_bytes_per_s) over the measured median. Values
+                missing from a row (tflops, gbs, pct_roofline, bound) are derived from its flops,
+                bytes, median and peaks when those are present.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+from typing import Iterable
+
+import pandas as pd
+
+from stdit.models.costs import opensora_flop_ratios
+
+from . import results
+
+SUITE_ORDER = ("kernels", "fused", "blocks", "train", "parallel")  # report order (models have their own section)
+MODEL_OPS = ("STDiT", "DiT", "Latte")
+PEER_ORDER = (  # column order of the peers in tables and figures (others follow, sorted)
+    "sdpa", "sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "sdpa:math", "flex", "flash_attn", "xformers",
+    "reference", "torch.compile", "opensora", "opensora+compile",
+)  # fmt: skip
+# columns read as text ('' for None) and as floats (NaN for None)
+_TEXT = ("suite", "op", "backend", "shape", "mode", "dtype", "status", "bound", "peak_source", *results.ENV)
+_NUMERIC = (
+    "frames", "resolution", "batch", "tokens", "median_ms", "p20_ms", "p80_ms", "reps", "flops", "bytes",
+    "tflops", "gbs", "pct_roofline", "peak_flops", "peak_bytes_per_s", "peak_mem_mb",
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows in
+# ------------------------------------------------------------------------------------------------
+
+
+def load_rows(rows_or_path) -> list[dict]:
+    """Rows from a list of row dicts, a DataFrame of them or a results file (ResultsError if it is
+    corrupt); ValueError if there are none."""
+    if isinstance(rows_or_path, (str, os.PathLike)):
+        rows = results.read_rows(rows_or_path)  # ResultsError propagates
+        where = f"file {os.fspath(rows_or_path)!s} has none (or does not exist)"
+    elif isinstance(rows_or_path, pd.DataFrame):
+        rows = [{k: _from_pandas(v) for k, v in r.items()} for r in rows_or_path.to_dict("records")]
+        where = "the DataFrame is empty"
+    else:
+        rows = list(rows_or_path)
+        where = "the list is empty"
+    if not rows:
+        raise ValueError(f"rows: no results to report ({where}); run `stdit bench` first")
+    for n, r in enumerate(rows):
+        results.check_row(r, f"rows[{n}]")
+    return rows
+
+
+def _from_pandas(v):
+    """A DataFrame cell back to a JSON-like value: NaN/NA -> None, numpy scalars -> Python."""
+    if isinstance(v, (dict, list, tuple, str)) or v is None:
+        return v
+    try:
+        if pd.isna(v):
+            return None
+    except (TypeError, ValueError):
+        return v
+    return v.item() if hasattr(v, "item") else v
+
+
+def isnum(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows as a DataFrame with text keys ('' for None), float numbers (NaN for None), bool ours,
+    and the derived rates filled in where the row lacks them."""
+    recs = []
+    for r in rows:
+        d = dict(r)
+        for c in _TEXT:
+            d[c] = "" if d[c] is None else str(d[c])
+        for c in _NUMERIC:
+            v = d[c]
+            d[c] = float(v) if isnum(v) else math.nan
+        v = d["ours"].item() if hasattr(d["ours"], "item") else d["ours"]
+        d["ours"] = v is True or (isnum(v) and v == 1)
+        d["ok"] = d["status"] == "ok" and math.isfinite(d["median_ms"])
+        _derive(d)
+        recs.append(d)
+    df = pd.DataFrame.from_records(recs)
+    for c in _TEXT:
+        df[c] = df[c].astype(object)
+    return df
+
+
+def _derive(d: dict) -> None:
+    if not d["ok"] or d["median_ms"] <= 0:
+        return
+    sec = d["median_ms"] / 1e3
+    flops, nbytes, pf, pb = d["flops"], d["bytes"], d["peak_flops"], d["peak_bytes_per_s"]
+    if math.isnan(d["tflops"]) and flops > 0:
+        d["tflops"] = flops / sec / 1e12
+    if math.isnan(d["gbs"]) and nbytes > 0:
+        d["gbs"] = nbytes / sec / 1e9
+    if pf > 0 and pb > 0 and flops >= 0 and nbytes >= 0:
+        t_c, t_m = flops / pf, nbytes / pb
+        if math.isnan(d["pct_roofline"]) and max(t_c, t_m) > 0:
+            d["pct_roofline"] = 100.0 * max(t_c, t_m) / sec
+        if not d["bound"] and max(t_c, t_m) > 0:
+            d["bound"] = "compute" if t_c >= t_m else "memory"
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers shared by the figures and the README
+# ------------------------------------------------------------------------------------------------
+
+
+def as_int(v):
+    """A whole number as int, another finite number as float, anything else as None."""
+    return int(v) if isnum(v) and float(v).is_integer() else (None if not isnum(v) else float(v))
+
+
+def _opt(v):
+    return float(v) if isnum(v) else None
+
+
+def ours_label(backend: str, ours: bool) -> str:
+    return backend + (" (ours)" if ours and "ours" not in backend else "")
+
+
+def geomean(vals: Iterable[float]) -> float:
+    vals = [v for v in vals if v is not None and math.isfinite(v) and v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else math.nan
+
+
+def sorted_peers(peers: Iterable[str]) -> list[str]:
+    peers = set(peers)
+    known = [p for p in PEER_ORDER if p in peers]
+    return known + sorted(peers - set(known))
+
+
+def suites_of(df: pd.DataFrame) -> list[str]:
+    present = [s for s in dict.fromkeys(df["suite"]) if s != "models"]
+    return [s for s in SUITE_ORDER if s in present] + sorted(s for s in present if s not in SUITE_ORDER)
+
+
+def distinct(df: pd.DataFrame, col: str) -> list[str]:
+    return [v for v in dict.fromkeys(df[col]) if v != ""]
+
+
+def join_names(vals: list[str], empty: str = "unknown") -> str:
+    return ", ".join(vals) if vals else empty
+
+
+def resolution_of(v) -> float:
+    """Resolution as a number: 256, 256.0, '256', '256x256', '256px' -> 256.0; else NaN."""
+    if isnum(v):
+        return float(v)
+    m = re.search(r"\d+", str(v)) if v is not None else None
+    return float(m.group()) if m else math.nan
+
+
+# ------------------------------------------------------------------------------------------------
+# Analysis
+# ------------------------------------------------------------------------------------------------
+
+GROUP_KEY = ["device", "suite", "op", "shape", "mode", "dtype"]
+
+
+def speedups(df: pd.DataFrame) -> pd.DataFrame:
+    """One record per (group, peer) where the group has an ok ours row: the fastest ours backend and
+    median, the peer's median and the speedup (NaN if the peer did not run ok)."""
+    out = []
+    for key, g in df[df["suite"] != "models"].groupby(GROUP_KEY, sort=False, dropna=False):
+        ours = g[g["ours"] & g["ok"] & (g["median_ms"] > 0)]
+        if ours.empty:
+            continue
+        best = ours.loc[ours["median_ms"].idxmin()]
+        for peer, p in g[~g["ours"]].groupby("backend", sort=False):
+            pok = p[p["ok"] & (p["median_ms"] > 0)]
+            pm = pok["median_ms"].min() if not pok.empty else math.nan
+            out.append({
+                **dict(zip(GROUP_KEY, key)), "ours_backend": best["backend"], "ours_ms": best["median_ms"],
+                "peer": peer, "peer_ms": pm, "speedup": pm / best["median_ms"] if best["median_ms"] > 0 else math.nan,
+            })  # fmt: skip
+    cols = [*GROUP_KEY, "ours_backend", "ours_ms", "peer", "peer_ms", "speedup"]
+    return pd.DataFrame(out, columns=cols)
+
+
+def geomeans(sp: pd.DataFrame) -> list[dict]:
+    out = []
+    ok = sp[sp["speedup"].notna()]
+    for (device, suite, peer), g in ok.groupby(["device", "suite", "peer"], sort=False):
+        out.append({"device": device, "suite": suite, "peer": peer, "geomean": geomean(g["speedup"]), "n": len(g)})
+    order = {s: i for i, s in enumerate(SUITE_ORDER)}
+    peers = {p: i for i, p in enumerate(sorted_peers(ok["peer"]))}
+    out.sort(key=lambda d: (d["device"], order.get(d["suite"], 99), d["suite"], peers[d["peer"]]))
+    return out
+
+
+def model_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One record per (device, backend, dtype, mode, batch, frames, resolution) of the models suite,
+    with each model's median/p20/p80/flops/status and the DiT/STDiT and DiT/Latte ratios."""
+    m = df[(df["suite"] == "models") & df["op"].isin(MODEL_OPS)]
+    key = ["device", "backend", "dtype", "mode", "batch", "frames", "resolution"]
+    recs = []
+    for k, g in m.groupby(key, sort=True, dropna=False):
+        rec = dict(zip(key, k))
+        for op in MODEL_OPS:
+            r = g[g["op"] == op]
+            rr = r.iloc[0] if not r.empty else None
+            ok = rr is not None and bool(rr["ok"])
+            for c in ("median_ms", "p20_ms", "p80_ms", "flops"):
+                rec[f"{op}_{c}"] = rr[c] if rr is not None and (ok or c == "flops") else math.nan
+            rec[f"{op}_status"] = "" if rr is None else rr["status"]
+            rec[f"{op}_ok"] = ok
+            b = rec["batch"]
+            rec[f"{op}_sps"] = b / (rec[f"{op}_median_ms"] / 1e3) if ok and b > 0 else math.nan
+        s = rec["STDiT_median_ms"]
+        rec["dit_over_stdit"] = rec["DiT_median_ms"] / s if s > 0 else math.nan
+        rec["dit_over_latte"] = rec["DiT_median_ms"] / rec["Latte_median_ms"] if rec["Latte_median_ms"] > 0 else math.nan
+        sf = rec["STDiT_flops"]
+        rec["flop_ratio"] = rec["DiT_flops"] / sf if sf > 0 else math.nan
+        rec["flop_ratio_latte"] = rec["DiT_flops"] / rec["Latte_flops"] if rec["Latte_flops"] > 0 else math.nan
+        recs.append(rec)
+    return pd.DataFrame.from_records(recs)
+
+
+def published_points(published: list[dict] | None) -> list[dict]:
+    """Open-Sora 1.0's published points: ``published`` when given, else the cost model's
+    (stdit.models.costs.opensora_flop_ratios)."""
+    return [dict(p) for p in (opensora_flop_ratios() if published is None else published)]
+
+
+def match_published(pub: list[dict], frames: float, res: float) -> dict | None:
+    for p in pub:
+        if isnum(p.get("frames")) and float(p["frames"]) == frames and resolution_of(p.get("resolution")) == res:
+            return p
+    return None
+
+
+def summarize(rows_or_path) -> dict:
+    """The headline numbers as plain data:
+
+    ``devices``, ``suites``, ``n_rows``, ``n_ok``, ``n_not_ok``, ``status_counts`` ({status: n} for
+    the rows that are not ok), ``not_timed`` (True if any row is "not timed: ..."),
+    ``geomean_speedup`` ([{device, suite, peer, geomean, n}] of ours over each peer),
+    ``ours_without_ok`` ([suite] where ours has rows but none ok), and ``stdit_vs_dit``
+    ({"frames": largest frame count with an ok DiT/STDiT pair, "points": [{device, backend, dtype,
+    batch, frames, resolution, dit_over_stdit, dit_over_latte, flop_ratio}]}; frames None if no pair).
+    """
+    rows = load_rows(rows_or_path)
+    return summary_of(frame(rows))
+
+
+def summary_of(df: pd.DataFrame) -> dict:
+    sp = speedups(df)
+    not_ok = df[~df["ok"]]
+    mdl = model_table(df)
+    pts, frames = [], None
+    if not mdl.empty:
+        paired = mdl[mdl["dit_over_stdit"].notna()]
+        if not paired.empty:
+            frames = paired["frames"].max()
+            top = paired[paired["frames"] == frames] if math.isfinite(frames) else paired
+            for _, r in top.iterrows():
+                pts.append({
+                    "device": r["device"], "backend": r["backend"], "dtype": r["dtype"], "batch": as_int(r["batch"]),
+                    "frames": as_int(r["frames"]), "resolution": as_int(r["resolution"]),
+                    "dit_over_stdit": float(r["dit_over_stdit"]), "dit_over_latte": _opt(r["dit_over_latte"]),
+                    "flop_ratio": _opt(r["flop_ratio"]),
+                })  # fmt: skip
+            frames = as_int(frames)
+    ours_rows = df[df["ours"] & (df["suite"] != "models")]
+    return {
+        "devices": distinct(df, "device"),
+        "suites": list(dict.fromkeys(df["suite"])),
+        "n_rows": int(len(df)),
+        "n_ok": int(df["ok"].sum()),
+        "n_not_ok": int(len(not_ok)),
+        "status_counts": {k: int(v) for k, v in not_ok["status"].value_counts(sort=True).items()},
+        "not_timed": bool(df["status"].str.startswith("not timed").any()),
+        "geomean_speedup": geomeans(sp),
+        "ours_without_ok": [s for s in suites_of(df) if s in set(ours_rows["suite"]) and not ours_rows[ours_rows["suite"] == s]["ok"].any()],
+        "stdit_vs_dit": {"frames": frames, "points": pts},
+    }  # fmt: skip

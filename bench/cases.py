@@ -1,0 +1,127 @@
+"""What a benchmark case is, and the size presets the suites build cases at.
+
+A ``Case`` names one measurement (suite, op, backend, shape, mode, dtype), carries its analytic cost
+(stdit.models.costs) and a ``build(device)`` that allocates the inputs and returns the zero-argument
+callable to time. Building is lazy, so listing a suite is free and a case that fails to build (out of
+memory, backend missing) becomes a row with that status.
+
+Shapes come from Open-Sora 1.0's train configs: a video ``FxRxR`` of F frames at R pixels is a latent
+of F x R/8 x R/8 (VAE), patchified 2x2, so T = F frames of S = (R/16)^2 tokens, at Open-Sora's per-GPU
+batch. Sizes (``SIZES``):
+
+- ``full``  (GPU): STDiT-XL/2 widths (C 1152, 16 heads of 72, T5's 120 text tokens), shapes
+  16x256x256 B8, 16x512x512 B8, 64x512x512 B4; the models suite sweeps frames 16 -> 128 at 256 and
+  16 -> 64 at 512 (batch 1) with the full depth of 28 blocks.
+- ``quick`` (the main job on any device; CPU-sized): the same head dim 72, fewer heads and smaller
+  videos, the STDiT-tiny model.
+- ``tiny``  (tests, pytest bench/ smoke runs): the smallest shapes that still exercise every path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from stdit.common.dtypes import short_name
+from stdit.models.costs import Cost
+from stdit.models.sizes import SIZES as MODEL_SIZES
+from stdit.models.sizes import ModelSize
+
+__all__ = ["Case", "SIZES", "Size", "VideoShape"]
+
+
+@dataclass(frozen=True)
+class VideoShape:
+    """A training shape: ``frames`` x ``resolution``^2 pixels at ``batch`` samples per device."""
+
+    frames: int
+    resolution: int
+    batch: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.frames}x{self.resolution}x{self.resolution}"
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        return (self.frames, self.resolution // 8, self.resolution // 8)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.resolution // 16) ** 2
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * self.tokens_per_frame
+
+
+@dataclass(frozen=True)
+class Size:
+    """Widths and shapes of one size preset (see the module docstring)."""
+
+    name: str
+    hidden_size: int  # kernels, fused and blocks suites: channels C ...
+    num_heads: int  # ... in heads of C / num_heads
+    text_len: int  # ... and text tokens L
+    shapes: tuple[VideoShape, ...]  # kernels, fused and blocks suites
+    model: ModelSize  # models, train and parallel suites
+    model_sweep: tuple[VideoShape, ...]  # models suite: frame sweep
+    compile_shapes: tuple[str, ...] | None = None  # shapes with compiled block variants (None: all)
+    train_shapes: tuple[VideoShape, ...] = ()  # train / parallel suites (default: the first of shapes)
+
+
+_XL2 = MODEL_SIZES["XL/2"]
+SIZES: dict[str, Size] = {
+    "full": Size(
+        "full", _XL2.hidden_size, _XL2.num_heads, _XL2.model_max_length,
+        shapes=(VideoShape(16, 256, 8), VideoShape(16, 512, 8), VideoShape(64, 512, 4)),
+        model=_XL2,
+        model_sweep=tuple(VideoShape(f, 256, 1) for f in (16, 32, 64, 128))
+        + tuple(VideoShape(f, 512, 1) for f in (16, 32, 64)),
+        compile_shapes=("16x512x512",),  # Inductor takes ~0.5-1 min per block variant and mode
+    ),  # fmt: skip
+    "quick": Size(
+        "quick", 288, 4, 32,
+        shapes=(VideoShape(8, 128, 2), VideoShape(16, 128, 2), VideoShape(16, 256, 1)),
+        model=MODEL_SIZES["tiny"].replace(caption_channels=64, model_max_length=16),
+        model_sweep=tuple(VideoShape(f, 128, 1) for f in (4, 8, 16, 32)),
+        train_shapes=(VideoShape(8, 64, 2),),
+    ),  # fmt: skip
+    "tiny": Size(
+        "tiny", 144, 2, 8,
+        shapes=(VideoShape(4, 64, 1),),
+        model=MODEL_SIZES["mini"].replace(model_max_length=8),
+        model_sweep=(VideoShape(2, 64, 1), VideoShape(4, 64, 1)),
+        compile_shapes=(),
+        train_shapes=(VideoShape(2, 32, 1),),
+    ),  # fmt: skip
+}
+
+
+@dataclass
+class Case:
+    suite: str
+    op: str
+    backend: str
+    ours: bool
+    shape: VideoShape
+    mode: str
+    dtype: torch.dtype
+    dims: dict
+    build: Callable[[torch.device], Callable[[], object]] | None
+    cost: Cost | None
+    skip: str | None = None  # a status that means "do not run" ("unsupported: ...", "not timed: ...")
+    tokens: int | None = None
+    # Cases that time themselves (e.g. a torchrun job reporting its own step times) set this instead
+    # of relying on build(): measure(device, quick) -> stdit.bench.timing.Timing.
+    measure: Callable | None = None
+
+    @property
+    def dtype_name(self) -> str:
+        return short_name(self.dtype)
+
+    @property
+    def id(self) -> str:
+        return "-".join((self.suite, self.op, self.backend, self.shape.label, self.mode, self.dtype_name))
