@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU demo of staged training (issue: training): generated shapes (still images for stage 1, 16-frame
+# The CPU demo of staged training: generated shapes (still images for stage 1, 16-frame
 # moving-shape clips for stages 2 and 3) with captions, stage 1 (images) -> stage 2 (video, temporal attention
 # zero-initialised) -> stage 3 (higher resolution), then a sampled video and its frames as one PNG.
 # A small VAE is fitted on the same data first (the demo has no pretrained one). About 13 minutes on an
@@ -23,7 +23,7 @@ fi
 # Skipped when $D/vae already holds a finished fit.
 .venv/bin/stdit fit-vae --csv $D/videos/captions.csv $D/images/captions.csv --out $D/vae --steps 500
 .venv/bin/stdit train --config configs/demo/stage1.toml --config configs/demo/stage2.toml --config configs/demo/stage3.toml
-# guidance 2: at 4-7 this small model's samples over-saturate into speckles (looked at, demo of 2026-11-25)
+# guidance 2: at 4-7 this small model's samples over-saturate into speckles
 .venv/bin/stdit sample --checkpoint $D/stage3 --prompt "$PROMPT" --out $D/sample.mp4 --sheet $D/sample.png \
     --steps 50 --cfg-scale 2.0
 secs=$(( $(date +%s) - start ))

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import shutil
 import sys
 from pathlib import Path
+
+from stdit.common.env import cpu_name, versions
+from stdit.common.files import write_text
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -28,7 +30,7 @@ def _stage_line(run: Path, name: str) -> str:
     d, o = cfg.get("data", {}), cfg.get("optim", {})
     ev = _rows(run / name / "eval.csv")
     log = _rows(run / name / "log.csv")
-    batch, every = int(d.get("batch_size", 0)), int(cfg.get("run", {}).get("log_every", 1))
+    batch = int(d.get("batch_size", 0))
     # training time from the logged throughput (excludes encoding the cache and the evaluations)
     prev, train_s = 0, 0.0
     for r in log:
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"run: not a finished demo, missing {missing}")
     import torch
 
+    v = versions()
     a.out.mkdir(parents=True, exist_ok=True)
     for src, dst in (("sample.png", "sample.png"), ("sample.mp4", "sample.mp4"), ("vae/recon_preview.png", "vae_recon_preview.png"),
                      ("vae/fit_vae.json", "fit_vae.json")):  # fmt: skip
@@ -65,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# CPU demo: staged training on generated data",
         "",
-        f"Made by `bash scripts/demo.sh` then `python scripts/demo_report.py`. Device: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads; Python {platform.python_version()}, torch {torch.__version__}; fp32.",
+        f"Made by `bash scripts/demo.sh` then `python scripts/demo_report.py`. Device: {cpu_name()}, "
+        f"{torch.get_num_threads()} torch threads; Python {v['python']}, torch {v['torch']}; fp32.",
         f"Whole demo (data, VAE fit, three stages with their caches and evaluations, sampling): {a.seconds} s."
         if a.seconds else "",
         "",
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "`sample.png`: the frames of `sample.mp4`, left to right" + (f", prompt \"{a.prompt}\"." if a.prompt else "."),
         "",
     ]
-    (a.out / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    write_text(a.out / "README.md", "\n".join(lines))
     print(a.out / "README.md")
     return 0
 

@@ -1,1 +1,1 @@
-"""stdit.train: staged training and hybrid parallelism (issues: training, parallel)."""
+"""stdit.train: staged training, hybrid parallelism and sampling."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -59,9 +60,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     """Encode a stage's CSV once (its data and encoders settings) into latent / text shards."""
     from pathlib import Path
 
+    from .build import build_encoders, resolve_device
     from .config import load_config
-    from .prepare import prepare_stage, split_scenes
-    from .trainer import build_encoders, resolve_device
+    from .prepare import prepare_stage
+    from .scenes import split_scenes
 
     if args.split_scenes:
         out = Path(args.out)
@@ -82,8 +84,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train_chain
-
-    import os
 
     for summary in train_chain(args.config, progress=not args.quiet):
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary, from rank 0

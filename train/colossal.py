@@ -1,70 +1,41 @@
 """Optional ColossalAI engine for training (``[parallel] engine = "colossalai"``).
 
 Open-Sora 1.0 trained STDiT with ColossalAI's ``Booster`` and ZeRO-2 (``LowLevelZeroPlugin``).
-This module gives the same choice on top of our own model and optimizer, behind three calls:
+This module gives the same choice on top of our own model and optimizer, behind a few calls:
 
     model, optimizer, booster = boost(model, optimizer, plugin="zero2", device=device, bf16=True, grad_clip=1.0)
-    ...
     loss = ...; optimizer.zero_grad(); backward(booster, loss, optimizer); optimizer.step()
-    ...
-    save(booster, model, optimizer, path) / load(booster, model, optimizer, path)
+    save(booster, model, optimizer, root, step) / load(booster, model, optimizer, latest(root))
 
-Plugins (``plugin=``):
+Plugins (see ``make_plugin``): "zero2" (GPU only), "hybrid" and "ddp" (CPU with gloo, and GPU).
+Every plugin clips gradients inside ``optimizer.step()``; ``grad_norm(optimizer)`` gives the norm
+of the last step for logging. Run under torchrun: ``boost`` joins torchrun's process group.
 
-* ``"zero2"`` -- ``LowLevelZeroPlugin(stage=2)``: optimizer states and gradients sharded over the
-  ranks, parameters replicated; ``bf16=True`` keeps bf16 working weights and fp32 master weights
-  (Open-Sora's setting). **GPU only**: ColossalAI's ZeRO optimizer did not run on CPU (gloo) here,
-  so on a CPU device ``boost`` raises a ``RuntimeError`` that says so (use "hybrid" or "ddp"
-  there). Not exercised by the CPU test suite; check it on a GPU machine.
-* ``"hybrid"`` -- ``HybridParallelPlugin(tp_size=1, pp_size=1, zero_stage=0)``: plain data
-  parallel through ColossalAI's hybrid wrapper (torch DDP inside) with gradient clipping in its
-  optimizer wrapper. No tensor or pipeline parallelism (STDiT has no ShardFormer policy; a no-op
-  policy is supplied). ``bf16=True`` casts the model to bf16 with fp32 master weights. **Runs on
-  CPU (gloo) and GPU.** Its optimizer wrapper carries the gradient norm as a float32 number, so
-  the clip factor is float32-rounded (the only difference from torch's clip_grad_norm_). ZeRO inside this plugin (zero_stage >= 1) is not offered: it needs fp16/bf16
-  and the same ZeRO optimizer that fails on CPU; use "zero2" on GPUs for that.
-* ``"ddp"`` -- ``TorchDDPPlugin``: torch DDP under ColossalAI's checkpoint IO. **Runs on CPU
-  (gloo) and GPU.** ColossalAI's bf16 mixed precision for this plugin is a stub, so ``bf16``
-  means nothing here: run the forward under ``torch.autocast`` (the trainer does on GPU).
-  Gradients are clipped to ``grad_clip`` inside ``optimizer.step()`` (as the other plugins do).
+Checkpoints go through the booster's own sharded checkpoint IO, published under the policy of
+stdit.train.checkpoint. Its optimizer shards are ``torch.save`` files that ColossalAI reads with
+``torch.load``, so ``load`` first checks every file against the size and SHA-256 that meta.json
+recorded when this run saved it: only what the run itself wrote is ever unpickled.
 
-In every plugin gradient clipping happens inside ``optimizer.step()`` (``grad_clip <= 0``: none);
-``grad_norm(optimizer)`` gives the norm of the last step (before clipping) for logging.
-
-Launch: under torchrun. ``boost`` joins torchrun's process group with
-``colossalai.launch_from_torch`` unless a group already exists (e.g. from
-``stdit.train.parallel.init_distributed``); ColossalAI's launch re-seeds every RNG (seed 1024),
-so the caller's RNG states are saved and restored around it.
-
-Checkpoints (``save`` / ``load``): the booster's own checkpoint IO, sharded (a directory with an
-index and shard files for the model and for the optimizer; each plugin gathers/shards its state as
-it needs). Every rank writes into ``path.tmp-colossalai``; after a barrier rank 0 writes the
-``COMPLETE`` marker (with ``extra`` as JSON) and renames the directory to ``path``, so a killed
-job never leaves a ``path`` that looks complete. Load it back with the same plugin (tested: same
-plugin and world size). The model part is HuggingFace-style sharded safetensors with the plain
-module's parameter names. An optional ``ema`` name -> tensor dict is saved by rank 0 beside it.
-
-CPU note: ColossalAI 0.5.0's CPU accelerator raises in ``synchronize()``, which its optimizer
-checkpoint loading calls; ``launch`` installs a CPU accelerator whose ``synchronize()`` does nothing.
-
-Installing ColossalAI without touching torch: see ``INSTALL`` (colossalai 0.5.0 pins
-torch <= 2.5.1, so a plain ``pip install colossalai`` would replace torch).
+ColossalAI pins torch <= 2.5.1; ``INSTALL`` installs it beside the torch there is.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .checkpoint import CheckpointKind, read_meta, write_checkpoint
+from .checkpoint import latest as latest_checkpoint_of
+from .state_files import load_state, restore_rng, rng_state, save_state, split_state
+
 PLUGINS = ("zero2", "hybrid", "ddp")
-DONE = "COMPLETE"
+COLOSSAL = CheckpointKind("colossal", "stdit-colossalai", 1, "ColossalAI checkpoint")
+EMA_FILE = "ema.safetensors"
 
 INSTALL = (
     "pip install --no-deps colossalai==0.5.0 && "
@@ -105,25 +76,6 @@ def _require() -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _rng_state() -> tuple:
-    import numpy as np
-
-    return random.getstate(), np.random.get_state(), torch.get_rng_state(), (
-        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    )
-
-
-def _set_rng_state(state: tuple) -> None:
-    import numpy as np
-
-    py, npy, cpu, cuda = state
-    random.setstate(py)
-    np.random.set_state(npy)
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
 def _cpu_accelerator():
     """ColossalAI's CPU accelerator with ``synchronize()`` a no-op (0.5.0 raises there, which breaks
     loading an optimizer checkpoint on CPU; CPU ops are synchronous, so nothing is lost)."""
@@ -157,9 +109,9 @@ def launch(device: torch.device) -> None:
             f"[parallel] engine = 'colossalai' must be launched with torchrun (environment lacks {missing}); "
             "e.g. torchrun --nproc_per_node=N -m stdit.train train --config ... (N = 1 works too)"
         )
-    state = _rng_state()
+    state = rng_state()  # ColossalAI's launch seeds every RNG with 1024: keep the caller's streams
     colossalai.launch_from_torch(verbose=False)  # backend follows the accelerator: nccl on cuda, gloo on cpu
-    _set_rng_state(state)
+    restore_rng(*state, "colossalai.launch_from_torch", UserWarning)
 
 
 def _no_shard_policy():
@@ -208,7 +160,19 @@ def _clipping_wrapper(optimizer: torch.optim.Optimizer, max_norm: float):
 
 
 def make_plugin(plugin: str, device: torch.device, *, bf16: bool = False, grad_clip: float = 1.0):
-    """The ColossalAI plugin object for ``plugin`` (after ``launch``)."""
+    """The ColossalAI plugin object for ``plugin`` (after ``launch``).
+
+    * "zero2": ``LowLevelZeroPlugin(stage=2)``, Open-Sora's: optimizer states and gradients sharded
+      over the ranks, parameters replicated; ``bf16`` keeps bf16 working and fp32 master weights.
+      GPU only: ColossalAI's ZeRO optimizer does not run on CPU (gloo), so a CPU device raises.
+    * "hybrid": ``HybridParallelPlugin(tp_size=1, pp_size=1, zero_stage=0)``: data parallel through
+      ColossalAI's hybrid wrapper (torch DDP inside), with a no-op ShardFormer policy (STDiT has
+      none). Its optimizer wrapper carries the gradient norm as a float32 number, so the clip factor
+      is float32-rounded: the only difference from torch's clip_grad_norm_.
+    * "ddp": ``TorchDDPPlugin``: torch DDP under ColossalAI's checkpoint IO; its bf16 is a stub, so
+      run the forward under ``torch.autocast`` (the trainer does on GPU); clipped by
+      ``_clipping_wrapper``.
+    """
     _require()
     from colossalai.booster.plugin import HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
 
@@ -288,59 +252,48 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(booster, model, optimizer, path: str | Path, *, extra: dict | None = None,
-         ema: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
-    """Save the boosted model and optimizer with the booster's sharded checkpoint IO (all ranks call).
+def save(booster, model, optimizer, root: str | Path, step: int, *, ema: dict[str, torch.Tensor] | None = None,
+         data_position: Any = None, extra: Any = None, keep_last: int | None = None) -> Path:  # fmt: skip
+    """Save the boosted model and optimizer as ``root/step-{step:09d}`` (all ranks call).
 
-    Layout: ``path/model/`` (index + shards, safetensors), ``path/optimizer/`` (index + shards),
-    optional ``path/ema.safetensors`` (rank 0's copy of a name -> tensor dict, e.g. an EMA's
-    shadow of the replicated model), ``path/COMPLETE`` (``extra`` as JSON). Written to
-    ``path.tmp-colossalai`` and renamed by rank 0 after a barrier (atomic publish).
+    Layout: ``model/`` (index + safetensors shards, the plain module's names), ``optimizer/`` (index
+    + torch.save shards), ``ema.safetensors`` (rank 0's copy of a name -> tensor dict, e.g. an EMA's
+    shadow of the replicated model) and meta.json.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp-colossalai")
-    rank = _rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
-    booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
-    if ema is not None and rank == 0:
-        from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    from .parallel import publish
+    def write(tmp: Path) -> dict:
+        booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
+        booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
+        if ema is not None and _rank() == 0:
+            save_state(tmp / EMA_FILE, split_state(ema, "ema", allow_scalars=False))
+        return {"model": "model", "optimizer": "optimizer", "ema": EMA_FILE if ema is not None else None}
 
-    return publish(tmp, path, extra)
+    return write_checkpoint(root, step, COLOSSAL, write, data_position=data_position, extra=extra,
+                            keep_last=keep_last, distributed=True)  # fmt: skip
 
 
 def load(booster, model, optimizer, path: str | Path, *, ema: dict[str, torch.Tensor] | None = None) -> dict:
-    """Load a ``save`` checkpoint into the boosted model and optimizer (all ranks call); the
-    ``ema`` dict's tensors are filled in place when given. Returns the saved ``extra``."""
+    """Load a ``save`` checkpoint into the boosted model and optimizer (all ranks call); the ``ema``
+    dict's tensors are filled in place when given. Returns its meta.json.
+
+    Every file is checked against meta.json's size and SHA-256 before the booster reads any of it
+    (ValueError if one differs, is missing or is not listed)."""
     path = Path(path)
-    if not (path / DONE).is_file():
-        raise FileNotFoundError(f"path: {path} is not a complete ColossalAI checkpoint (no {DONE} marker)")
+    meta = read_meta(path, COLOSSAL, verify=True)
+    saved = load_state(path / EMA_FILE) if ema is not None else None
+    if saved is not None and set(ema) - set(saved):
+        raise KeyError(f"path: {path} has no EMA entries for {sorted(set(ema) - set(saved))[:5]}")
     booster.load_model(model, str(path / "model"))
     if optimizer is not None:
         booster.load_optimizer(optimizer, str(path / "optimizer"))
-    if ema is not None:
-        from safetensors.torch import load_file
-
-        saved = load_file(str(path / "ema.safetensors"))
-        missing = sorted(set(ema) - set(saved))
-        if missing:
-            raise KeyError(f"path: {path} has no EMA entries for {missing[:5]}")
+    if saved is not None:
         with torch.no_grad():
             for k, v in ema.items():
                 v.copy_(saved[k].to(v.device, v.dtype))
     _barrier()
-    return json.loads((path / DONE).read_text() or "{}")
+    return meta
 
 
-def latest(root: str | Path) -> tuple[int, Path] | None:
-    """(step, path) of the highest-step complete ``root/step-*`` checkpoint written by ``save``, or None
-    (the same layout and ``COMPLETE`` marker as stdit.train.parallel's distributed checkpoints)."""
-    from .parallel import latest_distributed
-
-    return latest_distributed(root)
+def latest(root: str | Path) -> Path | None:
+    """The highest-step complete checkpoint ``save`` wrote under ``root``, or None."""
+    return latest_checkpoint_of(root, COLOSSAL)

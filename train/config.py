@@ -9,7 +9,8 @@ folders) are relative to the directory the command runs in, as in Open-Sora's co
                zero_temporal (zero attn_temp.proj after loading: a stage-2 model starts as the image model)
     [model]    preset ("STDiT-tiny", "STDiT-XL/2", ...), attention_backend, fused_ops, checkpoint,
                class_dropout_prob, space_scale, time_scale, freeze
-    [data]     csv (+ cache: encode once into that folder, then train from it) | cached, num_frames, frame_interval, image_size [H, W], batch_size, num_workers
+    [data]     csv (+ cache: encode once into that folder, then train from it) | cached, num_frames,
+               frame_interval, image_size [H, W], batch_size, num_workers
     [encoders] vae ("tiny" or a local sd-vae-ft-ema directory), text ("tiny", "tiny-words" or a local
                t5-v1_1-xxl directory), model_max_length, vae_micro_batch
     [optim]    lr, weight_decay, grad_clip, ema_decay, optimizer ("adamw" | "apex"), lr_schedule
@@ -17,7 +18,8 @@ folders) are relative to the directory the command runs in, as in Open-Sora's co
     [run]      out_dir, steps, seed, device ("auto" | "cpu" | "cuda"), dtype ("fp32" | "bf16"),
                log_every, ckpt_every, keep_last, eval_batches
     [parallel] dp, sp, sp_mode ("dsp" | "ulysses"), data_parallel ("fsdp2" | "ddp"), engine
-               ("torch" | "colossalai"), compile_blocks; dp x sp must equal torchrun's process count
+               ("torch" | "colossalai"), plugin (colossalai: "zero2" | "hybrid" | "ddp"), compile_blocks;
+               dp x sp must equal torchrun's process count
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class RunCfg:
     log_every: int = 10
     ckpt_every: int = 50
     keep_last: int = 3
-    eval_batches: int = 4  # fixed held-in batches scored at each checkpoint (0: off); see trainer.evaluate
+    eval_batches: int = 4  # fixed held-in batches scored at each checkpoint (0: off): trainer.FixedEval
 
 
 @dataclass

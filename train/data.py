@@ -1,76 +1,20 @@
-"""Video-text data pipeline for Open-Sora-style training: CSV -> decoded, cropped clips -> batches.
+"""Video-text data for Open-Sora-style training: CSV -> decoded, cropped clips -> resumable batches.
 
-CSV format
-----------
-One row per sample: the media ``path`` and its caption ``text``, optionally the video's frame count
-``num_frames``. Two layouts are accepted (``read_csv``):
+``read_csv`` parses Open-Sora's CSV: one row per sample, the media ``path``, its caption ``text`` and
+optionally the video's frame count ``num_frames``, with a header naming the columns in any order or
+headerless ``path,text[,num_frames]`` as Open-Sora 1.0's ``DatasetFromCSV`` read it.
 
-* with a header row naming the columns, in any order (``path``, ``text``, optional ``num_frames``; other
-  columns are ignored). A header is recognised by a cell that reads ``path``;
-* headerless ``path,text[,num_frames]`` -- what Open-Sora 1.0's ``DatasetFromCSV`` read (a plain
-  ``csv.reader``, ``row[0]`` path and ``row[1]`` caption, no header).
+``VideoTextDataset[i]`` decodes one sample (PyAV for videos, Pillow for images) into dict(video, text,
+path, index, num_frames), ``video`` float32 (3, T, H, W) in [-1, 1]: T = ``num_frames`` frames taken
+every ``frame_interval`` frames from a random start (``sample_frame_indices``), or T = 1 for an image
+(PixArt-style image training), scaled and centre-cropped to ``image_size`` (``resize_center_crop``).
+Randomness is a function of (seed, epoch, index) only, never of the worker or the call order. A missing,
+truncated or corrupt file never stops a run: it is skipped with a ``BadSampleWarning`` and counted
+(``collate_skip_bad``, ``count_skipped``).
 
-Captions containing commas must be quoted (standard CSV; parsed with the ``csv`` module). Relative paths
-resolve against ``root`` (default: the CSV's folder). ``num_frames`` is only a hint for containers that do
-not report their frame count.
-
-Samples
--------
-``VideoTextDataset[i]`` returns ``dict(video, text, path, index, num_frames)`` where ``video`` is a float32
-tensor (C=3, T, H, W) in [-1, 1]; T = ``num_frames`` for videos and T = 1 for images (``.png .jpg .jpeg
-.webp .bmp``; PixArt-style image training), whatever ``num_frames`` says.
-
-Temporal sampling (``sample_frame_indices``): T frames taken every ``frame_interval`` frames from a random
-start; every start whose clip fits is equally likely (Open-Sora 1.0's TemporalRandomCrop draws the start
-in ``[0, total - span - 1]`` and then spreads T indices over the window with ``linspace``, which gives
-uneven steps such as 3,3,3,3,3,3,3,4,...; we keep the stride exact). Short videos -- our decision:
-
-* ``total >= (T-1)*interval + 1``: exact stride ``frame_interval``;
-* else, if ``total >= T``: the largest stride that fits, ``(total-1) // (T-1)`` (>= 1), random start. The
-  clip stays uniformly spaced (constant apparent speed), it just covers less time. Open-Sora 1.0 also
-  shrinks the spacing here (linspace over the whole video);
-* else (``total < T``): all frames, then the last frame repeated to length T. Open-Sora 1.0 rejects such
-  videos (assertion, then retries a random other index); looping would insert a fake cut, a frozen tail is
-  the milder artefact, and the sample is still used.
-
-Spatial: the frame is scaled so that it covers ``image_size`` = (H, W) keeping its aspect (for a square
-target: the shorter side becomes the target), centre-cropped to (H, W) (the crop is taken first, in source
-pixels, then resized -- the same picture as resize-then-crop up to sub-pixel rounding, and cheaper),
-resized bilinearly with antialiasing, and mapped to [-1, 1] (x / 127.5 - 1).
-
-Randomness is a function of (seed, epoch, index) only (``set_epoch``), never of the worker or call order,
-so a sample is reproducible and changes from epoch to epoch. A user ``transform`` is applied to the final
-(C, T, H, W) tensor under a torch RNG seeded from the same triple.
-
-Bad files
----------
-A missing, truncated, corrupt or otherwise unreadable file never stops the run: ``__getitem__`` warns
-(``BadSampleWarning``, naming the file and the error) and returns ``None``. ``collate_skip_bad`` drops the
-Nones and reports how many it dropped as ``batch["skipped"]``; a batch whose samples were all bad comes
-back as ``None`` (skip it). **Source of truth for the count**: the sum of ``batch["skipped"]`` over the
-batches, plus the size of each ``None`` batch (all of it was bad: ``batch_size``, or for the last batch
-of a ``drop_last=False`` epoch, what was left). ``count_skipped(batch, batch_size)`` does that sum's
-arithmetic. This works for any ``num_workers``; ``dataset.bad_files`` / ``dataset.num_bad`` are only
-filled in the process that ran ``__getitem__`` (so: only with ``num_workers=0``).
-
-Batches and mixed T
--------------------
-Samples in one batch must share T. ``make_dataloader`` batches by kind (images, T = 1, apart from videos),
-so a CSV that mixes images and videos still works and every batch is single-kind (Open-Sora 1.0 used one
-kind per stage). ``collate_skip_bad`` given a mixed batch anyway (a hand-made DataLoader) keeps the most
-common T, warns, and reports the others as ``batch["dropped_mixed"]`` -- it never stacks unequal T.
-
-Resuming
---------
-``make_dataloader`` uses ``ResumableBatchSampler``: the epoch's order is a deterministic permutation of
-(seed, epoch) (or the identity without shuffle), cut into batches (per kind). A checkpoint stores the data
-position as (epoch, batches consumed in that epoch); resume with ``dataset.set_epoch(epoch)`` and
-``make_dataloader(..., start_index=batches_consumed * batch_size)``: the loader then yields exactly the
-batches the interrupted run had not consumed yet, and later epochs start from 0. For a single-kind CSV
-``start_index`` may be any sample count (the rest of the permutation is served); with mixed kinds it must
-be a multiple of ``batch_size``. The sampler follows ``dataset.epoch``, so ``dataset.set_epoch(e)`` before
-each epoch drives both the order and the per-sample randomness (keep ``persistent_workers`` off -- it is,
-in ``make_dataloader`` -- so that workers see the new epoch).
+``make_dataloader`` batches deterministically and resumably (``ResumableBatchSampler``): the epoch's
+order is a permutation of (seed, epoch), batches never mix T (images apart from videos), and a loader
+started at ``start_index`` serves exactly the batches an interrupted run had not consumed.
 """
 
 from __future__ import annotations
@@ -143,7 +87,12 @@ def _parse_frames(cell: str | None) -> int | None:
 
 
 def read_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[CsvSample]:
-    """Parse an Open-Sora CSV (header with named columns in any order, or headerless path,text[,num_frames]).
+    """Parse an Open-Sora CSV: a header row naming the columns in any order (recognised by a cell that
+    reads ``path``; ``path``, ``text`` (or ``caption``), optional ``num_frames``; other columns ignored),
+    or headerless ``path,text[,num_frames]`` rows (what Open-Sora 1.0's ``csv.reader`` took: ``row[0]``
+    path, ``row[1]`` caption). Captions containing commas must be quoted (standard CSV). Relative paths
+    resolve against ``root`` (default: the CSV's folder). ``num_frames`` is only a hint, for containers
+    that do not report their frame count.
 
     Raises FileNotFoundError (csv_path) or ValueError (no path/text column, no rows).
     """
@@ -190,7 +139,21 @@ def read_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None = None)
 
 def sample_frame_indices(total: int, num_frames: int, frame_interval: int,
                          rng: np.random.Generator) -> list[int]:
-    """Indices of the ``num_frames`` frames to take from a ``total``-frame video (see the module doc)."""
+    """Indices of the ``num_frames`` frames to take from a ``total``-frame video.
+
+    ``num_frames`` frames every ``frame_interval`` frames from a random start; every start whose clip
+    fits is equally likely. (Open-Sora 1.0's TemporalRandomCrop draws the start in
+    ``[0, total - span - 1]`` and spreads the indices over the window with ``linspace``, which gives
+    uneven steps such as 3,3,3,3,3,3,3,4,...; the stride here is exact.) Short videos -- our decision:
+
+    * ``total >= (T-1)*interval + 1``: exact stride ``frame_interval``;
+    * else, if ``total >= T``: the largest stride that fits, ``(total-1) // (T-1)``, random start. The
+      clip stays uniformly spaced (constant apparent speed) and covers less time; Open-Sora 1.0 also
+      shrinks the spacing here (linspace over the whole video);
+    * else: all frames, then the last frame repeated to length T. Open-Sora 1.0 rejects such videos and
+      retries another index; looping would insert a fake cut, a frozen tail is the milder artefact, and
+      the sample is still used.
+    """
     if total < 1:
         raise ValueError(f"total: video has no frames ({total})")
     n, step = num_frames, frame_interval
@@ -217,8 +180,10 @@ def center_crop_box(h: int, w: int, size: tuple[int, int]) -> tuple[int, int, in
 
 
 def resize_center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(T, 3, h, w) float in [0, 255] -> (T, 3, H, W): scale to cover (H, W) keeping aspect, centre crop,
-    antialiased bilinear resize."""
+    """(T, 3, h, w) float in [0, 255] -> (T, 3, H, W): scale to cover (H, W) keeping the aspect (for a
+    square target the shorter side becomes the target), centre crop, antialiased bilinear resize. The
+    crop is cut first, in source pixels, then resized: the same picture as resize-then-crop up to
+    sub-pixel rounding, and cheaper."""
     top, left, ch, cw = center_crop_box(frames.shape[-2], frames.shape[-1], size)
     return _resize(frames[..., top:top + ch, left:left + cw], size)
 
@@ -245,7 +210,14 @@ class _ShortRead(Exception):
 
 
 class VideoTextDataset(Dataset):
-    """Open-Sora-style video/image + caption dataset read from a CSV (see the module docstring)."""
+    """Open-Sora-style video/image + caption dataset read from a CSV (see the module docstring).
+
+    Images (``IMAGE_EXTS``) are T = 1 samples whatever ``num_frames`` says. The random stream of a
+    sample is ``rng(index)``, a function of (seed, epoch, index) (``set_epoch``); a user ``transform``
+    is applied to the final (3, T, H, W) tensor under a torch RNG seeded from the same stream. A bad
+    file gives a warning and ``None``; ``bad_files`` / ``num_bad`` list them, in this process only
+    (with DataLoader workers, count with ``count_skipped`` instead).
+    """
 
     def __init__(self, csv_path: str | os.PathLike, *, num_frames: int = 16, frame_interval: int = 3,
                  image_size: Sequence[int] = (256, 256), root: str | os.PathLike | None = None,
@@ -401,10 +373,13 @@ class VideoTextDataset(Dataset):
 
 
 def collate_skip_bad(batch: list):
-    """Drop ``None`` samples, stack the rest; ``None`` if nothing is left (see the module docstring).
+    """Drop ``None`` samples (bad files), stack the rest; ``None`` if nothing is left (skip that batch).
 
     Returns dict(video=(B, 3, T, H, W), text=list, path=list, index=LongTensor(B), num_frames=T,
-    skipped=#bad samples dropped, dropped_mixed=#good samples dropped because their T differed).
+    skipped=#bad samples dropped, dropped_mixed=#good samples dropped because their T differed), with
+    ``latents`` and the other tensors of a cached sample in place of ``video``. Samples of one batch must
+    share T: given a mixed batch anyway (a hand-made DataLoader; ``make_dataloader`` never makes one) it
+    keeps the most common T and warns; it never stacks unequal T.
     """
     good = [b for b in batch if b is not None]
     skipped = len(batch) - len(good)
@@ -436,7 +411,8 @@ def collate_skip_bad(batch: list):
 
 def count_skipped(batch, batch_size: int) -> int:
     """Bad samples in one collated batch: ``batch["skipped"]``, or ``batch_size`` for a ``None`` batch
-    (exact except for the short last batch of a ``drop_last=False`` epoch, where it is an upper bound)."""
+    (exact except for the short last batch of a ``drop_last=False`` epoch, where it is an upper bound).
+    Summed over the batches, this is the count for any ``num_workers``."""
     return batch_size if batch is None else int(batch["skipped"])
 
 
@@ -445,9 +421,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     ``group_keys[i]`` is the group of sample i (samples of one group share T); a batch never mixes groups.
     Walking the epoch's order, each sample joins its group's pending batch, which is emitted when full;
-    with ``drop_last=False`` the pending partial batches follow at the end. ``start_index`` (samples, see
-    the module docstring) applies to the first pass only. The epoch is ``epoch_source()`` when given,
-    else the value of ``set_epoch``.
+    with ``drop_last=False`` the pending partial batches follow at the end. The epoch is
+    ``epoch_source()`` when given, else the value of ``set_epoch``.
+
+    Resuming: a checkpoint stores the data position as (epoch, batches consumed in that epoch);
+    ``start_index`` = batches consumed * batch_size skips them, in the first pass only (later epochs
+    start from 0). With a single group it may be any sample count (the rest of the permutation is
+    served); with several it must be a multiple of ``batch_size``.
     """
 
     def __init__(self, group_keys: Sequence, batch_size: int, *, shuffle: bool = True, seed: int = 0,
@@ -550,7 +530,8 @@ def make_dataloader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, 
     ``world`` ranks gets ``batch_size`` samples of each global batch of ``batch_size * world``
     (``start_index`` then counts global samples). Collation is ``collate_skip_bad`` (a
     batch may be ``None``: skip it). The loader's generator is seeded with ``seed`` (worker base seeds);
-    the data's randomness does not depend on it.
+    the data's randomness does not depend on it. ``persistent_workers`` stays off so that workers see
+    the epoch set on the dataset.
     """
     if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
         raise ValueError(f"num_workers: expected an int >= 0, got {num_workers!r}")

@@ -1,45 +1,25 @@
 """Open-Sora 1.0's diffusion process (IDDPM), written from the math of Nichol & Dhariwal 2021.
 
-What Open-Sora 1.0 trains and samples with, and what this module reproduces:
+* 1000 steps, linear beta schedule 1e-4 .. 0.02 (tables in float64, every lookup cast to float32 as the
+  reference does), epsilon prediction;
+* learned-range variance: the model returns 2C channels, eps and v (``IDDPM.p_mean_variance``);
+* training loss per sample = MSE(eps) + vb, the variational-bound term in bits computed with eps
+  detached so that only the variance learns from it (``IDDPM.training_losses``); it reproduces the
+  golden losses of Open-Sora's own code (tests/data/opensora_v1) to 2.4e-7 in float32;
+* respacing for sampling (Open-Sora samples 100 of the 1000 steps, ``space_timesteps``); the model
+  always sees the original step index;
+* sampling: ancestral sampling of the respaced process with classifier-free guidance
+  (``IDDPM.sample``), or diffusers' DPM-Solver in 20-25 steps (``IDDPM.sample_dpm_solver``).
 
-* 1000 steps, linear beta schedule 1e-4 .. 0.02 (tables in float64), epsilon prediction;
-* learned-range variance ("learn_sigma"): the model returns 2*C channels, eps and v; the reverse
-  log-variance is ``frac*log(beta_t) + (1-frac)*log(beta~_t)``, ``frac = (v+1)/2``, beta~ the
-  posterior variance clipped at step 0 (its step-1 value is used there, as log(0) is -inf);
-* training loss per sample = MSE(eps) + vb, vb the variational-bound term in bits computed with the
-  model mean built from a DETACHED eps (only the variance learns from it, the "hybrid" objective):
-  KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and the discretized-Gaussian decoder NLL at
-  t = 0. The golden losses of tests/data/opensora_v1 are matched to <= 3.6e-7 (float32);
-* respacing (Open-Sora samples with "100" steps): K steps evenly spaced over 0..N-1 (the paper's
-  "K evenly spaced real numbers, rounded"), so 100 of 1000 gives 0, 10, 20, ..., 989, 999; the
-  respaced process has betas recomputed from the kept alphas_cumprod
-  (``beta'_i = 1 - abar[k_i]/abar[k_{i-1}]``) and the model always sees the ORIGINAL step index;
-* sampling: ancestral sampling of the respaced process with the learned variance and classifier-
-  free guidance (batch doubled; the unconditional half uses the model's null caption through
-  ``force_drop_ids``).
+Written here rather than taken from diffusers: the beta tables (diffusers builds them in float32, which
+cannot reproduce the reference's losses), the vb term with the learned-range variance, IDDPM's
+respacing with its map to the original indices, and the ancestral sampler (it shares
+``p_mean_variance`` with the vb term; diffusers' DDPMScheduler would need float32 tables and a custom
+timestep list for the same thing).
 
-What comes from diffusers and what is written here
---------------------------------------------------
-* ``diffusers.DPMSolverMultistepScheduler`` drives :meth:`IDDPM.sample_dpm_solver` (fast 20-25
-  step sampling; fed our float64 beta table through ``trained_betas``). We slice eps out of the
-  model output ourselves instead of passing ``variance_type="learned_range"``: diffusers then keeps
-  ``model_output[:, :3]`` -- hard-coded for 3-channel images, wrong for 4-channel latents.
-* NOT from diffusers: the beta / alphas_cumprod tables. ``DDPMScheduler(beta_schedule="linear",
-  beta_start=1e-4, beta_end=0.02)`` builds them in float32 (``torch.linspace(..., float32)``, float32
-  cumprod): alphas_cumprod differs from the float64 tables by up to 2.5e-7 and 867 of its 1000
-  float32 values differ from the float64 table rounded to float32, so it cannot reproduce the
-  reference's losses bit for bit. Tables are computed here in float64 and every lookup is cast to
-  float32, as the reference does.
-* Written by hand because diffusers has no such thing: the training loss (vb term, learned-range
-  variance with eps detached, discretized-Gaussian decoder NLL), IDDPM's respacing with the
-  original-index map, and the ancestral sampler (it shares :meth:`IDDPM.p_mean_variance` with the
-  vb term; diffusers' DDPMScheduler would need float32 tables and a custom timestep list for the
-  same thing).
-
-Latents are not clipped: IDDPM's ``clip_denoised=True`` clamps the predicted x_0 to [-1, 1], which
-is meant for pixel data; Open-Sora 1.0 samples VAE latents (x 0.18215, not bounded by 1) and calls
-the sampler with ``clip_denoised=False``, and the training vb term also uses no clipping. Here
-``clip_denoised`` defaults to False everywhere.
+Latents are not clipped: IDDPM's ``clip_denoised=True`` clamps the predicted x_0 to [-1, 1], which is
+meant for pixels; Open-Sora 1.0 samples VAE latents (x 0.18215, not bounded by 1) with
+``clip_denoised=False``, the default everywhere here.
 """
 
 from __future__ import annotations
@@ -149,7 +129,8 @@ def discretized_gaussian_log_likelihood(x: Tensor, *, means: Tensor, log_scales:
     """Log-likelihood (nats, elementwise) of data x in [-1, 1] quantized to 256 bins of width 2/255
     under N(means, exp(log_scales)^2); the edge bins take the whole tails (DDPM's decoder L_0)."""
     if x.shape != means.shape or x.shape != log_scales.shape:
-        raise ValueError(f"x: shape {tuple(x.shape)} must equal means {tuple(means.shape)} and log_scales {tuple(log_scales.shape)}")
+        raise ValueError(f"x: shape {tuple(x.shape)} must equal means {tuple(means.shape)} "
+                         f"and log_scales {tuple(log_scales.shape)}")
     centered = x - means
     inv_std = torch.exp(-log_scales)
     cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
@@ -211,6 +192,9 @@ class IDDPM:
     # -- tables ----------------------------------------------------------------------------------
 
     def _set_tables(self, betas: np.ndarray) -> None:
+        # float64, as the reference: diffusers' DDPMScheduler(beta_schedule="linear") builds these in
+        # float32 (float32 linspace and cumprod), and 867 of its 1000 alphas_cumprod then differ from the
+        # float64 table rounded to float32 (by up to 2.5e-7), enough to miss the reference's losses
         self.betas = betas
         self.num_timesteps = len(betas)
         alphas = 1.0 - betas
@@ -275,7 +259,8 @@ class IDDPM:
         elif noise.shape != x_start.shape:
             raise ValueError(f"noise: shape {tuple(noise.shape)} does not match x_start {tuple(x_start.shape)}")
         n = x_start.dim()
-        return self._extract("sqrt_alphas_cumprod", t, n) * x_start + self._extract("sqrt_one_minus_alphas_cumprod", t, n) * noise
+        a, b = self._extract("sqrt_alphas_cumprod", t, n), self._extract("sqrt_one_minus_alphas_cumprod", t, n)
+        return a * x_start + b * noise
 
     def q_posterior_mean_variance(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
@@ -287,7 +272,8 @@ class IDDPM:
 
     # -- reverse process -------------------------------------------------------------------------
 
-    def p_mean_variance(self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = False) -> dict[str, Tensor]:
+    def p_mean_variance(self, model_output: Tensor, x_t: Tensor, t: Tensor,
+                        clip_denoised: bool = False) -> dict[str, Tensor]:
         """Mean and (log-)variance of p(x_{t-1} | x_t) from the model's raw output.
 
         model_output: (B, 2C, ...) eps and v when learn_sigma, else (B, C, ...) eps.
@@ -305,11 +291,13 @@ class IDDPM:
         else:
             eps = model_output
             log_variance = self._extract("fixed_large_log_variance", t, n).expand_as(x_t)
-        pred_xstart = self._extract("sqrt_recip_alphas_cumprod", t, n) * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, n) * eps
+        a, b = self._extract("sqrt_recip_alphas_cumprod", t, n), self._extract("sqrt_recipm1_alphas_cumprod", t, n)
+        pred_xstart = a * x_t - b * eps
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
-        return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart, eps=eps)
+        return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart,
+                    eps=eps)
 
     def vb_terms_bpd(self, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Per-sample variational-bound term in bits: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for
@@ -338,10 +326,7 @@ class IDDPM:
         learn_sigma, else (B, C, ...). mse = mean over non-batch dims of (noise - eps)^2; vb (bits)
         is computed with eps detached (only the variance output gets its gradient); loss = mse + vb.
         """
-        if model_kwargs is None:
-            model_kwargs = {}
-        if not isinstance(model_kwargs, dict):
-            raise ValueError(f"model_kwargs: expected a dict or None, got {type(model_kwargs).__name__}")
+        model_kwargs = self._check_kwargs(model_kwargs)
         self._check_x(x_start, "x_start")
         t = self._check_t(t, x_start.shape[0], x_start.device)
         if noise is None:
@@ -435,16 +420,8 @@ class IDDPM:
         Returns x_0 of ``shape`` (float32).
         """
         shape = self._check_sampling_args(shape, cfg_scale, guide_channels)
-        model_kwargs = {} if model_kwargs is None else model_kwargs
-        if not isinstance(model_kwargs, dict):
-            raise ValueError(f"model_kwargs: expected a dict or None, got {type(model_kwargs).__name__}")
-        device = torch.device(device) if device is not None else (generator.device if generator is not None else torch.device("cpu"))
-        if noise is not None:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise: shape {tuple(noise.shape)} does not match shape {shape}")
-            x = noise.to(device=device, dtype=torch.float32)
-        else:
-            x = torch.randn(shape, generator=generator, device=device)
+        model_kwargs = self._check_kwargs(model_kwargs)
+        device, x = self._start(shape, generator, device, noise)
         steps = list(range(self.num_timesteps))[::-1]
         if progress:
             from tqdm.auto import tqdm
@@ -485,18 +462,17 @@ class IDDPM:
         epsilon prediction, and calls the model with original step indices; respacing does not
         apply. Same classifier-free guidance as :meth:`sample` (guide_channels default None = all
         channels; 3 = Open-Sora's quirk). The learned variance is unused (ODE solver); eps is the
-        first C channels, sliced here (diffusers' ``variance_type="learned_range"`` would keep
-        ``[:, :3]``, see the module docstring).
+        first C channels, sliced here: diffusers' ``variance_type="learned_range"`` would keep
+        ``model_output[:, :3]``, hard-coded for 3-channel images, wrong for 4-channel latents.
         """
         from diffusers import DPMSolverMultistepScheduler
 
         shape = self._check_sampling_args(shape, cfg_scale, guide_channels)
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= self.num_train_timesteps:
-            raise ValueError(f"num_inference_steps: expected an int in [1, {self.num_train_timesteps}], got {num_inference_steps!r}")
-        model_kwargs = {} if model_kwargs is None else model_kwargs
-        if not isinstance(model_kwargs, dict):
-            raise ValueError(f"model_kwargs: expected a dict or None, got {type(model_kwargs).__name__}")
-        device = torch.device(device) if device is not None else (generator.device if generator is not None else torch.device("cpu"))
+            raise ValueError(f"num_inference_steps: expected an int in [1, {self.num_train_timesteps}], "
+                             f"got {num_inference_steps!r}")
+        model_kwargs = self._check_kwargs(model_kwargs)
+        device, x = self._start(shape, generator, device, noise)
         scheduler = DPMSolverMultistepScheduler(
             num_train_timesteps=self.num_train_timesteps,
             trained_betas=self.train_betas,
@@ -507,12 +483,6 @@ class IDDPM:
         with warnings.catch_warnings():  # diffusers 0.42 calls np.array(tensor, copy=False) here
             warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
             scheduler.set_timesteps(num_inference_steps, device=device)
-        if noise is not None:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise: shape {tuple(noise.shape)} does not match shape {shape}")
-            x = noise.to(device=device, dtype=torch.float32)
-        else:
-            x = torch.randn(shape, generator=generator, device=device)
         x = x * scheduler.init_noise_sigma
         steps = scheduler.timesteps
         if progress:
@@ -526,7 +496,29 @@ class IDDPM:
             x = scheduler.step(out[:, :C].float(), ts, x, generator=generator).prev_sample
         return x
 
+    @staticmethod
+    def _start(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str | None,
+               noise: Tensor | None) -> tuple[torch.device, Tensor]:
+        """The sampling device (``device``, else the generator's, else CPU) and x_T: ``noise`` if given,
+        else drawn from ``generator``."""
+        if device is None:
+            device = generator.device if generator is not None else "cpu"
+        device = torch.device(device)
+        if noise is None:
+            return device, torch.randn(shape, generator=generator, device=device)
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise: shape {tuple(noise.shape)} does not match shape {shape}")
+        return device, noise.to(device=device, dtype=torch.float32)
+
     # -- validation ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_kwargs(model_kwargs: dict | None) -> dict:
+        if model_kwargs is None:
+            return {}
+        if not isinstance(model_kwargs, dict):
+            raise ValueError(f"model_kwargs: expected a dict or None, got {type(model_kwargs).__name__}")
+        return model_kwargs
 
     @staticmethod
     def _check_x(x: Tensor, name: str) -> None:
@@ -539,5 +531,6 @@ class IDDPM:
         want = (x.shape[0], 2 * C if self.learn_sigma else C, *x.shape[2:])
         if not isinstance(out, Tensor) or tuple(out.shape) != want:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            why = "2*C channels (eps and the learned variance; learn_sigma=True)" if self.learn_sigma else "C channels (eps; learn_sigma=False)"
+            why = ("2*C channels (eps and the learned variance; learn_sigma=True)" if self.learn_sigma
+                   else "C channels (eps; learn_sigma=False)")
             raise ValueError(f"model output: expected shape {want}, {why}, got {got}")

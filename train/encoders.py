@@ -2,49 +2,18 @@
 
 Both wrap a pretrained model, keep it in eval mode with every parameter frozen, run their encodes under
 ``torch.no_grad()`` and load weights only from a local directory (``local_files_only=True``: nothing is
-downloaded at run time). Each also has a ``tiny(seed)`` constructor that builds a small randomly
-initialised model in code, for tests and the CPU demo (no files at all).
+downloaded at run time; a missing folder says what to put where). Each also has a ``tiny(seed)``
+constructor that builds a small randomly initialised model in code, for tests and the CPU demo.
 
-VideoVAE
---------
-Open-Sora 1.0 encodes video with the Stable Diffusion image VAE (diffusers ``AutoencoderKL``,
-``stabilityai/sd-vae-ft-ema``) frame by frame: (B, 3, T, H, W) in [-1, 1] -> (B, 4, T, H/8, W/8), i.e.
-8x spatial and no temporal compression, with the latents multiplied by 0.18215. Frames go through the VAE
-``micro_batch_size`` at a time (Open-Sora's micro-batched VAE: bounded activation memory whatever B*T).
+* ``VideoVAE``: Open-Sora 1.0's Stable Diffusion image VAE (diffusers ``AutoencoderKL``,
+  ``stabilityai/sd-vae-ft-ema``) applied frame by frame, (B, 3, T, H, W) in [-1, 1] -> latents
+  (B, 4, T, H/8, W/8) x 0.18215, ``micro_batch_size`` frames at a time (bounded activation memory
+  whatever B*T).
+* ``TextEncoder``: transformers ``T5EncoderModel`` + tokenizer (t5-v1_1-xxl in Open-Sora 1.0: 4096-wide
+  features), captions -> ``y`` (B, 1, L, C), the layout STDiT's caption embedder takes, and the
+  attention ``mask`` (B, L), L = 120 tokens by default.
 
-Scaling factor -- our decision: STDiT was trained on latents scaled by 0.18215, so that is the factor we
-use (``OPEN_SORA_SCALING_FACTOR``). The VAE's ``config.scaling_factor`` is read and, when it is present and
-equal, used as is; when it differs (e.g. an SDXL VAE's 0.13025) we warn and still use 0.18215 unless the
-caller passes ``scaling_factor=`` explicitly. (sd-vae-ft-ema's config.json predates the field; diffusers
-fills in its default, 0.18215.)
-
-Posterior: ``encode(..., sample=True)`` draws from the diagonal Gaussian posterior like Open-Sora
-(``latent_dist.sample()``), optionally from a ``generator`` for determinism; ``sample=False`` takes its
-mean (mode). The draw is made per micro-batch from the same generator, so results depend on
-``micro_batch_size`` only when ``sample=True``.
-
-TextEncoder
------------
-``transformers`` ``T5EncoderModel`` + tokenizer (t5-v1_1-xxl in Open-Sora 1.0: 4096-wide features).
-``encode(captions)`` pads/truncates every caption to ``model_max_length`` tokens (120 by default; EOS is
-kept when truncating) and returns ``y`` (B, 1, L, C) -- the layout STDiT's caption embedder takes -- and the
-attention ``mask`` (B, L) int64, 1 on real tokens (including EOS). Empty captions (and ``None``, read as
-``""``) are valid: they encode to EOS only, mask length 1.
-
-The tiny text encoder uses transformers' ``ByT5Tokenizer``, which needs no vocabulary file (UTF-8 bytes
-offset by 3 for pad=0, eos=1, unk=2, plus 125 extra ids: 384 ids). ``TextEncoder.save_pretrained`` writes
-the tokenizer's two small JSON files next to the model, so ``from_pretrained`` reloads it with
-``AutoTokenizer`` like any other tokenizer.
-
-``TextEncoder.tiny(tokenizer="words")`` (stage configs: ``text = "tiny-words"``) swaps the bytes for whole
-words: a ``tokenizers`` WordLevel model (lower-cased, split on whitespace, punctuation dropped) over a vocabulary
-built in code, ``word_vocabulary()`` = the synthetic data's caption words (``stdit.train.synthetic``), any
-other word -> ``<unk>``. Why the CPU demo uses it: a pretrained T5 hands the model features that already
-name words; a *random* byte-level encoder hands it a colour as three or six bytes at a position that shifts
-with the words before it, which a small model needs many more steps to decode (measured: after 600 and 1,200
-stage-1 steps the byte-level demo model drew the prompted background but the wrong shape colour).
-
-``transformers`` is imported lazily (only ``TextEncoder`` needs it); so is ``diffusers``.
+``transformers`` and ``diffusers`` are imported lazily, by the constructors that need them.
 """
 
 from __future__ import annotations
@@ -79,10 +48,27 @@ _T5_WEIGHTS = (
 _T5_TOKENIZER = ("spiece.model", "tokenizer.json", "tokenizer_config.json")
 
 
-def _freeze(module: nn.Module) -> None:
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
+class _FrozenEncoder(nn.Module):
+    """A wrapper of pretrained weights that stays in eval mode with no gradients."""
+
+    def _freeze(self) -> None:
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def train(self, mode: bool = True) -> "_FrozenEncoder":  # frozen: always eval
+        return super().train(False)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
 
 def _check_local_dir(local_dir: str | os.PathLike, repo: str, groups: Sequence[tuple[str, Sequence[str]]]) -> Path:
@@ -117,8 +103,15 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class VideoVAE(nn.Module):
-    """Per-frame ``AutoencoderKL``: videos (B, 3, T, H, W) in [-1, 1] <-> scaled latents (B, 4, T, H/8, W/8)."""
+class VideoVAE(_FrozenEncoder):
+    """Per-frame ``AutoencoderKL``: videos (B, 3, T, H, W) in [-1, 1] <-> scaled latents (B, 4, T, H/8, W/8).
+
+    Scaling factor -- our decision: STDiT was trained on latents scaled by 0.18215, so that is the factor
+    used (``OPEN_SORA_SCALING_FACTOR``). The VAE's ``config.scaling_factor`` is used when it is present and
+    equal; when it differs (e.g. an SDXL VAE's 0.13025) a warning says so and 0.18215 is still used unless
+    the caller passes ``scaling_factor=``. (sd-vae-ft-ema's config.json predates the field; diffusers
+    fills in its default, 0.18215.)
+    """
 
     def __init__(
         self,
@@ -149,11 +142,9 @@ class VideoVAE(nn.Module):
         self.latent_channels = int(getattr(cfg, "latent_channels", 4))
         n_blocks = len(getattr(cfg, "block_out_channels", (0, 0, 0, 0)))
         self.downsample = 2 ** (n_blocks - 1)
-        _freeze(self)
+        self._freeze()
 
     # -- constructors -----------------------------------------------------------------------------------
-    TINY_TOKENIZERS = ("bytes", "words")
-
     @classmethod
     def from_pretrained(
         cls,
@@ -217,18 +208,6 @@ class VideoVAE(nn.Module):
         self.vae.save_pretrained(str(local_dir), safe_serialization=True)
         return Path(local_dir)
 
-    # -- properties -------------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
-
-    def train(self, mode: bool = True) -> "VideoVAE":  # frozen: always eval
-        return super().train(False)
-
     def describe(self) -> dict[str, Any]:
         """JSON-able description (recorded in prepared datasets)."""
         cfg = getattr(self.vae, "config", None)
@@ -239,7 +218,7 @@ class VideoVAE(nn.Module):
             "latent_channels": self.latent_channels,
             "downsample": self.downsample,
             "block_out_channels": list(getattr(cfg, "block_out_channels", [])),
-            "num_parameters": sum(p.numel() for p in self.vae.parameters()),
+            "num_parameters": self.num_parameters(),
         }
 
     # -- encode / decode --------------------------------------------------------------------------------
@@ -251,7 +230,12 @@ class VideoVAE(nn.Module):
         sample: bool = True,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """(B, 3, T, H, W) in [-1, 1] -> latents (B, 4, T, H/8, W/8) x scaling_factor (VAE's dtype/device)."""
+        """(B, 3, T, H, W) in [-1, 1] -> latents (B, 4, T, H/8, W/8) x scaling_factor (VAE's dtype/device).
+
+        ``sample=True`` draws from the diagonal Gaussian posterior like Open-Sora (``latent_dist.sample()``,
+        from ``generator`` when given, one draw per micro-batch: the result then depends on
+        ``micro_batch_size``); ``sample=False`` takes its mean.
+        """
         if not isinstance(videos, torch.Tensor) or videos.dim() != 5 or videos.shape[1] != 3:
             shape = tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
             raise ValueError(f"videos must be a (B, 3, T, H, W) tensor, got {shape}")
@@ -321,7 +305,7 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(_FrozenEncoder):
     """T5 encoder + tokenizer: captions -> (y (B, 1, L, C), mask (B, L) int64), L = ``model_max_length``."""
 
     def __init__(
@@ -340,7 +324,7 @@ class TextEncoder(nn.Module):
         self.model_max_length = int(model_max_length)
         self.name = name
         self.hidden_size = int(getattr(model.config, "d_model", 0))
-        _freeze(self)
+        self._freeze()
 
     # -- constructors -----------------------------------------------------------------------------------
     TINY_TOKENIZERS = ("bytes", "words")
@@ -380,7 +364,16 @@ class TextEncoder(nn.Module):
         tokenizer: str = "bytes",
     ) -> "TextEncoder":
         """A small random T5 encoder with a tokenizer that needs no files: ``"bytes"`` (transformers'
-        ``ByT5Tokenizer``) or ``"words"`` (``word_tokenizer()``: the synthetic captions' words)."""
+        ``ByT5Tokenizer``: UTF-8 bytes offset by 3 for pad=0, eos=1, unk=2, plus 125 extra ids) or
+        ``"words"`` (``word_tokenizer()``: the synthetic captions' words; stage configs: ``text =
+        "tiny-words"``). ``save_pretrained`` writes either tokenizer next to the model, so
+        ``from_pretrained`` reloads it like any other.
+
+        Why the CPU demo uses words: a pretrained T5 hands the model features that already name words; a
+        *random* byte-level encoder hands it a colour as three or six bytes at a position that shifts
+        with the words before it, which a small model needs many more steps to decode (measured: after
+        600 and 1,200 stage-1 steps the byte-level demo model drew the prompted background but the wrong
+        shape colour)."""
         from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
         if tokenizer not in cls.TINY_TOKENIZERS:
@@ -414,18 +407,6 @@ class TextEncoder(nn.Module):
         self.tokenizer.save_pretrained(str(local_dir))
         return Path(local_dir)
 
-    # -- properties -------------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def train(self, mode: bool = True) -> "TextEncoder":  # frozen: always eval
-        return super().train(False)
-
     def describe(self) -> dict[str, Any]:
         return {
             "kind": "TextEncoder",
@@ -433,12 +414,13 @@ class TextEncoder(nn.Module):
             "tokenizer": type(self.tokenizer).__name__,
             "model_max_length": self.model_max_length,
             "hidden_size": self.hidden_size,
-            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "num_parameters": self.num_parameters(),
         }
 
     # -- encode -----------------------------------------------------------------------------------------
     def tokenize(self, captions: Iterable[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """captions -> (input_ids (B, L), mask (B, L) int64), padded to and truncated at L (EOS kept)."""
+        """captions -> (input_ids (B, L), mask (B, L) int64), padded to and truncated at L (EOS kept); the
+        mask is 1 on real tokens including EOS. An empty caption (or None, read as "") is valid: EOS only."""
         if isinstance(captions, (str, bytes)) or not isinstance(captions, (list, tuple)):
             raise TypeError(f"captions must be a list of str, got {type(captions).__name__}")
         texts = []

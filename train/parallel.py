@@ -1,5 +1,5 @@
-"""Hybrid parallelism on torch.distributed: one validated dp x sp layout on a DeviceMesh, data
-parallel wrapping (FSDP2 or DDP) and distributed checkpoints (torch.distributed.checkpoint).
+"""Hybrid parallelism on torch.distributed: one validated dp x sp layout on a DeviceMesh and data
+parallel wrapping (FSDP2 or DDP); checkpoints are stdit.train.distributed_checkpoint's.
 
 Launch with torchrun (single- or multi-node); nothing here launches processes or implements
 collectives itself:
@@ -19,16 +19,14 @@ loss by it before backward). This keeps one data-parallel group and no custom al
 Wrapping order (fixed, documented so memory and speed are reproducible): activation checkpointing
 (the model's own ``checkpoint`` flag, per block) -> torch.compile per block (``compile_blocks``)
 -> FSDP2 ``fully_shard`` per block, then on the root (ZeRO-3 style; bf16 parameters with fp32
-gradient reduction on GPU) | or DDP on the root. With sequence parallelism the SP wrapper calls the
-blocks' submodules directly, so FSDP2 shards at the root only (one all-gather per forward).
+gradient reduction on GPU) | or DDP on the root. Sequence parallelism only hooks the blocks'
+attention modules, so FSDP2 shards per block under it too.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,7 +47,7 @@ class ParallelConfig:
     plugin: str = "zero2"  # engine = "colossalai": "zero2" (LowLevelZero stage 2, Open-Sora's), "hybrid", "ddp"
     compile_blocks: bool = False
 
-    def validate(self, world_size: int | None = None, num_heads: int | None = None) -> "ParallelConfig":
+    def validate(self, world_size: int | None = None, num_heads: int | None = None) -> ParallelConfig:
         """Raise ValueError naming the field for a layout that cannot run; returns self."""
         for name in ("dp", "sp"):
             v = getattr(self, name)
@@ -122,8 +120,7 @@ def build_mesh(cfg: ParallelConfig, device: torch.device):
 # ----------------------------------------------------------------------------------------------------
 
 
-def wrap_data_parallel(model: nn.Module, cfg: ParallelConfig, device: torch.device, *, per_block: bool = True,
-                       bf16: bool = False) -> nn.Module:  # fmt: skip
+def wrap_data_parallel(model: nn.Module, cfg: ParallelConfig, device: torch.device, *, bf16: bool = False) -> nn.Module:
     """FSDP2 (``fully_shard`` per block then root) or DDP over every rank (see the module docstring).
 
     ``bf16``: FSDP2 mixed precision with bf16 parameters/compute and fp32 gradient reduction.
@@ -143,113 +140,7 @@ def wrap_data_parallel(model: nn.Module, cfg: ParallelConfig, device: torch.devi
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("world",))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    if per_block:
-        for block in getattr(model, "blocks", []):
-            fully_shard(block, mesh=mesh, mp_policy=mp)
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-# ----------------------------------------------------------------------------------------------------
-# Distributed checkpoints
-# ----------------------------------------------------------------------------------------------------
-
-DCP_DONE = "COMPLETE"
-
-
-def save_distributed(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                     extra: dict | None = None, ema: dict | None = None) -> Path:  # fmt: skip
-    """Save a (possibly FSDP-sharded) model and optimizer with torch.distributed.checkpoint.
-
-    ``ema``: a name -> tensor dict (an EMA's shadow, sharded like the parameters under FSDP2) saved
-    beside the model. Every rank writes its shards into ``path.tmp-dcp``; after a barrier rank 0 writes the
-    ``COMPLETE`` marker (with ``extra`` as JSON) and renames the directory to ``path`` (atomic), so a
-    killed job never leaves a ``path`` that looks complete. Loadable on any world size.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp-dcp")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
-    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer if optimizer is not None else [])
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optim"] = optim_sd
-    if ema is not None:
-        state["ema"] = dict(ema)
-    dcp.save(state, checkpoint_id=str(tmp))
-    return publish(tmp, path, extra)
-
-
-def publish(tmp: Path, path: Path, extra: dict | None) -> Path:
-    """After every rank has written into ``tmp``: rank 0 writes the COMPLETE marker (``extra`` as
-    JSON) and renames ``tmp`` to ``path`` (an old ``path`` is moved aside first and removed after),
-    so ``path`` is either absent, the old checkpoint, or the complete new one."""
-    import json
-
-    _barrier()
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        (tmp / DCP_DONE).write_text(json.dumps(extra or {}))
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return path
-
-
-def load_distributed(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                     ema: dict | None = None) -> dict:
-    """Load a save_distributed checkpoint into ``model`` / ``optimizer`` (and the ``ema`` dict's
-    tensors, in place) sharded however they are now (another world size is fine); returns the saved
-    ``extra``."""
-    import json
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    path = Path(path)
-    if not (path / DCP_DONE).is_file():
-        raise FileNotFoundError(f"path: {path} is not a complete distributed checkpoint (no {DCP_DONE} marker)")
-    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer if optimizer is not None else [])
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optim"] = optim_sd
-    if ema is not None:
-        state["ema"] = ema  # loaded in place
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(unwrap(model), optimizer if optimizer is not None else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optim", {}))  # fmt: skip
-    return json.loads((path / DCP_DONE).read_text() or "{}")
-
-
-def latest_distributed(root: str | Path) -> tuple[int, Path] | None:
-    """(step, path) of the highest-step complete ``root/step-*`` distributed checkpoint, or None."""
-    best = None
-    for d in Path(root).glob("step-*"):
-        if d.is_dir() and (d / DCP_DONE).is_file() and d.name[5:].isdigit():
-            step = int(d.name[5:])
-            if best is None or step > best[0]:
-                best = (step, d)
-    return best
-
-
-def prune_distributed(root: str | Path, keep_last: int) -> None:
-    """Rank 0: delete all but the newest ``keep_last`` complete checkpoints under ``root``."""
-    done = sorted((int(d.name[5:]), d) for d in Path(root).glob("step-*") if (d / DCP_DONE).is_file() and d.name[5:].isdigit())
-    for _, d in done[:-keep_last]:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -1,67 +1,49 @@
 """Encode once, train from cached tensors: VAE latents + T5 features in safetensors shards.
 
 Open-Sora 1.0 ran T5-XXL and the VAE on every training step. ``prepare_dataset`` runs them once over a
-stream of samples and writes the results to disk; ``CachedLatentDataset`` serves them to the trainer.
+stream of samples into a folder; ``prepare_stage`` does that for a stage config's CSV and records what the
+cache was made from, ``check_cache_matches`` refuses a cache of other data or encoders, and
+``CachedLatentDataset`` serves the samples to the trainer.
 
-Layout of ``out_dir``
----------------------
-* ``shard-00000.safetensors``, ``shard-00001.safetensors``, ... each with tensors
+Layout of the folder:
 
-  - ``latents`` (n, 4, T, h, w) float32 -- scaled VAE latents (kept in fp32: they are the diffusion
-    target x0 and small, 256 KB per 16x256x256 clip);
-  - ``y`` (n, 1, L, C) **bfloat16** by default (``text_dtype``) -- T5 features dominate the disk
-    (120 x 4096 x 4 B = 1.9 MB per sample in fp32); bf16 halves that and keeps fp32's exponent range, and
-    the model trains in bf16 anyway. ``CachedLatentDataset(dtype=...)`` casts on load (fp32 by default);
-  - ``mask`` (n, L) int64;
+* ``shard-00000.safetensors``, ``shard-00001.safetensors``, ... with the tensors ``latents``
+  (n, 4, T, h, w) float32 (the diffusion target x0: small, so kept exact), ``y`` (n, 1, L, C) bfloat16 by
+  default (T5 features dominate the disk, 1.9 MB per sample in fp32; bf16 halves that and keeps fp32's
+  exponent range) and ``mask`` (n, L) int64; the safetensors metadata key ``stdit`` holds a JSON record of
+  the shard: its number, its samples' ``paths`` and ``texts``, shapes, encoders and settings;
+* ``index.json``: format and version, the shard list (file, count, first sample number, shapes), the
+  sample and skip counts, encoders, dtypes and the ``source`` the samples came from. Written last: its
+  presence means the preparation finished.
 
-  and in the safetensors metadata, key ``stdit``: a JSON string with the shard number, its samples'
-  ``paths`` and ``texts``, the video shape and the encoder descriptions.
-* ``index.json``: format/version, shard list (file, count, first sample number, latent/y/mask shapes),
-  total count, ``num_skipped`` (None samples), encoder descriptions, dtypes. Written last (atomically):
-  its presence means the preparation finished.
-
-Shard boundaries -- our decision, deterministic by sample order: the valid samples (``None`` ones are
-skipped and counted) are cut into consecutive runs of ``shard_size`` samples, and a run also ends early
-when a sample's video shape (T, H, W) differs from the previous one's, because the samples in one shard
-are stacked into one tensor. (So a stream mixing images and videos gives more, smaller shards; sort it by
-shape first to avoid that.) The same stream therefore always gives the same shards.
-
-Atomic and resumable: every file is written to a ``.tmp`` file in ``out_dir`` and renamed into place
-(``os.replace``), so a file with a final name is always complete; an interrupted run leaves at most
-``.tmp`` files, which the next run deletes. A re-run walks the stream again (the videos are decoded again
--- the stream is only iterable, so that is how the boundaries are found) but for each shard whose file
-already exists, reads and carries the matching encoder descriptions, it skips the encoders and checks
-that the incoming samples' paths and shapes equal the recorded ones (a mismatch means the stream changed:
-``RuntimeError``, use a fresh ``out_dir``). Posterior samples are drawn from a generator seeded per
-shard (``seed``, shard number), so a resumed run writes the same bytes as an uninterrupted one. Shard
-files numbered past the new end (from an earlier, longer stream) are deleted.
-
-Scene detection
----------------
-``split_scenes`` cuts a long video into clips at shot boundaries with PySceneDetect's ``ContentDetector``
-(the ``scenedetect`` package, run on its PyAV backend) and re-encodes every scene with PyAV. It needs
-``pip install scenedetect`` (PySceneDetect imports OpenCV for its detectors: ``opencv-python`` or
-``opencv-python-headless``) and ``av``.
+Every file is written under a temporary name and renamed into place (``stdit.common.files``), so a file
+with a final name is complete; an interrupted preparation resumes (see ``prepare_dataset``).
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import os
 import re
-from fractions import Fraction
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch.utils.data import Dataset
 
+from stdit.common.files import atomic_path, write_json
+
 __all__ = [
     "INDEX_NAME",
-    "prepare_dataset",
     "CachedLatentDataset",
-    "split_scenes",
+    "check_cache_matches",
+    "prepare_dataset",
+    "prepare_stage",
     "shard_name",
+    "stage_source",
 ]
 
 INDEX_NAME = "index.json"
@@ -69,34 +51,11 @@ FORMAT = "stdit-cached-latents"
 VERSION = 1
 _META_KEY = "stdit"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
+_TEMP_GLOB = ".*.tmp*"  # temporary files of an interrupted run (stdit.common.files.temp_name)
 
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    try:  # make the rename durable as well (best effort; not on every filesystem)
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    _fsync_replace(tmp, path)
 
 
 def _read_shard_meta(path: Path) -> dict | None:
@@ -154,12 +113,24 @@ def prepare_dataset(
 ) -> Path:
     """Encode ``samples`` (dicts with ``video`` (3, T, H, W) in [-1, 1], ``text``, ``path``; None = bad file,
     skipped and counted) with ``vae`` (``VideoVAE``) and ``text_encoder`` (``TextEncoder``) into shards under
-    ``out_dir``; returns the path of ``index.json``. Resumable (see the module docstring).
+    ``out_dir``; returns the path of ``index.json``.
 
     ``encode_batch_size`` samples go through the encoders together (the VAE further micro-batches frames).
     ``sample_posterior``: draw latents from the VAE posterior (Open-Sora) or take its mean.
     ``source``: a JSON-able description of where the samples came from, kept in the index (``prepare_stage``
     records the CSV, the data settings and the VAE weights' digest there).
+
+    Shards are deterministic by sample order: the valid samples are cut into consecutive runs of
+    ``shard_size``, and a run also ends early where the video shape (T, H, W) changes, because one shard's
+    samples are stacked into one tensor (a stream mixing images and videos gives more, smaller shards;
+    sort it by shape to avoid that). Posterior samples are drawn from a generator seeded per shard, so
+    the same stream always gives the same tensors, resumed or not.
+
+    Resuming: a re-run walks the stream again (it is only iterable, so that is how the boundaries are
+    found). A shard whose file exists and records the same encoders and settings is not encoded again;
+    the incoming paths and shapes must equal the recorded ones (RuntimeError otherwise: the stream
+    changed, use a fresh ``out_dir``). Temporary files of an interrupted run are deleted, and so are
+    shard files numbered past the new end (from an earlier, longer stream).
     """
     from safetensors.torch import save_file
 
@@ -169,15 +140,13 @@ def prepare_dataset(
         raise ValueError(f"encode_batch_size must be >= 1, got {encode_batch_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".*.tmp"):  # leftovers of an interrupted run: never complete, never read
+    for tmp in out.glob(_TEMP_GLOB):  # never complete, never read
         tmp.unlink()
-    index_path = out / INDEX_NAME
     encoders = {"vae": vae.describe(), "text_encoder": text_encoder.describe()}
-    settings = {
-        "sample_posterior": bool(sample_posterior),
-        "seed": int(seed),
-        "text_dtype": _dtype_name(text_dtype),
-    }
+    # torch's spelling of the dtype ("bfloat16"): shards record it in their settings and are reused
+    # only when the settings match, so the name must stay as existing caches wrote it
+    text_dtype_name = str(text_dtype).removeprefix("torch.")
+    settings = {"sample_posterior": bool(sample_posterior), "seed": int(seed), "text_dtype": text_dtype_name}
 
     shards: list[dict] = []
     num_skipped = 0
@@ -205,6 +174,15 @@ def prepare_dataset(
         sh.mask.append(mask.long().cpu())
         sh.pending, sh.pending_texts = [], []
 
+    def check_existing(sh: _Shard, path: str, shape: tuple[int, ...]) -> None:
+        i, rec = len(sh), sh.existing
+        if i >= len(rec["paths"]) or rec["paths"][i] != path or list(shape) != rec.get("video_shape"):
+            got = rec["paths"][i] if i < len(rec["paths"]) else "<end of shard>"
+            raise RuntimeError(
+                f"{out / shard_name(sh.k)} was made from other samples (position {i}: recorded {got!r}, now "
+                f"{path!r} with shape {shape}; the sample stream changed): use a fresh out_dir or delete {out}"
+            )
+
     def close_shard(sh: _Shard) -> None:
         nonlocal reused
         name = shard_name(sh.k)
@@ -218,9 +196,7 @@ def prepare_dataset(
             reused += 1
         else:
             flush_pending(sh)
-            latents = torch.cat(sh.latents)
-            y = torch.cat(sh.y)
-            mask = torch.cat(sh.mask)
+            latents, y, mask = torch.cat(sh.latents), torch.cat(sh.y), torch.cat(sh.mask)
             info = {
                 "shard": sh.k,
                 "first": sh.first,
@@ -233,34 +209,19 @@ def prepare_dataset(
                 "encoders": encoders,
                 "settings": settings,
             }
-            tmp = out / f".{name}.{os.getpid()}.tmp"
-            save_file(
-                {"latents": latents.contiguous(), "y": y.contiguous(), "mask": mask.contiguous()},
-                str(tmp),
-                metadata={_META_KEY: json.dumps(info), "format": "pt"},
-            )
-            _fsync_replace(tmp, out / name)
-        shards.append(
-            {
-                "file": name,
-                "count": len(sh.paths),
-                "first": sh.first,
-                "video_shape": info["video_shape"],
-                "latent_shape": info["latent_shape"],
-                "y_shape": info["y_shape"],
-                "mask_shape": info["mask_shape"],
-            }
-        )
+            with atomic_path(out / name) as tmp:
+                save_file({"latents": latents.contiguous(), "y": y.contiguous(), "mask": mask.contiguous()},
+                          str(tmp), metadata={_META_KEY: json.dumps(info), "format": "pt"})
+        shards.append({"file": name, "count": len(sh.paths), "first": sh.first,
+                       **{key: info[key] for key in ("video_shape", "latent_shape", "y_shape", "mask_shape")}})
 
-    it = samples
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(samples, desc="prepare", unit="sample")
-        it = bar
+        bar = samples = tqdm(samples, desc="prepare", unit="sample")
     try:
-        for s in it:
+        for s in samples:
             if s is None:
                 num_skipped += 1
                 continue
@@ -276,15 +237,7 @@ def prepare_dataset(
             if current is None:
                 current = open_shard(num_samples, shape)
             if current.existing is not None:
-                i = len(current)
-                rec = current.existing
-                if i >= len(rec["paths"]) or rec["paths"][i] != path or list(shape) != rec.get("video_shape"):
-                    got = rec["paths"][i] if i < len(rec["paths"]) else "<end of shard>"
-                    raise RuntimeError(
-                        f"{out / shard_name(current.k)} was made from other samples (position {i}: recorded "
-                        f"{got!r}, now {path!r} with shape {shape}; the sample stream changed): use a fresh "
-                        f"out_dir or delete {out}"
-                    )
+                check_existing(current, path, shape)
             else:
                 current.pending.append(video)
                 current.pending_texts.append(text)
@@ -301,8 +254,7 @@ def prepare_dataset(
         if bar is not None:
             bar.close()
 
-    # shard files past the end (from an earlier run over a longer stream) are not part of this dataset
-    for f in out.iterdir():
+    for f in out.iterdir():  # shards past the end, from an earlier run over a longer stream
         m = _SHARD_RE.match(f.name)
         if m and int(m.group(1)) >= len(shards):
             f.unlink()
@@ -317,19 +269,16 @@ def prepare_dataset(
         "encoders": encoders,
         "settings": settings,
         "latent_dtype": "float32",
-        "y_dtype": _dtype_name(text_dtype),
+        "y_dtype": text_dtype_name,
         "mask_dtype": "int64",
         **({"source": source} if source is not None else {}),
     }
-    _write_json_atomic(index, index_path)
-    return index_path
+    return write_json(out / INDEX_NAME, index)
 
 
 def stage_source(cfg) -> dict:
     """What a stage's cache is made from: the CSV (absolute path, size, modification time), the data
     settings, and the VAE (a digest of its weights file when it is a folder)."""
-    import hashlib
-
     d, e = cfg.data, cfg.encoders
     csv_path = Path(d.csv).resolve()
     st = csv_path.stat()
@@ -352,8 +301,6 @@ def prepare_stage(cfg, out_dir: str | os.PathLike, vae, text_encoder, *, shard_s
     """Encode a stage config's ``[data] csv`` (its frames, frame interval, size and seed) with the given
     encoders into ``out_dir`` (``prepare_dataset``, recording ``stage_source(cfg)``); returns the path of
     ``index.json``."""
-    import warnings
-
     from .data import VideoTextDataset
 
     d = cfg.data
@@ -515,14 +462,8 @@ class CachedLatentDataset(Dataset):
             i += n
         if not 0 <= i < n:
             raise IndexError(f"index {i} out of range for {n} samples")
-        lo, hi = 0, len(self.shards)
-        while hi - lo > 1:  # last shard whose offset <= i
-            mid = (lo + hi) // 2
-            if self.offsets[mid] <= i:
-                lo = mid
-            else:
-                hi = mid
-        return lo, i - self.offsets[lo]
+        k = bisect.bisect_right(self.offsets, i) - 1  # the last shard whose first sample is <= i
+        return k, i - self.offsets[k]
 
     def __getitem__(self, i: int) -> dict:
         k, j = self.locate(int(i))
@@ -541,110 +482,3 @@ class CachedLatentDataset(Dataset):
             "text": info["texts"][j],
             "path": info["paths"][j],
         }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Scene detection
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _import_scenedetect():
-    try:
-        import scenedetect  # noqa: F401
-        from scenedetect import ContentDetector, SceneManager, open_video
-    except ImportError as e:
-        raise ImportError(
-            "split_scenes needs PySceneDetect: pip install scenedetect (it imports OpenCV; on a server "
-            "`pip install scenedetect opencv-python-headless` works) and PyAV (pip install av). "
-            f"Import failed with: {e}"
-        ) from e
-    return ContentDetector, SceneManager, open_video
-
-
-def detect_scenes(
-    video_path: str | os.PathLike, *, threshold: float = 27.0, min_scene_len: int = 15
-) -> list[tuple[float, float]]:
-    """Shot boundaries of a video as (start, end) seconds, via PySceneDetect's ContentDetector on PyAV.
-
-    A video without a detected cut gives one scene covering all of it.
-    """
-    ContentDetector, SceneManager, open_video = _import_scenedetect()
-    video = open_video(str(video_path), backend="pyav")
-    manager = SceneManager()
-    manager.add_detector(ContentDetector(threshold=threshold, min_scene_len=min_scene_len))
-    manager.detect_scenes(video=video, show_progress=False)
-    scenes = manager.get_scene_list()
-    if not scenes:
-        return [(0.0, float("inf"))]
-    def seconds(tc) -> float:  # `.seconds` in scenedetect >= 0.7, `get_seconds()` before
-        v = getattr(tc, "seconds", None)
-        return float(v if v is not None and not callable(v) else tc.get_seconds())
-
-    out = [(seconds(a), seconds(b)) for a, b in scenes]
-    out[-1] = (out[-1][0], float("inf"))  # keep the tail frames, whatever the end timecode's rounding
-    return out
-
-
-def split_scenes(
-    video_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    threshold: float = 27.0,
-    min_scene_len: int = 15,
-    codec: str = "libx264",
-) -> list[Path]:
-    """Split a video at shot boundaries (PySceneDetect ContentDetector, ``threshold``, ``min_scene_len``
-    frames) and write each scene as its own clip ``out_dir/<stem>-scene-000.mp4`` ... (re-encoded with PyAV,
-    same frame rate and size; ``codec`` falls back to mpeg4 if unavailable). Returns the clip paths in order.
-    """
-    scenes = detect_scenes(video_path, threshold=threshold, min_scene_len=min_scene_len)
-    import av
-
-    src_path = Path(video_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if codec not in av.codecs_available:
-        codec = "mpeg4"
-    paths: list[Path] = []
-    with av.open(str(src_path)) as src:
-        stream = src.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
-        start0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        half_frame = 0.5 / float(rate)
-        k = -1
-        n_out = 0
-        sink = None
-        ostream = None
-        try:
-            for frame in src.decode(stream):
-                t = (float(frame.time) if frame.time is not None else 0.0) - start0
-                # scene of this frame (frame times are rounded; half a frame of slack at the cut)
-                kk = k if k >= 0 else 0
-                while kk + 1 < len(scenes) and t + half_frame >= scenes[kk + 1][0]:
-                    kk += 1
-                if kk != k:
-                    if sink is not None:
-                        for pkt in ostream.encode():
-                            sink.mux(pkt)
-                        sink.close()
-                    k = kk
-                    p = out / f"{src_path.stem}-scene-{len(paths):03d}.mp4"
-                    sink = av.open(str(p), mode="w")
-                    ostream = sink.add_stream(codec, rate=rate)
-                    ostream.width = frame.width - frame.width % 2
-                    ostream.height = frame.height - frame.height % 2
-                    ostream.pix_fmt = "yuv420p"
-                    ostream.time_base = Fraction(1, 1) / rate
-                    paths.append(p)
-                    n_out = 0
-                img = frame.reformat(width=ostream.width, height=ostream.height, format="yuv420p")
-                img.pts = n_out  # constant frame rate, time base 1/rate
-                n_out += 1
-                for pkt in ostream.encode(img):
-                    sink.mux(pkt)
-        finally:
-            if sink is not None:
-                for pkt in ostream.encode():
-                    sink.mux(pkt)
-                sink.close()
-    return paths

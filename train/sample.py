@@ -10,6 +10,7 @@ quirk) produces latents, the VAE decodes them per frame, and the frames are writ
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -17,20 +18,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stdit.common.files import atomic_path
+
+from .build import build_encoders, build_model, resolve_device
+from .checkpoint import checkpoint_weights, latest_checkpoint
 from .config import from_dict
+from .diffusion import IDDPM
+from .synthetic import write_mp4
 
 
 def load_for_sampling(checkpoint: str | Path, device: torch.device):
     """(config, model with EMA weights, vae, text encoder) from a checkpoint or run directory."""
-    from .checkpoint import latest_checkpoint
-    from .trainer import build_encoders, build_model, checkpoint_weights
-
     path = Path(checkpoint)
     ckpt = path if (path / "meta.json").is_file() else latest_checkpoint(path)
     if ckpt is None:
         raise FileNotFoundError(f"checkpoint: no complete checkpoint at {path}")
-    import json
-
     meta = json.loads((ckpt / "meta.json").read_text())
     raw = (meta.get("extra") or {}).get("config")
     if not raw:
@@ -48,15 +50,13 @@ def load_for_sampling(checkpoint: str | Path, device: torch.device):
 
 
 def write_video(frames: np.ndarray, out: str | Path, fps: int = 8) -> Path:
-    """frames (T, H, W, 3) uint8 -> an mp4 (PyAV, H.264) or a GIF (Pillow) by the file's suffix; an
-    mp4 that cannot be encoded here falls back to a GIF next to it (with a warning)."""
+    """frames (T, H, W, 3) uint8 -> an mp4 (PyAV, H.264) or a GIF (Pillow) by the file's suffix, written
+    atomically; an mp4 that cannot be encoded here falls back to a GIF next to it (with a warning)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() != ".gif":
         try:
-            from .synthetic import write_mp4
-
-            write_mp4(out, frames, fps)
+            with atomic_path(out) as tmp:
+                write_mp4(tmp, frames, fps)  # the container format is named: the temporary suffix does not matter
             return out
         except Exception as e:  # noqa: BLE001 - no encoder: fall back to GIF
             warnings.warn(f"could not write {out} as mp4 ({e}); writing a GIF instead", stacklevel=2)
@@ -64,9 +64,8 @@ def write_video(frames: np.ndarray, out: str | Path, fps: int = 8) -> Path:
     from PIL import Image
 
     images = [Image.fromarray(f) for f in frames]
-    tmp = out.with_name(out.name + ".tmp")
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     return out
 
 
@@ -89,9 +88,6 @@ def sample_video(
 
     ``sheet``: also write the frames side by side as one PNG (a contact sheet: the whole clip at a glance).
     """
-    from .diffusion import IDDPM
-    from .trainer import resolve_device
-
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt: expected a non-empty caption")
     if steps < 1 or steps > 1000:
@@ -125,8 +121,6 @@ def write_sheet(frames: np.ndarray, out: str | Path) -> Path:
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"sheet: expected a .png path, got {str(out)!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    Image.fromarray(np.concatenate(list(frames), axis=1)).save(tmp, format="PNG")
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        Image.fromarray(np.concatenate(list(frames), axis=1)).save(tmp, format="PNG")
     return out

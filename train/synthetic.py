@@ -11,7 +11,8 @@
 * ``broken/...``: with ``corrupt=n``, n broken entries cycling over a truncated mp4, a file of garbage
   bytes and a path that does not exist (for tests and demos of the skip-bad-samples path);
 * ``captions.csv`` with header ``path,text,num_frames`` (paths relative to ``out_dir``; ``num_frames`` is
-  1 for images and left empty for the missing / garbage entries).
+  1 for images and left empty for the missing / garbage entries), written last and atomically: when it
+  exists, the dataset is complete.
 
 Everything is a pure function of ``seed`` (the decoded pixels and the CSV; the mp4 bytes come from the
 encoder and are deterministic in practice too). The default call takes well under a second.
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from stdit.common.files import atomic_path
 
 __all__ = [
     "COLORS",
@@ -335,7 +338,7 @@ def make_synthetic_dataset(out_dir: str | Path, *, num_videos: int = 8, num_imag
             rows.append((rel, "a path that does not exist (corrupt entry)", ""))
 
     csv_path = out / "captions.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "text", "num_frames"])
         writer.writerows(rows)

@@ -1,39 +1,15 @@
 """Fit a small ``AutoencoderKL`` on a dataset's frames, so that a demo without a pretrained VAE still decodes.
 
-The CPU demo cannot download ``sd-vae-ft-ema``; a randomly initialised VAE decodes even a perfectly learnt
-latent into noise. ``fit_vae(csv_path, out_dir)`` trains a small diffusers ``AutoencoderKL`` with the real
-VAE's geometry (8x spatial downsampling: four encoder blocks; 4 latent channels; ``scaling_factor`` 0.18215
-in its config) on frames of the CSV's videos and images, and writes it with ``save_pretrained`` so that
-``VideoVAE.from_pretrained(out_dir)`` (and a stage config's ``vae = "out_dir"``) loads it offline.
+The CPU demo cannot download ``sd-vae-ft-ema``, and a randomly initialised VAE decodes even a perfectly
+learnt latent into noise. ``fit_vae(csv_path, out_dir)`` trains a small diffusers ``AutoencoderKL`` with
+the real VAE's geometry (8x spatial downsampling: four encoder blocks; 4 latent channels;
+``scaling_factor`` 0.18215 in its config) on frames of the CSV's videos and images, standardises its
+latent space for diffusion, and writes it with ``save_pretrained`` so that ``VideoVAE.from_pretrained``
+(and a stage config's ``vae = "out_dir"``) loads it offline.
 
-Recipe (our choices, tuned for a 2-core CPU and the synthetic moving-shapes data):
-
-* frames: one pass over the CSV (or each of several CSVs, pooled) with ``VideoTextDataset`` (``frames_per_video`` frames spread over each
-  video, images as they are; unreadable files are skipped with a warning) at the fitting resolution
-  ``image_size`` -- fitting at 32x32 or 48x48 is several times cheaper than at 64x64, and the fully
-  convolutional VAE then works at 64x64 / 96x96 too (measured on the demo's shapes: fitting at 64x64
-  instead costs 2x the time and still draws circles as rings at 64x64 -- an 8x8 latent holds little shape). The pool is decoded once and kept in memory; each
-  step takes ``batch_frames`` frames drawn at random from the whole pool (many videos per batch), with
-  random horizontal / vertical flips;
-* loss: pixel MSE + 0.1 x L1 + ``kl_weight`` (1e-6) x KL of the posterior (summed over latent elements,
-  averaged over frames) -- the tiny KL weight keeps the posterior nearly deterministic, as in SD's VAE;
-* AdamW, cosine learning-rate decay to 5% after a short warm-up.
-
-Latent scale. Diffusion wants latents of roughly unit variance: STDiT multiplies the VAE's latents by
-0.18215 (``VideoVAE`` forces that factor unless told otherwise), which suits SD's VAE (latent std ~5.5)
-but not a freshly fitted one, whose latent std is whatever training made it. Rather than a per-VAE
-``scaling_factor`` (which ``VideoVAE`` would override with a warning), after fitting we *standardise* the
-latent space exactly: the encoder's 1x1 ``quant_conv`` (which outputs the posterior mean and log-variance)
-is rescaled so that each latent channel's mean over the pool is 0 and its std is 1/0.18215, and the
-decoder's 1x1 ``post_quant_conv`` absorbs the inverse affine map. Reconstructions are unchanged (up to
-float rounding); ``encode(...) * 0.18215`` then has per-channel mean ~0 and std ~1. ``fit_vae.json`` in
-the output records the statistics before and after (and the reconstruction MSE before/after training).
-
-Writing is atomic: the model goes to a temporary sibling directory that is renamed to ``out_dir`` only when
-complete (``fit_vae.json`` is written last, before the rename). ``vae_is_complete(out_dir)`` checks that;
-``stdit fit-vae`` skips the fit when it holds, so a re-run demo resumes.
-
-Command line: ``stdit fit-vae --csv runs/demo/videos/captions.csv --out runs/demo/vae [--steps N]``.
+The folder is published atomically: it is written under a temporary name and renamed to ``out_dir``
+when complete, ``fit_vae.json`` (the recipe and the measured errors) last. ``vae_is_complete(out_dir)``
+checks for it; ``stdit fit-vae --csv CSV --out DIR`` skips a finished fit, so a re-run demo resumes.
 """
 
 from __future__ import annotations
@@ -43,7 +19,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -52,6 +27,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from stdit.common.files import dir_temp_name, publish_dir
 
 __all__ = ["DEFAULT_WIDTHS", "fit_vae", "vae_is_complete", "build_autoencoder", "load_frame_pool"]
 
@@ -151,7 +128,14 @@ def _latent_means(vae, frames: torch.Tensor, batch: int = 32) -> torch.Tensor:
 @torch.no_grad()
 def _standardise_latents(vae, frames: torch.Tensor, target_std: float) -> dict:
     """Rescale quant_conv / post_quant_conv so each latent channel has mean 0 and std ``target_std`` on
-    ``frames`` -- an exact reparametrisation (the decoder sees the same input as before)."""
+    ``frames`` -- an exact reparametrisation (the decoder sees the same input as before).
+
+    Why: diffusion wants latents of about unit variance. STDiT multiplies the VAE's latents by 0.18215,
+    which suits SD's VAE (latent std ~5.5) but not a freshly fitted one, whose latent std is whatever
+    training made it; a per-VAE ``scaling_factor`` would be overridden (with a warning) by ``VideoVAE``.
+    So the encoder's 1x1 ``quant_conv`` (posterior mean and log-variance) is rescaled to give std
+    ``target_std`` = 1/0.18215, and the decoder's 1x1 ``post_quant_conv`` absorbs the inverse affine map.
+    """
     z = _latent_means(vae, frames)  # (N, 4, h, w)
     mean = z.mean(dim=(0, 2, 3))
     std = z.std(dim=(0, 2, 3)).clamp_min(1e-6)
@@ -192,11 +176,21 @@ def fit_vae(csv_path: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
     """Fit an AutoencoderKL on the CSV's frames and save it to ``out_dir`` (see the module docstring).
 
     ``csv_path``: one CSV or a list of them (e.g. a video set and an image set; their frames are pooled).
-    ``image_size`` (H, W), multiples of 8: the resolution frames are fitted at. ``widths``: the four block
-    widths (default ``DEFAULT_WIDTHS``). ``preview_size``: also write ``recon_preview.png`` (originals over
+    ``image_size`` (H, W), multiples of 8: the resolution frames are fitted at; fitting at 32x32 or 48x48
+    is several times cheaper than at 64x64 and the fully convolutional VAE then works at 64x64 / 96x96
+    too (measured on the demo's shapes: fitting at 64x64 costs 2x the time and still draws circles as
+    rings at 64x64 -- an 8x8 latent holds little shape). ``widths``: the four block widths (default
+    ``DEFAULT_WIDTHS``). ``preview_size``: also write ``recon_preview.png`` (originals over
     reconstructions at that resolution; None: no preview). An existing complete ``out_dir`` is replaced
     only with ``overwrite=True`` (FileExistsError otherwise; an existing non-VAE directory is never
     replaced). Returns ``out_dir``.
+
+    Recipe (our choices, tuned for a 2-core CPU and the synthetic moving-shapes data): the frames of one
+    pass over the CSVs (``frames_per_video`` spread over each video, images as they are, unreadable files
+    skipped) are decoded once into memory; each step takes ``batch_frames`` frames drawn at random from
+    the whole pool with random horizontal / vertical flips; loss = pixel MSE + 0.1 x L1 + ``kl_weight`` x
+    KL of the posterior (a tiny weight keeps the posterior nearly deterministic, as in SD's VAE); AdamW
+    with a short warm-up and cosine decay to 5% of ``lr``.
     """
     from tqdm.auto import tqdm
 
@@ -286,7 +280,8 @@ def fit_vae(csv_path: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
     mse_after_std = _recon_mse(vae, eval_frames)
     k = max(1, len(losses) // 5)
     record = {
-        "csv": [str(c.resolve()) for c in csv_paths] if len(csv_paths) > 1 else str(csv_paths[0].resolve()), "steps": steps, "image_size": list(image_size), "batch_frames": batch_frames,
+        "csv": [str(c.resolve()) for c in csv_paths] if len(csv_paths) > 1 else str(csv_paths[0].resolve()),
+        "steps": steps, "image_size": list(image_size), "batch_frames": batch_frames,
         "lr": lr, "seed": seed, "widths": list(widths), "kl_weight": kl_weight, "frames": len(pool),
         "num_parameters": sum(p.numel() for p in vae.parameters()),
         "train_mse_first": float(np.mean(losses[:k])), "train_mse_last": float(np.mean(losses[-k:])),
@@ -298,26 +293,19 @@ def fit_vae(csv_path: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
         "fit_seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
 
+    tmp = dir_temp_name(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets the usual mode
+    tmp.mkdir()
     try:
         vae.save_pretrained(str(tmp), safe_serialization=True)
         if preview_size is not None:
-            pv = load_frame_pool(csv_paths[0], (int(preview_size[0]), int(preview_size[1])), frames_per_video=2, seed=seed)
+            preview_hw = (int(preview_size[0]), int(preview_size[1]))
+            pv = load_frame_pool(csv_paths[0], preview_hw, frames_per_video=2, seed=seed)
             _save_preview(vae, pv, tmp / "recon_preview.png")
             record["recon_mse_preview_size"] = _recon_mse(vae, pv)
             record["preview_size"] = [int(s) for s in preview_size]
         (tmp / _MARKER).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        if out.exists():  # an empty dir, or a complete VAE being overwritten
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "vae")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)  # replaces an empty out_dir or, with overwrite, the previous fit
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

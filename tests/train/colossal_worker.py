@@ -69,21 +69,22 @@ def run_plugin(out_dir: Path, plugin: str, rank: int) -> dict:
             res["grad_norm"], res["ref_grad_norm"] = colossal.grad_norm(opt), ref_norm
     res["param_max_diff_after_3_steps"] = max_param_diff(model, ref)
 
-    ckpt = out_dir / f"ckpt-{plugin}"
+    root = out_dir / f"ckpt-{plugin}"
     ema = {n: p.detach().clone() + 1.0 for n, p in ref.named_parameters()}
-    colossal.save(booster, model, opt, ckpt, extra={"step": 3}, ema=ema)
+    ckpt = colossal.save(booster, model, opt, root, 3, ema=ema, extra={"who": plugin})
     fresh = make_model()  # the untrained weights: everything must come from the checkpoint
     fresh, fresh_opt, fresh_booster = colossal.boost(fresh, torch.optim.AdamW(fresh.parameters(), lr=LR),
                                                      plugin=plugin, device="cpu", grad_clip=CLIP)  # fmt: skip
     ema_back = {n: torch.zeros_like(v) for n, v in ema.items()}
-    res["load_extra"] = colossal.load(fresh_booster, fresh, fresh_opt, ckpt, ema=ema_back)
+    meta = colossal.load(fresh_booster, fresh, fresh_opt, ckpt, ema=ema_back)
+    res["load_step"], res["load_extra"] = meta["step"], meta["extra"]
     res["load_param_max_diff"] = max_param_diff(fresh, ref)
     res["load_ema_max_diff"] = max(float((ema_back[n] - v).abs().max()) for n, v in ema.items())
     # the optimizer state came along: a 4th step stays with the single process
     ref_step(ref, ref_opt, (x, t, y, mask))
     boosted_step(fresh, fresh_opt, fresh_booster, mine)
     res["param_max_diff_after_load_and_step"] = max_param_diff(fresh, ref)
-    res["leftover_tmp"] = sorted(p.name for p in out_dir.glob(f"ckpt-{plugin}.*"))
+    res["leftover_tmp"] = sorted(p.name for p in root.glob(".*"))
     return res
 
 

@@ -6,6 +6,8 @@ MODE: ddp | fsdp2. Each rank takes half of a batch of 4; the result (forward, gr
 AdamW steps, a distributed checkpoint) is compared with one process doing the whole batch, and the
 max differences are written to OUT_DIR/result-MODE-RANK.json. The checkpoint saved by 2 ranks is
 then loaded by the single-process side of the test (and a single-process save is loaded here).
+Last, each file of the 2-rank checkpoint in turn is replaced by a pickle payload that would create
+OUT_DIR/marker-MODE, and both ranks try to load it.
 """
 
 import copy
@@ -17,7 +19,12 @@ import torch
 import torch.distributed as dist
 
 from stdit.models import stdit_from_preset
-from stdit.train.parallel import ParallelConfig, init_distributed, load_distributed, save_distributed, wrap_data_parallel
+from stdit.train.checkpoint import latest
+from stdit.train.distributed_checkpoint import DCP, load_distributed, save_distributed
+from stdit.train.parallel import ParallelConfig, init_distributed, wrap_data_parallel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pickle_payload import files_of, payloads  # noqa: E402
 
 
 def make_model():
@@ -79,19 +86,46 @@ def main() -> None:
     params = dict(model.named_parameters()) if mode == "fsdp2" else dict(model.module.named_parameters())
     res["param_max_diff_after_3_steps"] = max(float((full(params[n]) - p).abs().max()) for n, p in ref.named_parameters())
 
-    save_distributed(out_dir / f"dcp-{mode}", model, opt, extra={"step": 3})
+    ckpt = save_distributed(out_dir / f"dcp-{mode}", 3, model, opt, extra={"who": mode})
     # the reverse direction: a checkpoint saved by one process (the test wrote it) loads on 2 ranks
-    single = out_dir / "dcp-single"
-    if single.exists():
-        fresh = wrap_data_parallel(make_model(), ParallelConfig(dp=2, data_parallel=mode), device)
+    single = latest(out_dir / "dcp-single", DCP)
+    fresh = wrap_data_parallel(make_model(), ParallelConfig(dp=2, data_parallel=mode), device)
+    if single is not None:
         meta = load_distributed(single, fresh)
         sd = torch.load(out_dir / "single-params.pt", weights_only=True)
         named = dict(fresh.named_parameters()) if mode == "fsdp2" else dict(fresh.module.named_parameters())
         res["load_from_single_max_diff"] = max(float((full(named[n]) - v).abs().max()) for n, v in sd.items())
-        res["load_from_single_extra"] = meta
+        res["load_from_single_extra"] = meta["extra"]
+    res["planted"] = planted_loads(ckpt, out_dir / f"marker-{mode}", fresh, rank)
     (out_dir / f"result-{mode}-{rank}.json").write_text(json.dumps(res))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def planted_loads(ckpt: Path, marker: Path, model, rank: int) -> dict[str, str]:
+    """Replace each file of ``ckpt`` in turn (and add DCP's pickled ``.metadata``) with a payload;
+    both ranks try to load it. Returns {what was planted: "loaded" or "refused: why"}."""
+    originals = {name: (ckpt / name).read_bytes() for name in files_of(ckpt)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    outcomes = {}
+    for name in [*originals, ".metadata"]:
+        for kind, data in payloads(marker).items():
+            if rank == 0:
+                (ckpt / name).write_bytes(data)
+            dist.barrier()
+            try:
+                load_distributed(ckpt, model, optimizer)
+                outcomes[f"{name} ({kind})"] = "loaded"
+            except ValueError as e:
+                outcomes[f"{name} ({kind})"] = f"refused: {e}"
+            dist.barrier()
+            if rank == 0:
+                if name in originals:
+                    (ckpt / name).write_bytes(originals[name])
+                else:
+                    (ckpt / name).unlink()
+            dist.barrier()
+    return outcomes
 
 
 if __name__ == "__main__":

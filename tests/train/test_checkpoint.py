@@ -1,4 +1,5 @@
-"""stdit.train.checkpoint: round trips, pickle-free format, discovery, pruning, SIGKILL safety, errors."""
+"""stdit.train.checkpoint (single-process kind) and stdit.train.ema: round trips, pickle-free format,
+discovery, pruning, SIGKILL safety, errors."""
 
 import json
 import os
@@ -17,10 +18,9 @@ import pytest
 import torch
 from torch import nn
 
+from stdit.common import files
 from stdit.models import stdit_from_preset
-from stdit.train import checkpoint as ckpt
 from stdit.train.checkpoint import (
-    EMA,
     FORMAT_VERSION,
     CheckpointWarning,
     is_complete,
@@ -28,6 +28,8 @@ from stdit.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from stdit.train.ema import EMA
+from stdit.train.state_files import load_tree
 
 
 def tiny_model(seed=0):
@@ -192,22 +194,21 @@ def test_files_are_pickle_free(tmp_path):
     meta = json.loads((path / "meta.json").read_text())
     names = sorted(p.name for p in path.iterdir())
     assert names == sorted([*meta["files"], "meta.json"])
-    assert set(meta["files"]) == {"model.safetensors", "ema.safetensors", "optimizer.pt", "rng.safetensors",
-                                  "rng.json"}
+    assert set(meta["files"]) == {"model.safetensors", "ema.safetensors", "optimizer.safetensors",
+                                  "rng.safetensors", "rng.json"}
     for name in names:
         data = (path / name).read_bytes()
         assert meta["files"].get(name, {"size": len(data)})["size"] == len(data)
         if name.endswith(".json"):
             json.loads(data)
-        elif name.endswith(".safetensors"):
+        else:
+            assert name.endswith(".safetensors")
             (n,) = struct.unpack("<Q", data[:8])
             header = json.loads(data[8 : 8 + n])
             ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
             assert 8 + n + max(ends) == len(data)  # header + raw tensor bytes, nothing else
-        else:
-            assert name == "optimizer.pt"
-            sd = torch.load(path / name, weights_only=True)
-            assert_same_tree(sd, opt.state_dict())
+    # the optimizer's structure and scalars (tuples, int keys, None) come back exactly
+    assert_same_tree(load_tree(path / "optimizer.safetensors"), opt.state_dict())
 
 
 def test_optimizer_state_that_needs_pickle_is_refused(tmp_path):
@@ -232,7 +233,7 @@ def test_latest_skips_partial_and_corrupt(tmp_path):
     data = bytearray(g.read_bytes())
     data[-1] ^= 0xFF
     g.write_bytes(bytes(data))
-    tmp_dir = root / ".tmp-step-000000009-1-abcd-elsewhere"  # a writer on another host: ignored
+    tmp_dir = root / ".step-000000009.tmp-1-abcd-elsewhere"  # a writer on another host: ignored
     shutil.copytree(root / "step-000000002", tmp_dir)
     (root / "step-000000010").mkdir()  # empty final-named directory
 
@@ -264,7 +265,7 @@ def test_keep_last_and_resave(tmp_path, monkeypatch):
 
     save_checkpoint(tmp_path, step=5, model=model, keep_last=2, data_position={"again": 1})  # renameat2 swap
     assert load_checkpoint(tmp_path, model=tiny_model())["data_position"] == {"again": 1}
-    monkeypatch.setattr(ckpt, "_rename_exchange", lambda a, b: False)  # portable two-rename path
+    monkeypatch.setattr(files, "_rename_exchange", lambda a, b: False)  # portable two-rename path
     save_checkpoint(tmp_path, step=5, model=model, keep_last=2, data_position={"again": 2})
     assert load_checkpoint(tmp_path, model=tiny_model())["data_position"] == {"again": 2}
     save_checkpoint(tmp_path, step=1, model=model, keep_last=2)  # the one just written is never pruned
@@ -284,13 +285,13 @@ def test_leftovers_of_dead_writers(tmp_path):
     model = tiny_model()
     save_checkpoint(tmp_path, step=1, model=model, data_position={"v": 1})
     root = tmp_path / "checkpoints"
-    host, pid = ckpt._host(), dead_pid()
+    host, pid = files._host(), dead_pid()
     # A writer died between renaming step 1 away and renaming its replacement in: step 1 comes back.
-    os.rename(root / "step-000000001", root / f".replaced-step-000000001-{pid}-ab12-{host}")
-    (root / f".tmp-step-000000001-{pid}-cd34-{host}").mkdir()
-    (root / f".tmp-step-000000002-{pid}-ef56-{host}").mkdir()
-    (root / f".trash-step-000000000-{pid}-0a0b-{host}").mkdir()
-    live = root / f".tmp-step-000000003-{os.getpid()}-1234-{host}"  # alive: left alone
+    os.rename(root / "step-000000001", root / f".step-000000001.replaced-{pid}-ab12-{host}")
+    (root / f".step-000000001.tmp-{pid}-cd34-{host}").mkdir()
+    (root / f".step-000000002.tmp-{pid}-ef56-{host}").mkdir()
+    (root / f".step-000000000.trash-{pid}-0a0b-{host}").mkdir()
+    live = root / f".step-000000003.tmp-{os.getpid()}-1234-{host}"  # alive: left alone
     live.mkdir()
     with pytest.warns(CheckpointWarning, match="restored"):
         assert latest_checkpoint(tmp_path) == root / "step-000000001"
@@ -302,7 +303,8 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import sys, torch
     from torch import nn
-    from stdit.train.checkpoint import EMA, latest_checkpoint, load_checkpoint, save_checkpoint
+    from stdit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from stdit.train.ema import EMA
 
     run = sys.argv[1]
     torch.manual_seed(0)

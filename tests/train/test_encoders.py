@@ -19,6 +19,11 @@ def t5():
     return TextEncoder.tiny(seed=0, d_model=32, model_max_length=16)
 
 
+# |latents of frames encoded in batches of different sizes|: measured 0 to 1.5e-7 (max |latent| 0.12;
+# convolutions may round differently per batch size); 10x that
+BATCHING_ATOL = 1.5e-6
+
+
 def _video(B=2, T=3, H=32, W=48, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(B, 3, T, H, W, generator=g) * 2 - 1
@@ -44,7 +49,7 @@ def test_vae_latent_shape_and_scaling(vae):
     with torch.no_grad():
         raw = vae.vae.encode(frames).latent_dist.mode()
     ref = (raw * 0.18215).reshape(2, 3, 4, 4, 6).permute(0, 2, 1, 3, 4)
-    torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z, ref, rtol=0, atol=BATCHING_ATOL)  # micro-batches of 4 frames vs all 6
 
 
 def test_vae_micro_batch_matches_one_batch(vae):
@@ -52,7 +57,7 @@ def test_vae_micro_batch_matches_one_batch(vae):
     one = VideoVAE(vae.vae, micro_batch_size=64).encode(x, sample=False)
     for mb in (1, 3):
         got = VideoVAE(vae.vae, micro_batch_size=mb).encode(x, sample=False)
-        torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, one, rtol=0, atol=BATCHING_ATOL)
 
 
 def test_vae_sampling_deterministic_with_generator(vae):
@@ -85,7 +90,7 @@ def test_vae_from_pretrained_offline(vae, tmp_path, monkeypatch):
     vae.save_pretrained(tmp_path / "vae")
     loaded = VideoVAE.from_pretrained(tmp_path / "vae", dtype=torch.float32, device="cpu")
     x = _video(B=1, T=2)
-    torch.testing.assert_close(loaded.encode(x, sample=False), vae.encode(x, sample=False))
+    assert torch.equal(loaded.encode(x, sample=False), vae.encode(x, sample=False))  # same weights, same math
     assert all(not p.requires_grad for p in loaded.parameters())
 
 
@@ -122,7 +127,7 @@ def test_t5_truncation_and_determinism(t5):
     assert torch.equal(y1, y2)
     # an independent tiny model with the same seed is the same model
     y3, _ = TextEncoder.tiny(seed=0, d_model=32, model_max_length=16).encode([long, "b"])
-    torch.testing.assert_close(y1, y3)
+    assert torch.equal(y1, y3)
 
 
 def test_t5_default_length_is_120():
@@ -145,8 +150,7 @@ def test_t5_from_pretrained_offline(t5, tmp_path, monkeypatch):
     caps = ["a red ball", ""]
     y1, m1 = t5.encode(caps)
     y2, m2 = loaded.encode(caps)
-    torch.testing.assert_close(y2, y1)
-    assert torch.equal(m1, m2)
+    assert torch.equal(y2, y1) and torch.equal(m1, m2)
 
 
 def test_t5_missing_dir_guidance(tmp_path):
@@ -190,6 +194,6 @@ def test_tiny_word_tokenizer(tmp_path, monkeypatch):
     te.save_pretrained(tmp_path / "w")
     loaded = TextEncoder.from_pretrained(tmp_path / "w", model_max_length=12, device="cpu")
     y2, m2 = loaded.encode(["a red circle", "a green circle"])
-    torch.testing.assert_close(y2, y) and torch.equal(m, m2)
+    assert torch.equal(y2, y) and torch.equal(m, m2)
     with pytest.raises(ValueError, match="tokenizer: expected one of"):
         TextEncoder.tiny(tokenizer="chars")

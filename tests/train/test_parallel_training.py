@@ -59,7 +59,8 @@ def test_dsp_training_follows_the_single_process_trajectory(data, tmp_path):
     assert proc.returncode == 0, err[-4000:]
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "sp")
     assert len(one) == len(two) == 3
-    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+    # measured 0.0 as logged (6 decimals); a difference in the float32 loss's last bits can flip one rounding
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1.5e-6, (one, two)
 
 
 def test_kill_one_rank_then_resume_on_another_world_size(data, tmp_path):
@@ -67,19 +68,21 @@ def test_kill_one_rank_then_resume_on_another_world_size(data, tmp_path):
     cfg = _config(tmp_path / "dp.toml", data, out, steps=40, ckpt_every=1, parallel='dp = 2\ndata_parallel = "fsdp2"')
     proc = _torchrun(cfg)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((out / "dcp").glob("step-*/COMPLETE")):
+    while time.time() < deadline and not list((out / "dcp").glob("step-*/meta.json")):
         time.sleep(0.5)
-    assert list((out / "dcp").glob("step-*/COMPLETE")), "no distributed checkpoint appeared"
+    assert list((out / "dcp").glob("step-*/meta.json")), "no distributed checkpoint appeared"
     time.sleep(1.0)
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert children, "torchrun has no worker processes"
     os.kill(int(children[-1]), signal.SIGKILL)  # one rank dies mid-run
     proc.communicate(timeout=300)
     assert proc.returncode != 0
-    from stdit.train.parallel import latest_distributed
+    from stdit.train.checkpoint import latest
+    from stdit.train.distributed_checkpoint import DCP
 
-    step, last = latest_distributed(out / "dcp")
-    assert 1 <= step < 40 and not list((out / "dcp").glob("*.tmp-dcp/COMPLETE"))
+    last = latest(out / "dcp", DCP, verify=True)
+    step = int(last.name.removeprefix("step-"))
+    assert 1 <= step < 40 and not list((out / "dcp").glob(".*.tmp-distributed/meta.json"))
     # resume with one process: the user changes the layout to the new world size
     resumed = _train(_config(tmp_path / "one.toml", data, out, steps=step + 2, ckpt_every=1, parallel=""))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

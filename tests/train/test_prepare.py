@@ -1,4 +1,4 @@
-"""prepare_dataset -> shards + index.json -> CachedLatentDataset; resume; scene splitting."""
+"""prepare_dataset -> shards + index.json -> CachedLatentDataset; resume after an interruption."""
 
 import json
 
@@ -8,10 +8,14 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from stdit.common.files import temp_name  # noqa: E402
 from stdit.train.encoders import TextEncoder, VideoVAE  # noqa: E402
 from stdit.train.prepare import CachedLatentDataset, prepare_dataset, shard_name  # noqa: E402
 
 L = 12
+# |cached - directly encoded| latents: measured 0 to 1.5e-7 (max |latent| 0.12) when the same frames go
+# through the tiny VAE in batches of other sizes; 10x that
+BATCHING_ATOL = 1.5e-6
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +47,7 @@ def test_prepare_and_load(encoders, tmp_path):
     assert [s["count"] for s in index["shards"]] == [2, 2, 1]
     assert index["shards"][0]["latent_shape"] == [4, 2, 2, 2] and index["shards"][0]["y_shape"] == [1, L, 16]
     assert index["y_dtype"] == "bfloat16" and index["encoders"]["vae"]["scaling_factor"] == pytest.approx(0.18215)
-    for k in range(3):
-        assert (tmp_path / shard_name(k)).is_file()
-    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", *(shard_name(k) for k in range(3))]
 
     ds = CachedLatentDataset(tmp_path)
     assert len(ds) == 5 and ds.num_skipped == 1
@@ -57,7 +59,8 @@ def test_prepare_and_load(encoders, tmp_path):
         assert item["path"] == s["path"] and item["text"] == s["text"]
         assert item["latents"].shape == (4, 2, 2, 2) and item["y"].shape == (1, L, 16)
         assert item["mask"].shape == (L,)
-        torch.testing.assert_close(item["latents"], direct[i], rtol=1e-5, atol=1e-6)
+        # encoded in other batches than `direct` (convolutions may round differently per batch size)
+        torch.testing.assert_close(item["latents"], direct[i], rtol=0, atol=BATCHING_ATOL)
         torch.testing.assert_close(item["y"], y_direct[i].to(torch.bfloat16).float())  # stored in bf16
         assert torch.equal(item["mask"], m_direct[i])
     assert ds[-1]["path"] == valid[-1]["path"]
@@ -98,8 +101,10 @@ def test_resume_after_interruption(encoders, tmp_path, monkeypatch):
     ref_latents = [ref[i]["latents"] for i in range(len(ref))]
     del ref
 
-    # simulate an interruption: shard 1 never renamed into place (left as .tmp), no index.json yet
-    (tmp_path / shard_name(1)).rename(tmp_path / f".{shard_name(1)}.999.tmp")
+    # simulate an interruption: shard 1 never renamed into place (left under its temporary name), no
+    # index.json yet
+    leftover = temp_name(tmp_path / shard_name(1))
+    (tmp_path / shard_name(1)).rename(leftover)
     (tmp_path / "index.json").unlink()
     mtime0 = (tmp_path / shard_name(0)).stat().st_mtime_ns
     with pytest.raises(FileNotFoundError, match="index.json"):
@@ -116,7 +121,7 @@ def test_resume_after_interruption(encoders, tmp_path, monkeypatch):
     prepare_dataset(samples, tmp_path, vae=vae, text_encoder=te, shard_size=2, progress=False)
     assert calls == [2]  # only shard 1 was encoded again
     assert (tmp_path / shard_name(0)).stat().st_mtime_ns == mtime0  # complete shard reused
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not leftover.exists() and not list(tmp_path.glob(".*"))
     ds = CachedLatentDataset(tmp_path)
     assert len(ds) == 5 and ds.num_skipped == 1
     for i in range(5):  # per-shard posterior seeds: identical to the uninterrupted run
@@ -155,57 +160,3 @@ def test_bad_video_shape_named(encoders, tmp_path):
     with pytest.raises(ValueError, match="video"):
         prepare_dataset([{"video": torch.zeros(2, 16, 16), "text": "", "path": "x"}], tmp_path,
                         vae=vae, text_encoder=te, progress=False)
-
-
-def _write_two_shot_video(path, n=20, size=64, fps=10):
-    av = pytest.importorskip("av")
-    import numpy as np
-
-    with av.open(str(path), mode="w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width = s.height = size
-        s.pix_fmt = "yuv420p"
-        for i in range(2 * n):
-            v = 0 if i < n else 255
-            img = np.full((size, size, 3), v, dtype=np.uint8)
-            for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(pkt)
-        for pkt in s.encode():
-            c.mux(pkt)
-
-
-def test_split_scenes_two_shots(tmp_path):
-    pytest.importorskip("scenedetect", reason="PySceneDetect not installed (pip install scenedetect)")
-    pytest.importorskip("cv2", reason="PySceneDetect needs OpenCV (pip install opencv-python-headless)")
-    av = pytest.importorskip("av")
-    from stdit.train.prepare import split_scenes
-
-    src = tmp_path / "two.mp4"
-    _write_two_shot_video(src)
-    clips = split_scenes(src, tmp_path / "clips", threshold=27.0, min_scene_len=5)
-    assert [p.name for p in clips] == ["two-scene-000.mp4", "two-scene-001.mp4"]
-    means, counts = [], []
-    for p in clips:
-        with av.open(str(p)) as c:
-            frames = [f.to_ndarray(format="gray") for f in c.decode(video=0)]
-        counts.append(len(frames))
-        means.append(sum(float(f.mean()) for f in frames) / len(frames))
-    assert counts == [20, 20]
-    assert means[0] < 30 and means[1] > 225
-
-
-def test_split_scenes_import_error_message(monkeypatch, tmp_path):
-    import builtins
-
-    from stdit.train import prepare
-
-    real_import = builtins.__import__
-
-    def fake_import(name, *a, **k):
-        if name == "scenedetect" or name.startswith("scenedetect."):
-            raise ImportError("No module named 'scenedetect'")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(ImportError, match="pip install scenedetect"):
-        prepare.split_scenes(tmp_path / "x.mp4", tmp_path)

@@ -16,8 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from stdit.train.build import build_model, init_from_previous, load_pixart_into_stdit
+from stdit.train.checkpoint import checkpoint_weights, latest_checkpoint
 from stdit.train.config import ConfigError, from_dict, load_config
-from stdit.train.trainer import build_model, checkpoint_weights, init_from_previous, load_pixart_into_stdit, train_stage
+from stdit.train.trainer import train_stage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,8 +53,6 @@ def _log(out: Path) -> list[dict]:
 
 
 def _weights(out: Path) -> dict:
-    from stdit.train.checkpoint import latest_checkpoint
-
     return load_file(str(latest_checkpoint(out) / "model.safetensors"))
 
 
@@ -128,8 +128,6 @@ def test_sigkill_at_random_moments_then_resume(data, tmp_path):
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-        from stdit.train.checkpoint import latest_checkpoint
-
         last = latest_checkpoint(out, verify=True)
         assert last is None or (last / "meta.json").is_file()
     done = train_stage(load_config(cfg_file), progress=False)
@@ -145,8 +143,6 @@ def test_stage2_starts_as_the_stage1_image_model(data, tmp_path):
     s1 = _cfg(data, tmp_path / "s1", data__num_frames=1, run__steps=3)
     train_stage(s1, progress=False)
     s2 = _cfg(data, tmp_path / "s2", stage__init_from=str(tmp_path / "s1"), stage__zero_temporal=True)
-    from stdit.train.checkpoint import latest_checkpoint
-
     image_model = build_model(s1, 32, torch.device("cpu"))
     image_model.load_state_dict(checkpoint_weights(latest_checkpoint(tmp_path / "s1")))
     video_model = build_model(s2, 32, torch.device("cpu"))
@@ -317,3 +313,25 @@ def test_out_dir_of_another_configuration_is_refused(data, tmp_path):
     train_stage(_cfg(data, tmp_path / "run", run__steps=2), progress=False)
     with pytest.raises(ConfigError, match=r"holds a run of another configuration \(\[data\] image_size \[32, 32\] there"):
         train_stage(_cfg(data, tmp_path / "run", run__steps=4, data__image_size=[48, 48]), progress=False)
+
+
+def test_engines_resume_from_the_newest_checkpoint_they_read(tmp_path):
+    """One process resumes fully from either its own or a distributed checkpoint; the distributed
+    engines take a newer single-process checkpoint's weights only; a tie goes to the first kind."""
+    from stdit.train.checkpoint import SINGLE, save_checkpoint
+    from stdit.train.distributed_checkpoint import DCP, save_distributed
+    from stdit.train.engines import ColossalEngine, Engine, TorchDistributedEngine
+
+    out, cpu, model = tmp_path / "run", torch.device("cpu"), torch.nn.Linear(2, 2)
+    cfg = _cfg("unused.csv", out)
+    cfg.parallel.dp = 2
+    one, torch_dist, cai = Engine(cfg, cpu), TorchDistributedEngine(cfg, cpu, 0, 2, None), ColossalEngine(cfg, cpu, 0, 2, None)
+    assert one._newest(out) is None
+    save_checkpoint(out, step=3, model=model)
+    save_distributed(out / DCP.subdir, 3, model)
+    found = {e: e._newest(out) for e in (one, torch_dist, cai)}
+    assert [(f.kind, f.path.name, f.fully) for f in found.values()] == [
+        (SINGLE, "step-000000003", True), (SINGLE, "step-000000003", False), (SINGLE, "step-000000003", False)]
+    save_distributed(out / DCP.subdir, 4, model)
+    assert one._newest(out).kind is DCP and torch_dist._newest(out)[:3] == (DCP, out / "dcp" / "step-000000004", True)
+    assert cai._newest(out).kind is SINGLE  # ColossalAI reads no distributed checkpoint

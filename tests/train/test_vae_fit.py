@@ -3,6 +3,7 @@
 arguments are rejected naming the argument."""
 
 import json
+import math
 import os
 
 import pytest
@@ -36,9 +37,15 @@ def test_fit_lowers_reconstruction_error_and_saves(fitted):
     assert rec["frames"] == 4 * 4 + 2  # corrupt files skipped
     assert rec["recon_mse_end"] < 0.7 * rec["recon_mse_start"]
     assert rec["train_mse_last"] < rec["train_mse_first"]
-    # standardising the latents is an exact reparametrisation
-    assert rec["recon_mse_standardised"] == pytest.approx(rec["recon_mse_end"], rel=1e-3, abs=1e-5)
-    assert rec["latent_std_x_0.18215"] == pytest.approx(1.0, abs=0.05)
+    # standardising the latents is an exact reparametrisation: the error is float rounding (measured: equal
+    # to the last digit; tolerance at float32 rounding of the rescaled weights)
+    assert rec["recon_mse_standardised"] == pytest.approx(rec["recon_mse_end"], rel=1e-5, abs=0)
+    # each latent channel then has mean 0 and std 1/0.18215 over the pool (unbiased estimates over the
+    # n = frames x h x w values of a channel), so the std over all 4 channels is sqrt(4(n-1)/(4n-1));
+    # measured error 8.8e-9 (std) and 5.0e-8 (mean), tolerances ~10x
+    n = rec["frames"] * (SMALL["image_size"][0] // 8) * (SMALL["image_size"][1] // 8)
+    assert rec["latent_std_x_0.18215"] == pytest.approx(math.sqrt(4 * (n - 1) / (4 * n - 1)), rel=0, abs=1e-7)
+    assert abs(rec["latent_mean_x_0.18215"]) < 5e-7
     assert (fitted / "recon_preview.png").is_file()
     assert not [p for p in fitted.parent.iterdir() if p.name.startswith(".vae.")]  # no temp dirs left
     umask = os.umask(0)
