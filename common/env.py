@@ -13,7 +13,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import torch

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from stdit.common.dtypes import short_name
+
 # ----------------------------------------------------------------------------------------------------
 # Where the kernels run and what they take
 # ----------------------------------------------------------------------------------------------------
@@ -22,7 +24,7 @@ import triton.language as tl
 # here, so the backend's answers cannot drift from how its kernels actually run.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+TL_DTYPES = {d: short_name(d) for d in (torch.float16, torch.bfloat16, torch.float32)}  # the ones our kernels take
 SHIPPED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the order `stdit inspect` lists them
 LOG2E = 1.4426950408889634
 

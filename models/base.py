@@ -18,6 +18,7 @@ from stdit.kernels import BACKENDS
 from stdit.kernels.fused_ops import FUSED_BACKENDS
 
 from .layers import CaptionEmbedder, PatchEmbed3D, TimestepEmbedder, spatial_pos_embed, temporal_pos_embed
+from .sizes import ModelSize
 
 __all__ = ["BACKEND_NAMES", "VideoDiTBase", "WholeSequence"]
 
@@ -92,6 +93,17 @@ class VideoDiTBase(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
         return [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+
+    @property
+    def size(self) -> ModelSize:
+        """The sizes this model was built with (what the cost model counts)."""
+        text_len, caption_channels = self.y_embedder.y_embedding.shape
+        return ModelSize(
+            depth=self.depth, hidden_size=self.hidden_size, num_heads=self.num_heads, patch_size=self.patch_size,
+            in_channels=self.in_channels, caption_channels=caption_channels, model_max_length=text_len,
+            mlp_ratio=self.mlp_ratio, pred_sigma=self.pred_sigma, input_size=self.input_size,
+            space_scale=self.space_scale, time_scale=self.time_scale,
+        )  # fmt: skip
 
     def _silent_layers(self) -> list[nn.Linear]:
         """Block layers that start at zero (the final linear always does)."""

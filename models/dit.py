@@ -108,6 +108,8 @@ class DiT(VideoDiTBase):
     not taken: no Open-Sora checkpoint exists for this model.
     """
 
+    family = "DiT"  # its name in presets ("DiT-tiny") and, lower-cased, in the cost model
+
     def __init__(
         self,
         input_size: tuple[int, int, int] = (1, 32, 32),

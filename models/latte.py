@@ -20,6 +20,8 @@ __all__ = ["Latte", "LATTE_PRESETS", "latte_from_preset"]
 class Latte(DiT):
     """Latte variant 1; arguments as DiT's (depth is the total number of blocks, both kinds)."""
 
+    family = "Latte"  # its name in presets ("Latte-tiny") and, lower-cased, in the cost model
+
     @staticmethod
     def block_kinds(depth: int) -> list[str]:
         """Even blocks spatial, odd blocks temporal."""

@@ -220,6 +220,8 @@ class STDiT(VideoDiTBase):
             training mode.
     """
 
+    family = "STDiT"  # its name in presets ("STDiT-tiny") and, lower-cased, in the cost model
+
     def __init__(
         self,
         input_size: tuple[int, int, int] = (1, 32, 32),

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 from typing import Any
 
 import torch
 
-from stdit.common.env import package_version
+from stdit.common.env import versions
 from stdit.kernels import BACKENDS, auto_backend, availability
 from stdit.kernels.api import limitations
 
@@ -33,14 +32,16 @@ def collect() -> dict[str, Any]:
     """Everything `stdit info` reports, as one JSON-serializable dict."""
     cuda = torch.cuda.is_available()
     devices = ["cpu"] + (["cuda"] if cuda else [])
+    v = versions()
     info: dict[str, Any] = {
-        "python": sys.version.split()[0],
+        "stdit": v["stdit"],
+        "python": v["python"],
         "platform": platform.platform(),
-        "torch": torch.__version__,
-        "triton": package_version("triton"),
+        "torch": v["torch"],
+        "triton": v["triton"],
         "cuda": {
             "available": cuda,
-            "version": torch.version.cuda,  # the CUDA torch was built with; None for CPU builds
+            "version": v["cuda"],  # the CUDA torch was built with; None for CPU builds
             "devices": [
                 {
                     "index": i,

@@ -9,7 +9,8 @@ initialisation (PixArt-alpha has none), so that the next, video stage starts as 
 
 Training: the IDDPM loss (stdit.train.diffusion) at uniformly drawn timesteps, AdamW (fused on
 CUDA; apex FusedAdam when asked for), gradient-norm clipping, EMA, bf16 autocast on GPU. It logs
-loss, samples/s, tokens/s and memory to ``out_dir/log.csv`` with a progress bar, checkpoints every
+loss, samples/s, tokens/s, model TFLOP/s and MFU (cost-model FLOPs over the datasheet peak, on
+GPUs), memory to ``out_dir/log.csv`` with a progress bar, checkpoints every
 ``ckpt_every`` steps and at the end, and scores a fixed evaluation (same batches, timesteps and
 noise every time: :class:`FixedEval`) at the start and at every checkpoint into
 ``out_dir/eval.csv``, the trend the noisy per-step loss cannot show.
@@ -29,6 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from stdit.common.files import atomic_path
+from stdit.common.peaks import peak_flops
+from stdit.models.costs import model_cost
 
 from .batches import BatchSource
 from .build import build_encoders, build_model, resolve_device, seed_everything
@@ -36,7 +39,10 @@ from .config import ConfigError, StageConfig, load_config
 from .diffusion import IDDPM
 from .engines import make_engine
 
-LOG_COLUMNS = ("step", "epoch", "loss", "mse", "vb", "grad_norm", "samples_per_s", "tokens_per_s", "mem_mb", "skipped")
+LOG_COLUMNS = (
+    "step", "epoch", "loss", "mse", "vb", "grad_norm", "samples_per_s", "tokens_per_s", "tflops_per_s", "mfu_pct",
+    "mem_mb", "skipped",
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,6 +141,17 @@ def _truncate_log(path: Path, step: int, columns: tuple[str, ...] = LOG_COLUMNS)
         w.writerows(rows)
 
 
+def step_flops(model, latent: tuple[int, int, int], samples: int) -> float:
+    """Model FLOPs of one training step on ``samples`` clips of ``latent`` (T, H, W), as the cost model
+    counts them (forward and backward of every layer, plus the recomputed forward of checkpointed
+    blocks): the numerator of MFU."""
+    cost = model_cost(
+        model.family.lower(), size=model.size, latent=latent, batch=samples, mode="train_step",
+        checkpoint=model.checkpoint,
+    )  # fmt: skip
+    return cost.flops
+
+
 def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_steps: int | None = None) -> dict:
     """Run (or resume) one stage; returns a summary (steps, first/last mean loss, paths).
 
@@ -192,11 +209,12 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         eval_path.unlink(missing_ok=True)
         evaluate(0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=engine.bf16)
+    peak = peak_flops(device, torch.bfloat16 if engine.bf16 else torch.float32)  # None: no datasheet (a CPU)
     losses, t_last, done_here = [], time.perf_counter(), 0
     model.train()
     batches = iter(source)
     bar = tqdm(total=r.steps, initial=step, desc=cfg.stage.name, unit="step", file=sys.stderr, disable=not progress)
-    window = {"samples": 0, "tokens": 0, "skipped": 0}
+    window = {"samples": 0, "tokens": 0, "flops": 0.0, "skipped": 0}
     while step < r.steps and (max_steps is None or done_here < max_steps):
         batch = next(batches)
         x0 = batch.latents
@@ -211,6 +229,7 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         samples = x0.shape[0] * engine.dp  # the global batch
         window["samples"] += samples
         window["tokens"] += samples * math.prod(n // p for n, p in zip(x0.shape[2:], model.patch_size))
+        window["flops"] += step_flops(model, tuple(x0.shape[2:]), samples)
         window["skipped"] += batch.skipped
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -222,9 +241,11 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
                 step=step, epoch=source.epoch, loss=f"{losses[-1]:.6f}", mse=f"{terms['mse'].mean().item():.6f}",
                 vb=f"{terms['vb'].mean().item():.6f}", grad_norm=f"{float(grad_norm):.4f}",
                 samples_per_s=f"{window['samples'] / dt:.3f}", tokens_per_s=f"{window['tokens'] / dt:.1f}",
+                tflops_per_s=f"{window['flops'] / dt / 1e12:.4g}",
+                mfu_pct=f"{100 * window['flops'] / dt / (peak * engine.world):.3g}" if peak else "",
                 mem_mb=f"{mem:.0f}" if mem is not None else "", skipped=window["skipped"],
             ))  # fmt: skip
-            t_last, window = now, {"samples": 0, "tokens": 0, "skipped": 0}
+            t_last, window = now, {"samples": 0, "tokens": 0, "flops": 0.0, "skipped": 0}
         if step % r.ckpt_every == 0 or step == r.steps:
             t_pause = time.perf_counter()
             engine.save(out, step, data_position=source.position(), extra={"config": cfg.to_dict(), "stage": cfg.stage.name})

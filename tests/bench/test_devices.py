@@ -1,4 +1,5 @@
-"""stdit.bench.devices: the peak table, the CPU probe, rooflines, device choice: fast, CPU only."""
+"""stdit.common.peaks and stdit.bench.devices: the peak table, the CPU probe, rooflines, device choice:
+fast, CPU only."""
 
 import math
 import time
@@ -6,9 +7,8 @@ import time
 import pytest
 import torch
 
-from stdit.bench.devices import (
-    PEAKS, achieved, check_device, device_peaks, device_slug, dtype_key, match_device, probe_peaks, roofline,
-)  # fmt: skip
+from stdit.bench.devices import achieved, check_device, device_peaks, device_slug, probe_peaks, roofline
+from stdit.common.peaks import PEAKS, dtype_key, match_device, peak_flops
 from stdit.models.costs import Cost, attention_cost
 
 
@@ -22,6 +22,10 @@ def test_match_device():
     assert match_device("NVIDIA H100 PCIe")["bf16"] == 756e12
     assert match_device("NVIDIA H100 PCIe")["bytes_per_s"] == 2.0e12
     assert match_device("Tesla T4") is None and match_device("cpu") is None
+
+
+def test_peak_flops_only_for_known_gpus():
+    assert peak_flops(torch.device("cpu"), torch.bfloat16) is None
 
 
 def test_dtype_key_names_the_table_column():

@@ -18,7 +18,8 @@ from stdit.models.costs import (
     opensora_flop_ratios,
     stdit_param_count,
 )
-from stdit.models.sizes import SIZES
+from stdit.models import from_preset
+from stdit.models.sizes import SIZES, preset_names, split_preset
 
 C, H, D, DEPTH, L, CH, CAP = 1152, 16, 72, 28, 120, 4608, 4096
 XL2_PARAMS = 759_620_768
@@ -276,3 +277,12 @@ def test_bad_sizes_raise():
         attention_cost("spatial", batch=1, frames=2, tokens_per_frame=4, num_heads=0, head_dim=8)
     with pytest.raises(ValueError, match="latent"):
         model_cost("dit", latent=(16, 31, 32))
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_a_model_reports_the_size_it_was_built_from(name):
+    """model.size is what the cost model counts for a built model (the trainer's MFU reads it)."""
+    with torch.device("meta"):
+        model = from_preset(name)
+    assert model.size == split_preset(name)[1]
+    assert model.family == name.split("-")[0]

@@ -81,6 +81,27 @@ def test_resume_continues_the_same_trajectory_bitwise(data, tmp_path):
     assert rows[-1]["ema_loss"] != rows[-1]["eval_loss"] and full["ema_eval_last"] == pytest.approx(float(rows[-1]["ema_loss"]), abs=1e-6)
 
 
+def test_log_reports_model_flops(data, tmp_path):
+    """log.csv's TFLOP/s is the cost model's count of each step over the time taken; MFU needs a
+    datasheet peak, which a CPU has not."""
+    from stdit.models import from_preset
+    from stdit.models.costs import model_cost
+    from stdit.train.build import build_encoders, build_model
+    from stdit.train.trainer import step_flops
+
+    cfg = _cfg(data, tmp_path / "run", run__steps=2)
+    train_stage(cfg, progress=False)
+    rows = _log(tmp_path / "run")
+    assert len(rows) == 2 and all(float(r["tflops_per_s"]) > 0 and r["mfu_pct"] == "" for r in rows)
+    model = build_model(cfg, build_encoders(cfg, torch.device("cpu"))[1].hidden_size, torch.device("cpu"))
+    for r in rows:  # both columns come from the same window: FLOPs per sample = TFLOP/s / samples/s
+        per_sample = float(r["tflops_per_s"]) * 1e12 / float(r["samples_per_s"])
+        assert per_sample == pytest.approx(step_flops(model, (4, 4, 4), 1), rel=2e-3)  # printed to 4 digits
+    model = from_preset("Latte-mini", checkpoint=True)
+    expected = model_cost("latte", size=model.size, latent=(2, 4, 4), batch=3, mode="train_step", checkpoint=True)
+    assert step_flops(model, (2, 4, 4), 3) == expected.flops
+
+
 def test_lr_schedule():
     """Warm-up then constant (Open-Sora 1.0) or cosine to lr_min at the last step; bad values are refused."""
     from stdit.train.config import OptimCfg
