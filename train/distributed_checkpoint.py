@@ -11,6 +11,7 @@ keeps its metadata in a pickle (``.metadata``), this storage reads safetensors h
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,14 @@ __all__ = ["DCP", "load_distributed", "save_distributed"]
 
 DCP = CheckpointKind("dcp", "stdit-dcp", 1, "distributed checkpoint")
 STATE_FILE = "state.json"
+
+
+def _sharded_writer(path: Path) -> HuggingFaceStorageWriter:
+    """DCP's safetensors writer with every rank writing its own shards. The flag is ``save_distributed``
+    in recent torch and was ``save_sharded`` when the writer first appeared (torch 2.8)."""
+    params = inspect.signature(HuggingFaceStorageWriter.__init__).parameters
+    flag = "save_distributed" if "save_distributed" in params else "save_sharded"
+    return HuggingFaceStorageWriter(str(path), **{flag: True})
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ema: dict | None) -> dict[str, Any]:
@@ -58,7 +67,7 @@ def save_distributed(
     tree = encode_tree(state, tensors)
 
     def write(tmp: Path) -> dict:
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+        dcp.save(tensors, storage_writer=_sharded_writer(tmp))
         if not dist.is_initialized() or dist.get_rank() == 0:
             (tmp / STATE_FILE).write_text(json.dumps(tree, allow_nan=False))
         return {"state": STATE_FILE, "parts": sorted(state)}
