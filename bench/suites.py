@@ -6,6 +6,10 @@ vs eager vs torch.compile. ``blocks``: one STDiT block as Open-Sora 1.0 ran it v
 compiled. ``models``: STDiT vs full-attention DiT vs Latte training step across frame counts.
 ``train`` and ``parallel`` (training steps) live in stdit.bench.train_suites; ``SUITES`` names them
 all and ``build_cases`` picks from it.
+
+"fwd+bwd" and "train_step" compute every gradient training does, the weights' included, and each
+case is credited the FLOPs its backend runs (ATTENTION_WORK; tests/bench/test_executed_flops.py
+counts them with torch's FlopCounterMode).
 """
 
 from __future__ import annotations
@@ -46,8 +50,12 @@ def triton_interpreted(device: torch.device) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _grad_thunk(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], mode: str) -> Callable[[], object]:
-    """fwd: forward(); fwd+bwd: forward() then the gradients of every input (not accumulated)."""
+def _grad_thunk(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], mode: str) -> Callable[[], object]:
+    """fwd: forward() under no_grad. Training modes: what a training step runs: the gradients of
+    ``leaves`` (inputs and parameters) reset to None (zero_grad(set_to_none=True)), forward(), and
+    the backward of its output (its sum, unless a scalar loss) into every leaf's .grad: weights
+    included, so no weight gradient that training computes is left out. backward(), not
+    autograd.grad: FlopCounterMode's module tracking cannot follow autograd.grad."""
     if mode == "fwd":
 
         def run_fwd():
@@ -55,12 +63,15 @@ def _grad_thunk(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor],
                 return forward()
 
         return run_fwd
-    for t in inputs:
+    for t in leaves:
         t.requires_grad_(True)
 
     def run_fwd_bwd():
+        for t in leaves:
+            t.grad = None
         out = forward()
-        return torch.autograd.grad(out, inputs, torch.ones_like(out))
+        torch.autograd.backward(out, torch.ones_like(out), inputs=leaves)
+        return out
 
     return run_fwd_bwd
 
@@ -90,6 +101,42 @@ def _backend_skip(backend: str, device: torch.device, mode: str) -> str | None:
     return None
 
 
+# How the cost model counts each attention backend's work (stdit.models.costs.attention_cost):
+# backend -> (backward, cross-attention computes only the valid text keys). "recompute": a fused
+# kernel that recomputes S = Q K^T in its backward (FlashAttention-style; 5 matmuls); "eager":
+# autograd through the materialized probabilities (4 matmuls). SDPA's default and "flash" choice on
+# CPU is torch's fused CPU kernel (aten._scaled_dot_product_flash_attention_for_cpu, whose backward
+# recomputes S), on CUDA flash / efficient / cuDNN; its cross-attention masks the padded keys
+# (computed, then hidden), as flex's does (one partial key block for L <= 128). The reference packs
+# the valid text tokens (Open-Sora's masked_select), flash_attn and xformers take per-sample lengths,
+# and our kernels skip key blocks past kv_lens.
+ATTENTION_WORK: dict[str, tuple[str, bool]] = {
+    "triton": ("recompute", True),
+    "sdpa": ("recompute", False),
+    "sdpa:flash": ("recompute", False),
+    "sdpa:efficient": ("recompute", False),
+    "sdpa:cudnn": ("recompute", False),
+    "sdpa:math": ("eager", False),
+    "flex": ("recompute", False),
+    "flash_attn": ("recompute", True),
+    "xformers": ("recompute", True),
+    "reference": ("eager", True),
+}
+
+
+def attention_work(backend: str, kv_lens: list[int] | None = None) -> dict:
+    """attention_cost's ``backward`` and ``kv_lens`` for ``backend`` (a name of ATTENTION_WORK) when
+    cross-attention's samples have ``kv_lens`` valid text tokens: those, or None (all of them) for a
+    backend that computes the padded keys too."""
+    backward, valid_only = ATTENTION_WORK[backend]
+    return dict(backward=backward, kv_lens=kv_lens if valid_only else None)
+
+
+def _text_lens(batch: int, text_len: int) -> list[int]:
+    """Uneven caption lengths, as real captions are: L, then shorter by up to half."""
+    return [text_len - (i * text_len) // (2 * batch) for i in range(batch)]
+
+
 def attention_backends(device: torch.device) -> list[str]:
     """Every attention backend name worth a row on this device (unavailable ones become status rows)."""
     names = ["triton", "sdpa", *(f"sdpa:{s}" for s in ("flash", "efficient", "cudnn", "math"))]
@@ -105,16 +152,17 @@ def _attention_case(op: str, backend: str, shape: VideoShape, size: Size, mode: 
     B, T, S, H = shape.batch, shape.frames, shape.tokens_per_frame, size.num_heads
     D, L, N = size.hidden_size // size.num_heads, size.text_len, shape.tokens
     kind = op.removesuffix("_attention")
+    work = attention_work(backend, _text_lens(B, L) if kind == "cross" else None)
     cost = costs.attention_cost(
         kind, batch=B, frames=T, tokens_per_frame=S, num_heads=H, head_dim=D, text_len=L, mode=mode,
-        elem_bytes=dtype_bytes(dtype),
+        elem_bytes=dtype_bytes(dtype), **work,
     )  # fmt: skip
 
     def build(dev: torch.device) -> Callable[[], object]:
         if op == "cross_attention":
             q = _randn((B, N, H, D), dev, dtype, 1)
             kv = _randn((B, L, 2, H, D), dev, dtype, 2)
-            lens = torch.tensor([L - (i * L) // (2 * B) for i in range(B)], device=dev)  # uneven, as captions are
+            lens = torch.tensor(_text_lens(B, L), device=dev)
             return _grad_thunk(lambda: cross_attention(q, kv, lens, backend=backend), [q, kv], mode)
         qkv = _randn((B, N, 3, H, D), dev, dtype, 1)
         fn = {"spatial": spatial_attention, "temporal": temporal_attention}.get(kind)
@@ -202,9 +250,10 @@ def _block_case(label: str, shape: VideoShape, size: Size, mode: str, dtype, dev
     attn, fused, compiled, ours = BLOCK_VARIANTS[label]
     B, T, S, L = shape.batch, shape.frames, shape.tokens_per_frame, size.text_len
     C, H = size.hidden_size, size.num_heads
+    work = attention_work(attn, _text_lens(B, L))
     cost = costs.block_cost(
         "stdit", hidden_size=C, num_heads=H, batch=B, frames=T, tokens_per_frame=S, text_len=L, mode=mode,
-        elem_bytes=dtype_bytes(dtype),
+        kv_lens=work["kv_lens"], attention_backward=work["backward"], elem_bytes=dtype_bytes(dtype),
     )  # fmt: skip
 
     def build(dev: torch.device) -> Callable[[], object]:
@@ -216,12 +265,13 @@ def _block_case(label: str, shape: VideoShape, size: Size, mode: str, dtype, dev
         x = _randn((B, T * S, C), dev, dtype, 1)
         y = _randn((B, L, C), dev, dtype, 2)
         t0 = _randn((B, 6 * C), dev, dtype, 3) * 0.1
-        tpe = _randn((1, T, C), dev, dtype, 4) * 0.1
-        lens = torch.tensor([L - (i * L) // (2 * B) for i in range(B)], device=dev)
+        tpe = _randn((1, T, C), dev, dtype, 4) * 0.1  # a fixed table: no gradient
+        lens = torch.tensor(_text_lens(B, L), device=dev)
         fn = _compiled(block) if compiled else block
         if mode == "fwd":
             block.requires_grad_(False)
-        return _grad_thunk(lambda: fn(x, y, t0, lens, T, tpe, attn, fused), [x], mode)
+        # in a model x, y and t0 come from trainable layers: training differentiates all three
+        return _grad_thunk(lambda: fn(x, y, t0, lens, T, tpe, attn, fused), [x, y, t0, *block.parameters()], mode)
 
     skip = _backend_skip(attn, device, mode)
     dims = dict(B=B, T=T, S=S, N=T * S, C=C, H=H, D=C // H, L=L)
@@ -257,7 +307,8 @@ def _model_case(op: str, backend: str, shape: VideoShape, size: Size, dtype, dev
     checkpoint = shape.tokens >= 32768  # what fits: Open-Sora trained 64x512 with checkpointing
     cost = costs.model_cost(
         op.lower(), size=sizes, frames=shape.frames, height=shape.resolution, width=shape.resolution, batch=B,
-        mode="train_step", checkpoint=checkpoint, elem_bytes=dtype_bytes(dtype),
+        mode="train_step", checkpoint=checkpoint, attention_backward=ATTENTION_WORK[backend][0],
+        elem_bytes=dtype_bytes(dtype),
     )  # fmt: skip
 
     def build(dev: torch.device) -> Callable[[], object]:
@@ -268,14 +319,9 @@ def _model_case(op: str, backend: str, shape: VideoShape, size: Size, dtype, dev
         x = _randn((B, sizes.in_channels, T, Hl, Wl), dev, dtype, 1)
         t = torch.randint(0, 1000, (B,), device=dev)
         y = _randn((B, 1, L, sizes.caption_channels), dev, dtype, 2)
-        mask = torch.ones(B, L, dtype=torch.int64, device=dev)
+        mask = torch.ones(B, L, dtype=torch.int64, device=dev)  # every text token counts (model_cost's L)
         params = [p for p in model.parameters() if p.requires_grad]
-
-        def step():
-            out = model(x, t, y, mask)
-            return torch.autograd.grad(out.float().square().mean(), params)
-
-        return step
+        return _grad_thunk(lambda: model(x, t, y, mask).float().square().mean(), params, "train_step")
 
     skip = _backend_skip(backend, device, "fwd+bwd")
     dims = dict(B=B, T=T, S=shape.tokens_per_frame, N=shape.tokens, C=sizes.hidden_size, depth=sizes.depth,

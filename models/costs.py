@@ -5,13 +5,17 @@ Arithmetic on shapes and a :class:`~stdit.models.sizes.ModelSize` (XL/2 unless g
 and % of roofline, the trainer into MFU.
 
 Conventions (details beside each function):
-- A multiply-add is 2 FLOPs. Elementwise ops (LayerNorm + modulate, residuals, GELU, SiLU) count 0
-  FLOPs, only bytes: ``flops`` is "model FLOPs", the MFU convention.
+- FLOPs: the matmuls that run, 2 per multiply-add, as torch's FlopCounterMode counts them
+  (tests/bench/test_executed_flops.py holds every benchmark case to it); elementwise ops (LayerNorm,
+  modulate, residuals, GELU, SiLU, softmax) count 0 FLOPs, only bytes. "fwd+bwd" and "train_step"
+  include every gradient training computes, the weights' too. Attention's backward is the backend's
+  (``backward``: "recompute" 2.5x forward, "eager" 2x) and cross-attention counts the text keys it
+  computes (``kv_lens``); a fused kernel's tile padding is not counted.
 - "Minimal bytes": each op reads each input once and writes each output once at ``elem_bytes`` per
   element (2: bf16), the lower bound of a kernel fused within that op; blocks and models sum their
   ops (fused within an op, not across ops).
 - Not counted: the optimizer step, the loss, the sin-cos tables, per-block (6, C) + t0 additions,
-  text masking (all ``text_len`` tokens count), caption dropout, unpatchify.
+  caption dropout, unpatchify.
 
 Open-Sora 1.0 reports forward-FLOP ratios full-attention DiT / STDiT of 1.14, 2.13 and 6.37 at
 16x256, 16x512 and 64x512; this model gives 1.1408, 2.1302, 6.3669 for whole models and 1.1408,
@@ -23,18 +27,20 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .sizes import SIZES, ModelSize
 
 __all__ = [
-    "ATTENTION_KINDS", "BLOCK_MODELS", "MODELS", "MODEL_MODES", "OPENSORA_SETTINGS", "OP_MODES", "Cost",
-    "activation_cost", "attention_cost", "block_cost", "check_size", "gated_residual_cost",
+    "ATTENTION_BACKWARDS", "ATTENTION_KINDS", "BLOCK_MODELS", "MODELS", "MODEL_MODES", "OPENSORA_SETTINGS",
+    "OP_MODES", "Cost", "activation_cost", "attention_cost", "block_cost", "check_size", "gated_residual_cost",
     "layernorm_modulate_cost", "linear_cost", "model_cost", "model_tokens", "opensora_flop_ratios",
     "stdit_param_count",
 ]  # fmt: skip
 
 ATTENTION_KINDS = ("spatial", "temporal", "full", "cross")
+ATTENTION_BACKWARDS = ("recompute", "eager")
 BLOCK_MODELS = ("stdit", "dit", "latte_spatial", "latte_temporal")
 MODELS = ("stdit", "dit", "latte")
 OP_MODES = ("fwd", "fwd+bwd")
@@ -113,43 +119,56 @@ def attention_cost(
     num_heads: int,
     head_dim: int,
     text_len: int = 120,
+    kv_lens: Sequence[int] | None = None,
     mode: str = "fwd",
+    backward: str = "recompute",
     elem_bytes: float = 2,
 ) -> Cost:
     """One attention call over a (B, T*S) token video, projections excluded.
 
     kind: "spatial" (B*T sequences of S), "temporal" (B*S sequences of T), "full" (B sequences of
-    T*S) or "cross" (each sample's T*S queries against its text_len keys). mode "fwd" or
-    "fwd+bwd" (forward + backward summed).
+    T*S) or "cross" (each sample's T*S queries against its text keys: ``kv_lens[b]`` of them for a
+    backend that computes only the valid keys (packed, varlen or skipping key blocks past the
+    length), else all ``text_len`` (a backend that masks them)). mode "fwd" or "fwd+bwd" (forward +
+    backward summed).
 
-    FLOPs: forward 4*B*H*Lq*Lk*D (Q K^T and P V; softmax, scaling and masking not counted); backward
-    2.5x forward (FlashAttention's convention: recompute Q K^T plus dV, dP, dQ, dK). Bytes: self-
-    attention reads the packed qkv (3C per token, strided in the (B, T*S, 3, H, D) layout, so
-    Open-Sora's temporal rearranges are not counted) and writes o (C per token); cross-attention
-    reads q (C per video token) and kv (2C per text token) and writes o. "fwd+bwd" adds the forward's
-    fp32 logsumexp (4 bytes per query row per head) and a backward that reads q, k, v, o, dO, lse and
-    writes dq, dk, dv.
+    FLOPs: forward 4*H*D*Lq*Lk per sequence (S = Q K^T and O = P V; softmax, scaling and masking
+    count 0). The backward's gradient matmuls are dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q;
+    ``backward`` says where P comes from: "recompute" (FlashAttention-style kernels: ours, SDPA's
+    fused kernels including its CPU one, flex, flash_attn, xformers) recomputes S = Q K^T from the
+    stored logsumexp, 5 matmuls, 2.5x forward; "eager" (autograd through the materialized P: the
+    reference, SDPA's math path) runs the 4, 2x forward.
+
+    Bytes, the lower bound of a fused kernel whatever the backend: self-attention reads the packed
+    qkv (3C per token, strided in the (B, T*S, 3, H, D) layout, so Open-Sora's temporal rearranges are
+    not counted) and writes o (C per token); cross-attention reads q (C per video token) and kv (2C
+    per text key counted) and writes o. "fwd+bwd" adds the forward's fp32 logsumexp (4 bytes per
+    query row per head) and a backward that reads q, k, v, o, dO, lse and writes dq, dk, dv.
     """
     _choice("kind", kind, ATTENTION_KINDS)
     _choice("mode", mode, OP_MODES)
+    _choice("backward", backward, ATTENTION_BACKWARDS)
     _positive(batch=batch, frames=frames, tokens_per_frame=tokens_per_frame, num_heads=num_heads,
               head_dim=head_dim, elem_bytes=elem_bytes)  # fmt: skip
-    if kind == "cross":
-        _positive(text_len=text_len)
     B, T, S, H, D = batch, frames, tokens_per_frame, num_heads, head_dim
     N = T * S
     C = H * D
+    if kind == "cross":
+        _positive(text_len=text_len)
+        keys = B * text_len if kv_lens is None else _text_keys(kv_lens, B, text_len)  # over the batch
+    elif kv_lens is not None:
+        raise ValueError(f"kv_lens: only cross-attention has text keys, not kind {kind!r}")
     if kind == "spatial":
-        seqs, Lq, Lk = B * T, S, S
+        pairs = B * T * S * S  # (query, key) pairs over the batch
     elif kind == "temporal":
-        seqs, Lq, Lk = B * S, T, T
+        pairs = B * S * T * T
     elif kind == "full":
-        seqs, Lq, Lk = B, N, N
+        pairs = B * N * N
     else:
-        seqs, Lq, Lk = B, N, text_len
-    fwd_flops = 4.0 * seqs * H * Lq * Lk * D
+        pairs = N * keys
+    fwd_flops = 4.0 * H * D * pairs
     q_elems = B * N * C  # queries (and outputs) over the whole batch
-    kv_elems = (2 * B * N * C) if kind != "cross" else (2 * B * text_len * C)
+    kv_elems = (2 * B * N * C) if kind != "cross" else (2 * keys * C)
     fwd_bytes = elem_bytes * (q_elems + kv_elems + q_elems)  # read q, k, v; write o
     if mode == "fwd":
         return Cost(fwd_flops, fwd_bytes)
@@ -157,7 +176,15 @@ def attention_cost(
     fwd = Cost(fwd_flops, fwd_bytes + lse)
     # backward: read q, k, v, o, dO, lse; write dq, dk, dv
     bwd_bytes = elem_bytes * (q_elems + kv_elems + 2 * q_elems) + lse + elem_bytes * (q_elems + kv_elems)
-    return fwd + Cost(2.5 * fwd_flops, bwd_bytes)
+    return fwd + Cost((2.5 if backward == "recompute" else 2.0) * fwd_flops, bwd_bytes)
+
+
+def _text_keys(kv_lens: Sequence[int], batch: int, text_len: int) -> int:
+    """sum(kv_lens) after checking there is one length per sample, each in [1, text_len]."""
+    lens = [int(n) for n in kv_lens]
+    if len(lens) != batch or any(not 1 <= n <= text_len for n in lens):
+        raise ValueError(f"kv_lens: expected {batch} lengths in [1, text_len = {text_len}], got {list(kv_lens)!r}")
+    return sum(lens)
 
 
 def linear_cost(
@@ -251,8 +278,10 @@ def block_cost(
     frames: int,
     tokens_per_frame: int,
     text_len: int = 120,
+    kv_lens: Sequence[int] | None = None,
     mlp_ratio: float = 4.0,
     mode: str = "fwd",
+    attention_backward: str = "recompute",
     elem_bytes: float = 2,
 ) -> Cost:
     """One transformer block, in the order of stdit.models.
@@ -263,9 +292,15 @@ def block_cost(
     residual. "dit" (a PixArt block): the same with full attention in place of spatial and no
     temporal attention. "latte_spatial" / "latte_temporal": PixArt blocks whose self-attention is
     spatial / temporal.
+
+    "fwd+bwd" is a training block's backward: the gradients of its input x, of the text tokens y and
+    the (B, 6C) timestep rows (in a model they come from trainable embedders) and of every weight.
+    ``kv_lens`` and ``attention_backward`` go to :func:`attention_cost` (the text projection runs
+    over all L tokens either way).
     """
     _choice("model", model, BLOCK_MODELS)
     _choice("mode", mode, OP_MODES)
+    _choice("attention_backward", attention_backward, ATTENTION_BACKWARDS)
     _positive(hidden_size=hidden_size, num_heads=num_heads, batch=batch, frames=frames,
               tokens_per_frame=tokens_per_frame, text_len=text_len, mlp_ratio=mlp_ratio,
               elem_bytes=elem_bytes)  # fmt: skip
@@ -275,7 +310,8 @@ def block_cost(
     N = T * S
     Ch = int(hidden_size * mlp_ratio)  # as the models: int(hidden_size * mlp_ratio)
     kw = dict(mode=mode, elem_bytes=elem_bytes)
-    geo = dict(batch=B, frames=T, tokens_per_frame=S, num_heads=num_heads, head_dim=C // num_heads, text_len=L, **kw)
+    geo = dict(batch=B, frames=T, tokens_per_frame=S, num_heads=num_heads, head_dim=C // num_heads, text_len=L,
+               backward=attention_backward, **kw)  # fmt: skip
 
     def self_attn(kind: str) -> Cost:
         return linear_cost(B * N, C, 3 * C, **kw) + attention_cost(kind, **geo) + linear_cost(B * N, C, C, **kw)
@@ -288,7 +324,7 @@ def block_cost(
     cost += (
         linear_cost(B * N, C, C, **kw)  # q_linear
         + linear_cost(B * L, C, 2 * C, **kw)  # kv_linear on the text tokens
-        + attention_cost("cross", **geo)
+        + attention_cost("cross", kv_lens=kv_lens, **geo)
         + linear_cost(B * N, C, C, **kw)  # proj
         + gated_residual_cost(N, C, B, gated=False, **kw)
     )
@@ -347,6 +383,7 @@ def model_cost(
     text_len: int | None = None,
     mode: str = "fwd",
     checkpoint: bool = False,
+    attention_backward: str = "recompute",
     elem_bytes: float = 2,
     blocks_only: bool = False,
 ) -> Cost:
@@ -356,8 +393,10 @@ def model_cost(
 
     model: "stdit", "dit" or "latte" (variant 1: PixArt blocks with spatial self-attention in even
     blocks and temporal in odd ones). size: a ModelSize (default SIZES["XL/2"]); text_len defaults to
-    its model_max_length. Video: frames, height, width in pixels, or latent=(T, H, W).
-    ``blocks_only`` leaves out the embedders and the final layer.
+    its model_max_length, every text token counted (a mask of ones). Video: frames, height, width in
+    pixels, or latent=(T, H, W). ``attention_backward``: see :func:`attention_cost`; the default is
+    what "auto" runs (ours on CUDA, SDPA's fused kernels elsewhere). ``blocks_only`` leaves out the
+    embedders and the final layer.
     """
     _choice("model", model, MODELS)
     _choice("mode", mode, (*MODEL_MODES, "fwd+bwd"))
@@ -370,7 +409,7 @@ def model_cost(
     op_mode = "fwd" if mode == "fwd" else "fwd+bwd"
     kw = dict(mode=op_mode, elem_bytes=elem_bytes)
     bkw = dict(hidden_size=C, num_heads=size.num_heads, batch=B, frames=T, tokens_per_frame=S, text_len=L,
-               mlp_ratio=size.mlp_ratio, elem_bytes=elem_bytes)  # fmt: skip
+               mlp_ratio=size.mlp_ratio, attention_backward=attention_backward, elem_bytes=elem_bytes)  # fmt: skip
 
     def blocks(block_mode: str) -> Cost:
         if model in ("stdit", "dit"):

@@ -194,7 +194,41 @@ def test_attention_small_case_by_hand():
     assert attention_cost("spatial", elem_bytes=dtype_bytes("fp32"), **g).bytes == 2 * sp.bytes
     for kind in ("spatial", "temporal", "full", "cross"):
         f = attention_cost(kind, **g)
+        # backward: 5 matmuls when S = Q K^T is recomputed, the 4 gradient matmuls when P was stored
         assert attention_cost(kind, mode="fwd+bwd", **g).flops == 3.5 * f.flops
+        eager = attention_cost(kind, mode="fwd+bwd", backward="eager", **g)
+        assert eager.flops == 3.0 * f.flops
+        assert eager.bytes == attention_cost(kind, mode="fwd+bwd", **g).bytes  # bytes: the fused bound either way
+
+
+def test_cross_attention_counts_the_text_keys_computed():
+    g = dict(batch=2, frames=3, tokens_per_frame=4, num_heads=2, head_dim=8, text_len=5)  # C = 16, N = 12
+    padded = attention_cost("cross", **g)
+    assert attention_cost("cross", kv_lens=[5, 5], **g) == padded
+    valid = attention_cost("cross", kv_lens=[5, 2], **g)
+    assert valid.flops == 4 * 2 * 8 * 12 * (5 + 2)  # H * D * N queries * keys per sample
+    assert valid.bytes == 2 * (2 * 2 * 12 * 16 + 2 * (5 + 2) * 16)  # q, o per token; kv per key computed
+    for mode in ("fwd", "fwd+bwd"):
+        fb = dict(g, mode=mode)
+        assert attention_cost("cross", kv_lens=[5, 2], **fb).flops == attention_cost("cross", **fb).flops * 7 / 10
+    # a block passes them on to its cross-attention only (the text projection runs over all L)
+    kw = dict(hidden_size=16, num_heads=2, batch=2, frames=3, tokens_per_frame=4, text_len=5, mode="fwd+bwd")
+    drop = block_cost("stdit", **kw).flops - block_cost("stdit", kv_lens=[5, 2], **kw).flops
+    assert drop == attention_cost("cross", mode="fwd+bwd", **g).flops * 3 / 10
+
+
+def test_attention_backward_reaches_blocks_and_models():
+    v = dict(frames=16, height=256, width=256, batch=2, mode="train_step")
+    recompute, eager = model_cost("stdit", **v), model_cost("stdit", attention_backward="eager", **v)
+    attn_fwd = sum(
+        attention_cost(k, batch=2, frames=16, tokens_per_frame=256, num_heads=H, head_dim=D).flops
+        for k in ("spatial", "temporal", "cross")
+    )
+    assert recompute.flops - eager.flops == DEPTH * 0.5 * attn_fwd
+    assert recompute.bytes == eager.bytes
+    assert model_cost("stdit", attention_backward="eager", frames=16, height=256, width=256) == model_cost(
+        "stdit", frames=16, height=256, width=256
+    )  # forward only: no backward to differ
 
 
 def test_attention_intensities():
@@ -260,6 +294,10 @@ def test_cost_arithmetic_and_dtypes():
         (lambda: model_cost("stdit", size={"depth": 28}, frames=16, height=256, width=256), "size", "ModelSize"),
         (lambda: check_size(SIZES["XL/2"].replace(num_heads=7)), "size", "num_heads"),
         (lambda: linear_cost(4, 4, 4, mode="backward"), "mode", "fwd"),
+        (lambda: attention_cost("spatial", batch=1, frames=2, tokens_per_frame=4, num_heads=1, head_dim=8,
+                                mode="fwd+bwd", backward="flash"), "backward", "recompute"),
+        (lambda: model_cost("stdit", frames=16, height=256, width=256, attention_backward="stored"),
+         "attention_backward", "eager"),
         (lambda: dtype_bytes("int3"), "dtype", "bf16"),
     ],
 )  # fmt: skip
@@ -277,6 +315,12 @@ def test_bad_sizes_raise():
         attention_cost("spatial", batch=1, frames=2, tokens_per_frame=4, num_heads=0, head_dim=8)
     with pytest.raises(ValueError, match="latent"):
         model_cost("dit", latent=(16, 31, 32))
+    g = dict(batch=2, frames=2, tokens_per_frame=4, num_heads=1, head_dim=8, text_len=5)
+    for lens in ([5], [5, 6], [0, 5], [5, 2, 1]):  # one length per sample, each in [1, text_len]
+        with pytest.raises(ValueError, match=r"^kv_lens: expected 2 lengths in \[1, text_len = 5\]"):
+            attention_cost("cross", kv_lens=lens, **g)
+    with pytest.raises(ValueError, match="^kv_lens: only cross-attention"):
+        attention_cost("spatial", kv_lens=[5, 5], **g)
 
 
 @pytest.mark.parametrize("name", preset_names())
