@@ -1,7 +1,7 @@
 """Communication model for hybrid-parallel STDiT training: bytes, collective calls and projected time
-per training step per rank, for sequence parallelism (Ulysses, DSP, Open-Sora 1.0's SP) and data
-parallelism (FSDP / ZeRO-3, ZeRO-2, DDP), next to the per-rank compute time of the cost model
-(stdit.models.costs). Arithmetic on shapes and a ModelSize (STDiT-XL/2 unless given); its tables
+per training step per rank, for sequence parallelism (Ulysses, generic Ulysses, DSP, Open-Sora 1.0's
+SP) and data parallelism (FSDP / ZeRO-3, ZeRO-2, DDP), next to the per-rank compute time of the cost
+model (stdit.models.costs). Arithmetic on shapes and a ModelSize (STDiT-XL/2 unless given); its tables
 and plots are drawn by stdit.bench.comm_report.
 
 Conventions
@@ -42,24 +42,25 @@ SHAPES: dict[str, tuple[int, int, int]] = {
     "64x512x512": (64, 512, 512),
     "360x512x512": (360, 512, 512),
 }
-SP_SCHEMES = ("ulysses", "ulysses_local_temporal", "dsp", "opensora_sp")
+SP_SCHEMES = ("ulysses", "ulysses_generic", "dsp", "opensora_sp")  # the first three: sequence_parallel's modes
 DP_SCHEMES = ("fsdp", "zero2", "ddp")
 SCHEMES = SP_SCHEMES + DP_SCHEMES
 
-# Payload (in units of C per local token) and all-to-all calls per block per forward pass:
-# - ulysses: tokens sharded by spatial position within each frame; around BOTH self-attentions
-#   (spatial, temporal) one all-to-all of qkv (3C) to head sharding and one of the output (C) back:
-#   2*(3C + C) = 8C, 4 calls. Cross-attention needs none (the text is replicated).
-# - ulysses_local_temporal: the same sharding, but the temporal all-to-alls skipped: with tokens
-#   sharded by spatial position a temporal sequence (one position, all T frames) is already local,
-#   so only spatial attention needs Ulysses: 4C, 2 calls (the cheapest correct Ulysses for STDiT).
+# Payload (in units of C per local token) and all-to-all calls per block per forward pass, as
+# stdit.train.sequence_parallel's modes of the same names send them (comm_bytes_per_block, tested):
+# - ulysses: tokens sharded by spatial position within each frame, so a temporal sequence (one
+#   position, all T frames) is local; around spatial attention one all-to-all of qkv (3C) to head
+#   sharding and one of the output (C) back: 4C, 2 calls. Cross-attention needs none (the text is
+#   replicated).
+# - ulysses_generic: the same plus the pair around temporal attention, as DeepSpeed-Ulysses applied
+#   to every attention does (the DSP paper's baseline): 8C, 4 calls.
 # - dsp (arXiv 2403.10266): frames sharded for spatial / cross / MLP work; one all-to-all of the
-#   temporal-attention input (C) to position sharding and one (C) back: 2C, 2 calls. DSP / Ulysses =
-#   2C / 8C = 25 % exactly, the paper's ">= 75 % less communication".
+#   temporal-attention input (C) to position sharding and one (C) back: 2C, 2 calls. DSP / ulysses
+#   = 2C / 4C = 50 %; DSP / ulysses_generic = 2C / 8C = 25 % (see DSP_PAPER_CLAIMS).
 # - opensora_sp (Open-Sora 1.0): the flattened T*S axis sharded; Ulysses all-to-alls around both
 #   self-attentions (8C) plus, in its sequence-parallel cross-attention, an all-to-all of q (C) to
 #   head sharding and of the output (C) back (k/v of the replicated text split locally): 10C, 6 calls.
-_SP_PER_BLOCK = {"ulysses": (8, 4), "ulysses_local_temporal": (4, 2), "dsp": (2, 2), "opensora_sp": (10, 6)}
+_SP_PER_BLOCK = {"ulysses": (4, 2), "ulysses_generic": (8, 4), "dsp": (2, 2), "opensora_sp": (10, 6)}
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP default bucket_cap_mb = 25
 
 PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16
@@ -71,9 +72,12 @@ IB_EFFICIENCY = 0.80
 LATENCY_INTRA_S = 10e-6
 LATENCY_INTER_S = 25e-6
 
+# What the DSP paper reports against embedded sequence parallelism (DeepSpeed-Ulysses applied to every
+# attention: ulysses_generic here). Its abstract's communication claim changed between versions.
 DSP_PAPER_CLAIMS = dict(
-    source="DSP, arXiv 2403.10266 (reported numbers, not reproduced here)",
-    comm_reduction_at_least=0.75,
+    source="DSP, arXiv 2403.10266",
+    comm_volume_below=0.25,  # an earlier version's abstract: "less than 25% communication volume"
+    comm_reduction_at_least=0.5,  # v5 (ICML 2025): "at least 50% communication volume reduction"
     inference_setting="80 frames, 512x512, 8x H800",
     inference_s=dict(dsp=22.0, ulysses=45.0, single_gpu=106.0),
 )
@@ -169,9 +173,9 @@ def _tokens(shape, size: ModelSize) -> tuple[str, int, int, int, int, int]:
 
 def _sp_feasible(scheme: str, sp: int, T: int, S: int, heads: int) -> tuple[bool, str]:
     need = []
-    if scheme in ("ulysses", "ulysses_local_temporal", "opensora_sp") and heads % sp:
+    if scheme in ("ulysses", "ulysses_generic", "opensora_sp") and heads % sp:
         need.append(f"heads {heads} not divisible by sp {sp}")
-    if scheme in ("ulysses", "ulysses_local_temporal", "dsp") and S % sp:
+    if scheme in ("ulysses", "ulysses_generic", "dsp") and S % sp:
         need.append(f"tokens per frame S={S} not divisible by sp {sp}")
     if scheme == "dsp" and T % sp:
         need.append(f"frames T={T} not divisible by sp {sp}")
@@ -201,7 +205,7 @@ def sp_comm(
     all-reduce) and the gradient synchronisation of the parameters replicated across SP ranks (it
     belongs to the data-parallel collective over all dp*sp ranks, see ``hybrid_step``).
 
-    Feasible degrees (exact divisibility): ulysses / ulysses_local_temporal need heads % sp == 0 and
+    Feasible degrees (exact divisibility): ulysses / ulysses_generic need heads % sp == 0 and
     S % sp == 0; dsp needs T % sp == 0 and S % sp == 0; opensora_sp needs heads % sp == 0 and
     (T*S) % sp == 0. Bytes are still computed for infeasible degrees; ``feasible`` is False with the
     reason (XL/2 has 16 heads: no Ulysses beyond sp = 16).
@@ -456,31 +460,27 @@ def dsp_vs_ulysses(
     size: ModelSize | None = None,
     inference_steps: int = 100,
 ) -> dict:
-    """DSP's communication saving against Ulysses (and against Ulysses with local temporal attention)
-    per shape and degree, with the paper's claims next to it and our comm-only projection of the
-    paper's inference setting (80x512x512, sp 8, CFG batch 2, ``inference_steps`` forwards)."""
+    """DSP's bytes over Ulysses' (the minimal one, exchanging around spatial attention only) and over
+    generic Ulysses' (around every attention, the paper's baseline) per shape and degree, with the
+    paper's claims next to them and our comm-only projection of the paper's inference setting
+    (80x512x512, sp 8, CFG batch 2, ``inference_steps`` forwards)."""
+    kw = dict(batch=batch, act_dtype=act_dtype, checkpoint=checkpoint, size=size)
     rows = []
     for shape in shapes:
         for d in degrees:
-            kw = dict(batch=batch, act_dtype=act_dtype, checkpoint=checkpoint, size=size)
-            u = sp_comm("ulysses", shape, d, **kw)
-            ul = sp_comm("ulysses_local_temporal", shape, d, **kw)
-            p = sp_comm("dsp", shape, d, **kw)
-            ratio = p["bytes_per_rank"] / u["bytes_per_rank"] if u["bytes_per_rank"] else None
+            c = {sc: sp_comm(sc, shape, d, **kw) for sc in ("ulysses", "ulysses_generic", "dsp")}
+            b = {sc: v["bytes_per_rank"] for sc, v in c.items()}
             rows.append(dict(
-                shape=parse_shape(shape)[0], degree=d, ulysses_bytes=u["bytes_per_rank"],
-                ulysses_local_temporal_bytes=ul["bytes_per_rank"], dsp_bytes=p["bytes_per_rank"],
-                dsp_over_ulysses=ratio, saving_vs_ulysses=None if ratio is None else 1 - ratio,
-                saving_vs_ulysses_local_temporal=(1 - p["bytes_per_rank"] / ul["bytes_per_rank"])
-                if ul["bytes_per_rank"] else None,
-                ulysses_feasible=u["feasible"], dsp_feasible=p["feasible"],
-                meets_paper_claim=None if ratio is None else bool(1 - ratio >= DSP_PAPER_CLAIMS["comm_reduction_at_least"] - 1e-12),
+                shape=parse_shape(shape)[0], degree=d, ulysses_bytes=b["ulysses"],
+                ulysses_generic_bytes=b["ulysses_generic"], dsp_bytes=b["dsp"],
+                dsp_over_ulysses=b["dsp"] / b["ulysses"] if b["ulysses"] else None,
+                dsp_over_ulysses_generic=b["dsp"] / b["ulysses_generic"] if b["ulysses_generic"] else None,
+                ulysses_feasible=c["ulysses"]["feasible"], dsp_feasible=c["dsp"]["feasible"],
             ))  # fmt: skip
     # the paper's inference setting, comm only: forward passes, no checkpointing, CFG doubles the batch
     proj = {}
-    for sc in ("ulysses", "dsp"):
-        c = sp_comm(sc, (80, 512, 512), 8, batch=2, act_dtype=act_dtype, size=size)
-        per_fwd = c["bytes_fwd"]
+    for sc in ("ulysses_generic", "ulysses", "dsp"):
+        per_fwd = sp_comm(sc, (80, 512, 512), 8, batch=2, act_dtype=act_dtype, size=size)["bytes_fwd"]
         calls = _SP_PER_BLOCK[sc][1] * check_size(size).depth  # one forward pass
         proj[sc] = dict(
             bytes_per_forward=per_fwd,

@@ -1,6 +1,7 @@
 """The communication model's report: ``reports/parallel-model/README.md`` (tables per Open-Sora shape,
-DSP vs Ulysses beside the paper's claims) and one bytes-vs-degree PNG per shape, drawn from the rows
-of stdit.bench.comm_model. Analytic: the same on every machine.
+DSP vs Ulysses and generic Ulysses beside the paper's claims, the bytes stdit.train.sequence_parallel
+counts) and one bytes-vs-degree PNG per shape, drawn from the rows of stdit.bench.comm_model.
+Analytic: the same on every machine.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from pathlib import Path
 import pandas as pd
 
 from stdit.common.files import write_bytes, write_text
+from stdit.models.costs import check_size, model_tokens
+from stdit.train.sequence_parallel import MODES, comm_bytes_per_block
 
 from .comm_model import (
-    DP_SCHEMES, DSP_PAPER_CLAIMS, IB_EFFICIENCY, IB_NDR_BW, LATENCY_INTER_S, LATENCY_INTRA_S, NVLINK4_BW,
+    DEGREES, DP_SCHEMES, DSP_PAPER_CLAIMS, IB_EFFICIENCY, IB_NDR_BW, LATENCY_INTER_S, LATENCY_INTRA_S, NVLINK4_BW,
     NVLINK_EFFICIENCY, SP_SCHEMES, comm_rows, dsp_vs_ulysses, parse_shape,
 )  # fmt: skip
 from .figures import new_figure, png_bytes
@@ -78,37 +81,56 @@ def markdown_section(rows: list[dict], title: str = "Communication model (hybrid
         lines += ["Compute ms per rank per step:", "", markdown_table(pivot(lambda r: _ms(r["compute_s"]))), ""]
         lines += ["Communication / compute (largest cluster; < 1: can hide if overlapped):", "",
                   markdown_table(pivot(lambda r: None if pd.isna(r["comm_compute_ratio"]) else r["comm_compute_ratio"])), ""]  # fmt: skip
-    # DSP vs Ulysses
-    sp = df[df["scheme"].isin(["ulysses", "dsp"])]
-    if set(sp["scheme"]) == {"ulysses", "dsp"}:
-        recs = []
-        for (shape, d), g in sp.groupby(["shape", "degree"], sort=False):
-            u = g[g["scheme"] == "ulysses"].iloc[0]
-            p = g[g["scheme"] == "dsp"].iloc[0]
-            ratio = p["bytes_per_rank"] / u["bytes_per_rank"] if u["bytes_per_rank"] else float("nan")
-            recs.append({"shape": shape, "degree": int(d), "Ulysses GB": _gb(u["bytes_per_rank"]),
-                         "DSP GB": _gb(p["bytes_per_rank"]), "DSP/Ulysses": ratio, "saving": f"{1 - ratio:.0%}",
-                         "Ulysses feasible": bool(u["feasible"]), "DSP feasible": bool(p["feasible"])})  # fmt: skip
-        c = DSP_PAPER_CLAIMS
-        lines += ["### DSP vs Ulysses", "", markdown_table(pd.DataFrame(recs)), ""]
-        lines.append(
-            f"Paper claims ({c['source']}): >= {c['comm_reduction_at_least']:.0%} less communication than Ulysses "
-            f"(this model: exactly 75 %, 2C vs 8C per token per block, at every shape and degree; against a Ulysses "
-            f"that keeps temporal attention local it is 50 %); {c['inference_setting']} inference: DSP "
-            f"{c['inference_s']['dsp']:g} s, Ulysses {c['inference_s']['ulysses']:g} s, 1 GPU "
-            f"{c['inference_s']['single_gpu']:g} s (reported, not reproduced)."
-        )
-        pr = dsp_vs_ulysses(shapes=(), degrees=())["inference_projection"]
-        lines.append(
-            f"For scale, this model's all-to-all time for that setting ({pr['setting']}, {pr['steps']} steps): Ulysses "
-            f"{pr['ulysses']['comm_s_8xH800']:.1f} s vs DSP {pr['dsp']['comm_s_8xH800']:.1f} s on 8xH800 "
-            f"(NVLink 200 GB/s per direction assumed), {pr['ulysses']['comm_s_8xH100']:.1f} s vs "
-            f"{pr['dsp']['comm_s_8xH100']:.1f} s on 8xH100, i.e. communication alone explains about "
-            f"{pr['ulysses']['comm_s_8xH800'] - pr['dsp']['comm_s_8xH800']:.0f} s of the reported 23 s gap; the rest is "
-            f"outside this model (overlap, kernel and layout costs of the implementations compared)."
-        )
-        lines.append("")
+    if {"ulysses", "ulysses_generic", "dsp"} <= set(df["scheme"]):
+        lines += _dsp_vs_ulysses(df)
     return "\n".join(lines)
+
+
+def _ratios(recs: list[dict], key: str) -> str:
+    """The distinct values of ``recs[i][key]`` (3 significant digits), e.g. "0.5"."""
+    return " / ".join(sorted({f"{r[key]:.3g}" for r in recs if r[key] is not None}))
+
+
+def _dsp_vs_ulysses(df: pd.DataFrame) -> list[str]:
+    """The DSP-vs-Ulysses table (bytes per rank per step) and the paper's claims beside it."""
+    recs = []
+    for (shape, d), g in df.groupby(["shape", "degree"], sort=False):
+        b = {sc: g[g["scheme"] == sc].iloc[0] for sc in ("ulysses_generic", "ulysses", "dsp")}
+        if not b["ulysses"]["bytes_per_rank"]:
+            continue  # degree 1: nothing is sent
+        recs.append({
+            "shape": shape, "degree": int(d), "generic Ulysses GB": _gb(b["ulysses_generic"]["bytes_per_rank"]),
+            "Ulysses GB": _gb(b["ulysses"]["bytes_per_rank"]), "DSP GB": _gb(b["dsp"]["bytes_per_rank"]),
+            "DSP / Ulysses": b["dsp"]["bytes_per_rank"] / b["ulysses"]["bytes_per_rank"],
+            "DSP / generic": b["dsp"]["bytes_per_rank"] / b["ulysses_generic"]["bytes_per_rank"],
+            "Ulysses feasible": bool(b["ulysses"]["feasible"]), "DSP feasible": bool(b["dsp"]["feasible"]),
+        })  # fmt: skip
+    c = DSP_PAPER_CLAIMS
+    pr = dsp_vs_ulysses(shapes=(), degrees=())["inference_projection"]
+    t = {sc: pr[sc]["comm_s_8xH800"] for sc in ("ulysses_generic", "ulysses", "dsp")}
+    gap = c["inference_s"]["ulysses"] - c["inference_s"]["dsp"]
+    intro = (
+        "Ulysses = all-to-alls around spatial attention only (temporal attention is local under position "
+        "sharding); generic Ulysses = around every attention, as DeepSpeed-Ulysses applies it (the DSP paper's "
+        "baseline)."
+    )
+    claims = (
+        f"Paper ({c['source']}, reported, not reproduced here): against embedded sequence parallelism, an "
+        f"earlier abstract claims less than {c['comm_volume_below']:.0%} of the communication volume and v5 "
+        f"(ICML 2025) at least {c['comm_reduction_at_least']:.0%} less. This model: DSP sends 2C per token per "
+        f"block, Ulysses 4C, generic Ulysses 8C; DSP / Ulysses = {_ratios(recs, 'DSP / Ulysses')} and DSP / "
+        f"generic = {_ratios(recs, 'DSP / generic')} in every row above. {c['inference_setting']} inference: "
+        f"DSP {c['inference_s']['dsp']:g} s, the paper's Ulysses {c['inference_s']['ulysses']:g} s, 1 GPU "
+        f"{c['inference_s']['single_gpu']:g} s (reported, not reproduced)."
+    )
+    scale = (
+        f"For scale, this model's all-to-all time for that setting ({pr['setting']}, {pr['steps']} steps) on "
+        f"8xH800 (NVLink 200 GB/s per direction assumed): generic Ulysses {t['ulysses_generic']:.1f} s, Ulysses "
+        f"{t['ulysses']:.1f} s, DSP {t['dsp']:.1f} s, i.e. communication alone explains about "
+        f"{t['ulysses_generic'] - t['dsp']:.0f} s of the reported {gap:g} s gap (against generic Ulysses); the "
+        f"rest is outside this model (overlap, kernel and layout costs of the implementations compared)."
+    )
+    return ["### DSP vs Ulysses", "", intro, "", markdown_table(pd.DataFrame(recs)), "", claims, "", scale, ""]
 
 
 def plot(rows: list[dict], path, shape: str | None = None, dpi: int = 110):
@@ -156,6 +178,35 @@ def plot(rows: list[dict], path, shape: str | None = None, dpi: int = 110):
     return write_bytes(path, png_bytes(fig, dpi=dpi))
 
 
+def _headline(shape: str = "64x512x512", sp: int = 8) -> str:
+    """The DSP-vs-Ulysses ratios, modelled (stdit.bench.comm_model) and counted (the bytes per rank per
+    block in one forward, batch 1, bf16, that stdit.train.sequence_parallel.comm_bytes_per_block gives
+    for each mode at ``shape`` and degree ``sp``)."""
+    modelled = dsp_vs_ulysses()["rows"]
+    size = check_size(None)
+    _, f, h, w = parse_shape(shape)
+    T, S, _ = model_tokens(frames=f, height=h, width=w, patch_size=size.patch_size)
+    counted = {
+        mode: comm_bytes_per_block(mode, batch=1, frames=T, tokens_per_frame=S, hidden=size.hidden_size, sp=sp)
+        for mode in MODES
+    }
+    return (
+        "**DSP vs Ulysses.** Ulysses shards the positions of every frame, so temporal attention is local and "
+        "only spatial attention needs its all-to-alls (`ulysses`); DeepSpeed-Ulysses applied to every attention, "
+        "the DSP paper's baseline, also exchanges around temporal attention (`ulysses_generic`). Modelled, DSP "
+        f"sends {_ratios(modelled, 'dsp_over_ulysses')} of Ulysses' bytes and "
+        f"{_ratios(modelled, 'dsp_over_ulysses_generic')} of generic Ulysses' at every shape of "
+        f"`stdit.bench.comm_model.SHAPES` and every degree {', '.join(map(str, DEGREES))}. Counted: "
+        "`stdit.train.sequence_parallel.comm_bytes_per_block` equals the bytes the implementation's all-to-alls "
+        "send on 2 gloo ranks (tests/train/test_sequence_parallel.py, where DSP / Ulysses = 0.5 and "
+        "DSP / generic = 0.25 at even and uneven shapes) and gives, per rank and block in one forward at "
+        f"{shape}, sp {sp}, bf16: {', '.join(f'{m} {b / 1e6:.1f} MB' for m, b in counted.items())} "
+        f"(DSP / Ulysses {counted['dsp'] / counted['ulysses']:g}, DSP / generic "
+        f"{counted['dsp'] / counted['ulysses_generic']:g}), equal to this model's forward bytes / depth "
+        "(tests/bench/test_comm_model.py). The paper's claims sit beside the table in *DSP vs Ulysses* below."
+    )
+
+
 def write_report(out_dir):
     """``out_dir/README.md`` (the communication model's tables for every Open-Sora shape, DSP vs
     Ulysses beside the paper's claims) and one bytes-vs-degree PNG per shape. Analytic: the same on
@@ -167,21 +218,13 @@ def write_report(out_dir):
         name = f"comm_bytes_{shape}.png"
         plot(rows, out / name, shape=shape)
         figs.append(f"![bytes per rank per step vs degree, {shape}]({name})")
-    d = dsp_vs_ulysses()
-    proj = d["inference_projection"]
-    claims = ", ".join(f"{k} = {v}" for k, v in d["claims"].items())
     text = "\n\n".join([
-        "<!-- generated by stdit.bench.comm_model -->\n# Parallel training: communication model",
+        "<!-- generated by stdit.bench.comm_report -->\n# Parallel training: communication model",
         "How many bytes each rank moves per STDiT-XL/2 training step under each sequence-parallel and "
         "data-parallel scheme, projected onto 8 H100s (one NVLink node) and 64 H100s (8 nodes, InfiniBand), "
-        "against the step's compute time. Arithmetic, not measurement: `stdit.bench.comm_model`; the byte "
-        "counts of DSP and Ulysses match what `stdit.train.sequence_parallel` really sends (tested).",
+        "against the step's compute time. Arithmetic, not measurement: `stdit.bench.comm_model`.",
+        _headline(),
         markdown_section(rows),
-        "## DSP vs Ulysses\n\nDSP / Ulysses bytes = " + ", ".join(
-            sorted({f"{r['dsp_over_ulysses']:.2f}" for r in d["rows"] if r["dsp_over_ulysses"] is not None}))
-        + f" at every shape and degree (the DSP paper: >= 75% less). Paper's reported numbers (not reproduced here): "
-        f"{claims}. Our comm-only projection of its inference setting ({proj['setting']}, {proj['steps']} steps): "
-        f"Ulysses {proj['ulysses']['comm_s_8xH800']:.1f} s vs DSP {proj['dsp']['comm_s_8xH800']:.1f} s on 8xH800.",
         "## Figures\n\n" + "\n\n".join(figs),
     ])  # fmt: skip
     return write_text(out / "README.md", text + "\n")

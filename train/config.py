@@ -17,7 +17,7 @@ folders) are relative to the directory the command runs in, as in Open-Sora's co
                ("constant" = Open-Sora 1.0 | "cosine": to lr_min at the last step), warmup_steps, lr_min
     [run]      out_dir, steps, seed, device ("auto" | "cpu" | "cuda"), dtype ("fp32" | "bf16"),
                log_every, ckpt_every, keep_last, eval_batches
-    [parallel] dp, sp, sp_mode ("dsp" | "ulysses"), data_parallel ("fsdp2" | "ddp"), engine
+    [parallel] dp, sp, sp_mode ("dsp" | "ulysses" | "ulysses_generic"), data_parallel ("fsdp2" | "ddp"), engine
                ("torch" | "colossalai"), plugin (colossalai: "zero2" | "hybrid" | "ddp"), compile_blocks;
                dp x sp must equal torchrun's process count
 """

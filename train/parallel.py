@@ -32,8 +32,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .sequence_parallel import MODES as SP_MODES
+
 DATA_PARALLEL = ("fsdp2", "ddp")
-SP_MODES = ("dsp", "ulysses")
 ENGINES = ("torch", "colossalai")
 
 
@@ -68,10 +69,10 @@ class ParallelConfig:
                 f"parallel: dp x sp = {self.dp} x {self.sp} = {self.dp * self.sp} must equal the number of "
                 f"processes ({world_size}); launch with torchrun --nproc_per_node=... to match"
             )
-        if num_heads is not None and self.sp > 1 and self.sp_mode == "ulysses" and num_heads % self.sp:
+        if num_heads is not None and self.sp > 1 and self.sp_mode != "dsp" and num_heads % self.sp:
             raise ValueError(
-                f"parallel.sp: Ulysses splits attention heads, so num_heads = {num_heads} must be a multiple "
-                f"of sp = {self.sp}; use sp_mode = 'dsp' (no such constraint) or another sp"
+                f"parallel.sp: {self.sp_mode} splits attention heads, so num_heads = {num_heads} must be a "
+                f"multiple of sp = {self.sp}; use sp_mode = 'dsp' (no such constraint) or another sp"
             )
         return self
 

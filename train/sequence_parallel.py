@@ -9,13 +9,13 @@ the same parameters and gets the same full inputs.
 - ``"dsp"`` (Dynamic Sequence Parallelism, arXiv 2403.10266): a rank holds whole frames. Everything
   per frame or per token runs locally; around each temporal attention module one all-to-all moves
   its C-wide input from frame shards to position shards (all T frames of S/sp positions) and one moves
-  its output back. Two all-to-alls per block.
-- ``"ulysses"`` (DeepSpeed-Ulysses on the S positions of every frame, so a spatial attention never
-  mixes frames): a rank holds the same positions of every frame. Around both attention cores
-  (spatial and temporal) the qkv (3C) all-to-all trades positions for heads and the output (C) comes
-  back; needs num_heads % sp == 0. Four all-to-alls per block. Under S sharding the temporal pair is
-  not needed (every rank has all frames of its positions); it is kept because this mode is the
-  Ulysses baseline the DSP paper compares against.
+  its output back. Two all-to-alls per block, 2C per token.
+- ``"ulysses"`` (DeepSpeed-Ulysses where STDiT needs it): a rank holds the same S/sp positions of
+  every frame, so temporal attention (one position, all T frames) is local. Around the spatial
+  attention core the qkv (3C) all-to-all trades positions for heads and the output (C) comes back;
+  needs num_heads % sp == 0. Two all-to-alls per block, 4C per token.
+- ``"ulysses_generic"``: the same plus the pair around the temporal core, as DeepSpeed-Ulysses
+  applied to every attention does (the DSP paper's baseline). Four all-to-alls per block, 8C.
 
 T or S need not divide by sp: shards are contiguous and uneven (:func:`split_sizes`), every exchange
 is one ``all_to_all_single`` with per-rank split sizes, and nothing is padded. Why the per-rank
@@ -33,7 +33,7 @@ import torch.nn as nn
 
 __all__ = ["SequenceParallelSTDiT", "ShardInfo", "comm_bytes_per_block", "split_sizes", "MODES"]
 
-MODES = ("dsp", "ulysses")
+MODES = ("dsp", "ulysses", "ulysses_generic")
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -62,20 +62,22 @@ def comm_bytes_per_block(
 
     With T_r frames and S_r positions on rank r (:func:`split_sizes`) and C = hidden:
     - dsp: to position shards sends B*T_r*(S - S_r)*C, back to frame shards B*(T - T_r)*S_r*C;
-    - ulysses, per self-attention (x2): qkv sends B*T*S_r*3C*(sp-1)/sp, the output B*T*(S - S_r)*C/sp.
+    - ulysses, around spatial attention: qkv sends B*T*S_r*3C*(sp-1)/sp, the output B*T*(S - S_r)*C/sp;
+    - ulysses_generic: that twice (spatial and temporal attention).
     The self chunk of an all-to-all is a local copy and not counted. ``rank=None`` averages over
     ranks, which is every rank's amount when T and S divide by sp: dsp 2*B*T*S*C*(sp-1)/sp^2,
-    ulysses 4x that. The backward moves the same amount again.
+    ulysses 2x and ulysses_generic 4x that. The backward moves the same amount again.
     """
     _check_mode(mode)
     T, S, C, B = frames, tokens_per_frame, hidden, batch
     Ts, Ss = split_sizes(T, sp), split_sizes(S, sp)
+    attentions = 2 if mode == "ulysses_generic" else 1  # self-attentions wrapped in all-to-alls
 
     def one(r: int) -> float:
         if mode == "dsp":
             elems = B * Ts[r] * (S - Ss[r]) * C + B * (T - Ts[r]) * Ss[r] * C
         else:
-            elems = 2 * (B * T * Ss[r] * 3 * C * (sp - 1) // sp + B * T * (S - Ss[r]) * C // sp)
+            elems = attentions * (B * T * Ss[r] * 3 * C * (sp - 1) // sp + B * T * (S - Ss[r]) * C // sp)
         return elems * elem_bytes
 
     if rank is not None:
@@ -272,7 +274,7 @@ class _ShardedSequence:
         recv = self._a2a(chunks, [(B, p.Ts[r], p.Ss[i], C) for i in range(self.sp)])
         return torch.cat(recv, dim=2).reshape(B, p.Ts[r] * p.S, C)
 
-    # ulysses: around both self-attention cores (qkv in, attention output out)
+    # ulysses: around the spatial attention core (ulysses_generic: the temporal one too)
     def ulysses_in(self, module, args, kwargs):
         """qkv (B, T*S_r, 3, H, D) -> (B, T*S, 3, H/sp, D): all positions, this rank's heads."""
         p = self._current()
@@ -309,7 +311,7 @@ class SequenceParallelSTDiT(nn.Module):
         model: the STDiT (same parameters on every rank, e.g. same seed or broadcast). It is changed
             in place: its token layout is set and its attention modules are hooked.
         group: the sp process group (None: the default group).
-        mode: "dsp" or "ulysses" (see the module docstring).
+        mode: "dsp", "ulysses" or "ulysses_generic" (see the module docstring).
 
     ``forward(x, timestep, y, mask=None, force_drop_ids=None, gather_output=True)`` takes the full
     inputs (identical on every rank) and returns the full output (B, out_C, T, H, W) float32, or with
@@ -326,9 +328,9 @@ class SequenceParallelSTDiT(nn.Module):
             raise RuntimeError("SequenceParallelSTDiT needs an initialised torch.distributed process group")
         self.model, self.group, self.mode = model, group, mode
         self.sp, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        if mode == "ulysses" and model.num_heads % self.sp:
+        if mode != "dsp" and model.num_heads % self.sp:
             raise ValueError(
-                f"ulysses: num_heads = {model.num_heads} is not divisible by the sequence-parallel size "
+                f"{mode}: num_heads = {model.num_heads} is not divisible by the sequence-parallel size "
                 f"sp = {self.sp} (heads are split across ranks); use mode='dsp' or another sp size"
             )
         self.comm_stats: dict[str, int] = {}
@@ -340,7 +342,8 @@ class SequenceParallelSTDiT(nn.Module):
                 block.attn_temp.register_forward_pre_hook(self.layout.dsp_in, with_kwargs=True)
                 block.attn_temp.register_forward_hook(self.layout.dsp_out)
             else:
-                for core in (block.attn.core, block.attn_temp.core):
+                cores = (block.attn.core, block.attn_temp.core) if mode == "ulysses_generic" else (block.attn.core,)
+                for core in cores:
                     core.register_forward_pre_hook(self.layout.ulysses_in, with_kwargs=True)
                     core.register_forward_hook(self.layout.ulysses_out)
 

@@ -101,7 +101,7 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
 def test_layout_validation_names_the_field():
     with pytest.raises(ValueError, match=r"dp x sp = 2 x 2 = 4 must equal the number of processes \(2\)"):
         ParallelConfig(dp=2, sp=2).validate(world_size=2)
-    with pytest.raises(ValueError, match=r"parallel.sp_mode: expected one of \('dsp', 'ulysses'\)"):
+    with pytest.raises(ValueError, match=r"parallel.sp_mode: expected one of \('dsp', 'ulysses', 'ulysses_generic'\)"):
         ParallelConfig(sp_mode="ring").validate()
     with pytest.raises(ValueError, match=r"num_heads = 6 must be a multiple of sp = 4"):
         ParallelConfig(sp=4, sp_mode="ulysses").validate(num_heads=6)

@@ -1,10 +1,10 @@
-"""Sequence parallelism (DSP and Ulysses) for STDiT is exactly one-device STDiT.
+"""Sequence parallelism (DSP, Ulysses, generic Ulysses) for STDiT is exactly one-device STDiT.
 
 Sequence parallelism only hooks the model's attention modules and sets its token layout; these
 tests check that the hooked model equals an untouched one, forward, backward and over AdamW steps.
 
 One torchrun launch (2 gloo CPU processes) runs tests/train/sp_worker.py, which writes max abs
-diffs and byte counts to JSON; the tests below assert on it.
+diffs and the counted all-to-all bytes and calls to JSON; the tests below assert on it.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from stdit.train.sequence_parallel import comm_bytes_per_block, split_sizes
+from stdit.train.sequence_parallel import MODES, comm_bytes_per_block, split_sizes
 
 WORKER = Path(__file__).with_name("sp_worker.py")
 SHAPES = ("even", "odd_frames", "uneven_S")
-MODES = ("dsp", "ulysses")
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -43,7 +42,8 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_and_grads_match_single_device(results, mode, shape):
-    # float64, reference attention. Measured: outputs equal, gradients within 6e-14 at scales 54-94.
+    # float64, reference attention. Measured: outputs equal, gradients within 6e-14 at scales 54-94
+    # (largest relative 1.1e-15: dsp/even, 5.7e-14 at 54).
     r = results[f"{mode}/{shape}"]
     assert r["out_diff"] <= 3e-7 * max(1.0, r["out_scale"])  # the output is float32: 2 ulp
     assert r["grad_diff"] <= 1e-14 * max(1.0, r["grad_scale"])
@@ -61,7 +61,7 @@ def test_float32_sdpa_uneven(results, mode):
 def test_adamw_steps_match(results, mode):
     r = results[f"{mode}/steps/odd_frames"]  # 3 AdamW steps, activation checkpointing on
     assert r["param_moved"] > 1e-4
-    assert r["param_diff"] <= 3e-10  # measured 3.1e-11
+    assert r["param_diff"] <= 3e-10  # measured 3.1e-11 (dsp), 1.6e-11 (ulysses), 2.1e-11 (generic)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -78,12 +78,19 @@ def test_counted_bytes_equal_formula(results, mode, shape):
     assert r["bytes_per_block_counted_avg"] == r["bytes_per_block_formula_avg"]
 
 
-def test_dsp_moves_at_most_a_quarter_of_ulysses(results):
-    assert results["even_ratio"] <= 0.25
-    for shape in SHAPES:
-        assert results[f"dsp/{shape}"]["bytes_per_block_counted_avg"] <= 0.25 * results[f"ulysses/{shape}"][
-            "bytes_per_block_counted_avg"
-        ]
+def test_all_to_alls_per_block(results):
+    # ulysses exchanges around spatial attention only: temporal attention is local to its positions
+    expected = {"dsp": 2, "ulysses": 2, "ulysses_generic": 4}
+    for mode in MODES:
+        for shape in SHAPES:
+            assert results[f"{mode}/{shape}"]["calls_per_block"] == expected[mode], (mode, shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dsp_sends_half_of_ulysses_and_a_quarter_of_generic_ulysses(results, shape):
+    counted = {mode: results[f"{mode}/{shape}"]["bytes_per_block_counted_avg"] for mode in MODES}
+    assert counted["dsp"] / counted["ulysses"] == 0.5  # exact at these shapes, uneven ones included
+    assert counted["dsp"] / counted["ulysses_generic"] == 0.25
 
 
 def test_refusals(results):
@@ -100,8 +107,9 @@ def test_formula_closed_form():
     for sp in (2, 8):
         d = comm_bytes_per_block("dsp", batch=B, frames=T, tokens_per_frame=S, hidden=C, sp=sp)
         u = comm_bytes_per_block("ulysses", batch=B, frames=T, tokens_per_frame=S, hidden=C, sp=sp)
+        g = comm_bytes_per_block("ulysses_generic", batch=B, frames=T, tokens_per_frame=S, hidden=C, sp=sp)
         assert d == 2 * B * T * S * C * (sp - 1) / sp**2 * 2
-        assert u == 4 * d
+        assert u == 2 * d and g == 4 * d
     assert split_sizes(5, 2) == [3, 2] and split_sizes(15, 4) == [4, 4, 4, 3]
     with pytest.raises(ValueError, match="mode"):
         comm_bytes_per_block("ring", batch=1, frames=1, tokens_per_frame=1, hidden=1, sp=1)
