@@ -26,6 +26,11 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--only", default=None, help="run only cases whose id contains this text")
+    p.add_argument(
+        "--cuda-graphs", action="store_true",
+        help="time replays of a CUDA graph of each call (no launch overhead: for microsecond-scale kernels); "
+        "CUDA only. A case that cannot be captured is timed eagerly; the rows' timer column says which",
+    )  # fmt: skip
     p.add_argument("--results", default=None, help="results file (default: reports/<device>/results.jsonl)")
     p.add_argument("--report-dir", default=None, help="report folder (default: the results file's folder)")
     p.add_argument("--no-report", action="store_true", help="only measure; do not write the report")
@@ -55,6 +60,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .suites import build_cases
 
     device = check_device(args.device) if args.device else best_device()
+    if args.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs: CUDA graphs need a CUDA device; this run is on {device}")
     dtype = as_dtype(args.dtype) if args.dtype else None
     cases = build_cases(args.suite, args.size, device, dtype, only=args.only)
     if args.list:
@@ -65,8 +72,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"only: no case id contains {args.only!r} (see stdit bench --list)")
     results_path = Path(args.results) if args.results else _default_results(device)
     start = time.perf_counter()
-    print(f"stdit bench: {len(cases)} cases ({args.suite}, size {args.size}) on {device} -> {results_path}", file=sys.stderr)
-    rows = run_cases(cases, device, results_path, quick=args.size != "full", progress=not args.quiet)
+    graphs = " with CUDA graphs" if args.cuda_graphs else ""
+    print(f"stdit bench: {len(cases)} cases ({args.suite}, size {args.size}) on {device}{graphs} -> {results_path}",
+          file=sys.stderr)  # fmt: skip
+    rows = run_cases(cases, device, results_path, quick=args.size != "full", progress=not args.quiet,
+                     cuda_graphs=args.cuda_graphs)  # fmt: skip
     ok = sum(r["status"] == "ok" for r in rows)
     print(f"measured {ok} of {len(rows)} cases in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     if not args.no_report:

@@ -2,14 +2,18 @@
 
 Timing is device-synchronized: on CUDA each measured call ends with torch.cuda.synchronize(), so
 pytest-benchmark's host clock measures the GPU work and not the asynchronous launch. Warm-up rounds
-absorb compilation and autotuning. extra_info carries the row identity and the analytic cost, so
-TFLOP/s and GB/s can be derived from any saved JSON.
+absorb compilation and autotuning. With --bench-cuda-graphs each call is the replay of a CUDA graph
+captured after the first call (stdit.bench.timing.graph_or_eager; a case that cannot be captured
+runs eagerly). extra_info carries the row identity, the analytic cost and the timer, so TFLOP/s and
+GB/s can be derived from any saved JSON and it says how each case was timed.
 """
 
 import time
 
 import pytest
 import torch
+
+from stdit.bench.timing import graph_or_eager
 
 
 def _rounds(run, target_s: float = 1.0) -> int:
@@ -24,6 +28,11 @@ def test_case(case, benchmark, request):
         pytest.skip(case.skip)
     device = request.config._stdit_bench_device
     thunk = case.build(device)
+    thunk()  # first call: compilation, autotuning, allocator warm-up
+    timer = "host clock"
+    if request.config.getoption("--bench-cuda-graphs"):  # refused off CUDA by conftest.pytest_configure
+        thunk, failure = graph_or_eager(thunk, device)
+        timer = "host clock, cuda graph replays" if failure is None else f"host clock ({failure})"
     if device.type == "cuda":
 
         def run():
@@ -31,11 +40,10 @@ def test_case(case, benchmark, request):
             torch.cuda.synchronize(device)
     else:
         run = thunk
-    run()  # first call: compilation, autotuning, allocator warm-up
     benchmark.group = f"{case.suite}-{case.op}-{case.shape.label}-{case.mode}-{case.dtype_name}"
     benchmark.extra_info.update(
         suite=case.suite, op=case.op, backend=case.backend, ours=case.ours, shape=case.shape.label,
         mode=case.mode, dtype=case.dtype_name, dims=case.dims, device=str(device),
-        flops=case.cost.flops if case.cost else None, bytes=case.cost.bytes if case.cost else None,
+        flops=case.cost.flops if case.cost else None, bytes=case.cost.bytes if case.cost else None, timer=timer,
     )  # fmt: skip
     benchmark.pedantic(run, rounds=_rounds(run), iterations=1, warmup_rounds=1)

@@ -4,12 +4,15 @@ CUDA: CUDA events around each call (device time, not host time of an asynchronou
 calls first that absorb compilation and autotuning, the L2 cache flushed before every timed call
 (a 256 MiB buffer is zeroed: larger than any current GPU's L2), the median with p20/p80 over the
 repetitions, the peak memory allocated during a call, and an optional CUDA-graph mode that replays
-a captured call (for microsecond-scale kernels where launch overhead would dominate).
+a captured call (for microsecond-scale kernels where launch overhead would dominate; `stdit bench
+--cuda-graphs`, `pytest bench/ --bench-cuda-graphs`). A call that cannot be captured is timed
+eagerly and its Timing says so; CUDA graphs on any other device are an error.
 
 CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (which sizes blocks of calls so timer
 resolution does not matter), median / p20 / p80 over its blocks.
 
-Nothing here times interpreted Triton: the runner marks such rows "not timed" before reaching it.
+Every Timing names its clock (``timer``), which the result rows keep. Nothing here times
+interpreted Triton: the runner marks such rows "not timed" before reaching it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import torch
 import torch.utils.benchmark as tbench
 
 L2_FLUSH_BYTES = 256 * 1024**2
+CPU_TIMER = "torch.utils.benchmark"
+EVENTS_TIMER = "cuda events"
+GRAPH_TIMER = "cuda graph"
 
 
 @dataclass(frozen=True)
@@ -33,13 +39,15 @@ class Timing:
     p80_ms: float
     reps: int
     peak_mem_mb: float | None = None
-    note: str = ""
+    # how the calls were timed: CPU_TIMER, EVENTS_TIMER (eager calls), GRAPH_TIMER (replays of a
+    # captured call), EVENTS_TIMER plus why a capture failed; "" where the caller timed itself
+    timer: str = ""
 
 
-def _quantiles(times_ms: list[float], reps: int, peak: float | None = None, note: str = "") -> Timing:
+def _quantiles(times_ms: list[float], reps: int, timer: str, peak: float | None = None) -> Timing:
     a = np.asarray(times_ms, dtype=np.float64)
     p20, med, p80 = np.percentile(a, [20, 50, 80])
-    return Timing(float(med), float(p20), float(p80), reps, peak, note)
+    return Timing(float(med), float(p20), float(p80), reps, peak, timer)
 
 
 def time_cpu(fn: Callable[[], object], *, min_run_time: float = 0.5, warmup: int = 1, min_reps: int = 3) -> Timing:
@@ -59,14 +67,33 @@ def time_cpu(fn: Callable[[], object], *, min_run_time: float = 0.5, warmup: int
     if once > min_run_time / 5:
         reps = max(min_reps, math.ceil(min_run_time / once))
         times_ms = [timer.timeit(1).times[0] * 1e3 for _ in range(reps)]
-        return _quantiles(times_ms, reps)
+        return _quantiles(times_ms, reps, CPU_TIMER)
     m = timer.blocked_autorange(min_run_time=min_run_time)
     times_ms = [t * 1e3 for t in m.times]
-    return _quantiles(times_ms, m.number_per_run * len(m.times))
+    return _quantiles(times_ms, m.number_per_run * len(m.times), CPU_TIMER)
 
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
     return torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+
+
+def graph_or_eager(fn: Callable[[], object], device: torch.device) -> tuple[Callable[[], object], str | None]:
+    """(the replay of ``fn`` captured in a CUDA graph on ``device``, None); or (fn, why not) where
+    ``fn`` (already warmed up) cannot be captured (a host synchronisation, an allocation that depends
+    on data), so that the caller times it eagerly and records why."""
+    with torch.cuda.device(device):
+        try:
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()  # warm the side stream's allocator pool
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                fn()
+        except Exception as e:  # noqa: BLE001 - any capture failure means: time it eagerly, say why
+            return fn, f"cuda graph capture failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return graph.replay, None
 
 
 def time_cuda(
@@ -99,23 +126,10 @@ def time_cuda(
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device) / 1024**2
 
-        note = ""
-        run = fn
+        run, timer = fn, EVENTS_TIMER
         if cuda_graph:
-            try:
-                graph = torch.cuda.CUDAGraph()
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    fn()  # warm the side stream's allocator pool
-                torch.cuda.current_stream().wait_stream(side)
-                with torch.cuda.graph(graph):
-                    fn()
-                run = graph.replay
-                note = "cuda graph"
-            except Exception as e:  # not capturable (host sync, dynamic allocation): time eagerly
-                note = f"cuda graph failed ({type(e).__name__}); timed eagerly"
-                run = fn
+            run, failure = graph_or_eager(fn, device)
+            timer = GRAPH_TIMER if failure is None else f"{EVENTS_TIMER} ({failure})"
 
         reps = int(min(max_reps, max(min_reps, math.ceil(target_s / max(est_s, 1e-6)))))
         flush = _flush_buffer(device) if flush_l2 else None
@@ -131,12 +145,15 @@ def time_cuda(
         torch.cuda.synchronize()
         del flush
         times_ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    return _quantiles(times_ms, reps, peak, note)
+    return _quantiles(times_ms, reps, timer, peak)
 
 
 def measure(fn: Callable[[], object], device: torch.device | str, *, quick: bool = False, cuda_graph: bool = False) -> Timing:
-    """Time ``fn`` on ``device`` with the right clock; ``quick`` shortens the run (CPU smoke runs)."""
+    """Time ``fn`` on ``device`` with the right clock; ``quick`` shortens the run (CPU smoke runs);
+    ``cuda_graph`` times replays of a captured call (CUDA only: a ValueError elsewhere)."""
     device = torch.device(device)
     if device.type == "cuda":
         return time_cuda(fn, device, target_s=0.3 if quick else 0.5, cuda_graph=cuda_graph)
+    if cuda_graph:
+        raise ValueError(f"cuda_graph: CUDA graphs need a CUDA device, not {device}; time without them")
     return time_cpu(fn, min_run_time=0.2 if quick else 0.5)

@@ -14,7 +14,8 @@ cu_seqlens_k = [0, cumsum(kv_lens)] -- the same block-diagonal attention as xfor
 BlockDiagonalMask, built without reading the lengths on the host (see pack_valid_first).
 
 flash_attn is imported lazily (never at import time of stdit.kernels). It has CUDA kernels only,
-for fp16/bf16 inputs.
+for fp16/bf16 inputs. Tested on CPU through a stand-in package that records every call
+(tests/kernels/test_adapters.py).
 """
 
 from __future__ import annotations

@@ -10,13 +10,15 @@
 ``BlockDiagonalMask.from_seqlens`` takes the lengths as Python ints, so cross-attention reads kv_lens
 on the host (a device-to-host synchronisation per call), as Open-Sora 1.0 did; every other backend
 but "reference" attends without one. xformers is imported lazily (never at import time of
-stdit.kernels). It has no CPU kernels.
+stdit.kernels). It has no CPU kernels. Tested on CPU through a stand-in package that records every
+call (tests/kernels/test_adapters.py).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 from types import ModuleType
 
 import torch
@@ -52,6 +54,16 @@ def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, sc
     lens = [int(n) for n in kv_lens.tolist()]  # from_seqlens takes Python ints (one host sync)
     packed = pack_valid(kv, kv_lens).unsqueeze(0)  # (1, sum(len), 2, H, D)
     k, v = packed.unbind(2)
-    bias = xops.fmha.BlockDiagonalMask.from_seqlens([N] * B, lens)
+    bias = _block_diagonal_mask(xops, [N] * B, lens, q.device)
     o = xops.memory_efficient_attention(q.reshape(1, B * N, H, D), k, v, attn_bias=bias, scale=scale)
     return o.view(B, N, H, D)
+
+
+def _block_diagonal_mask(xops: ModuleType, q_seqlen: list[int], kv_seqlen: list[int], device: torch.device):
+    """``BlockDiagonalMask.from_seqlens`` on the inputs' device. Releases whose from_seqlens takes
+    ``device=`` put the mask's offsets on the default CUDA device unless told, the wrong GPU for
+    inputs on cuda:1; older releases take no device argument."""
+    from_seqlens = xops.fmha.BlockDiagonalMask.from_seqlens
+    if "device" in inspect.signature(from_seqlens).parameters:
+        return from_seqlens(q_seqlen, kv_seqlen, device=device)
+    return from_seqlens(q_seqlen, kv_seqlen)
