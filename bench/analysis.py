@@ -1,17 +1,23 @@
-"""Benchmark results as numbers: speedups of ours over each peer, geometric means, the STDiT-vs-DiT
-table of the models suite and the headline summary, from the long-format rows of
-stdit.bench.results. The figures (stdit.bench.figures) and the README (stdit.bench.markdown) are
-drawn from these.
+"""Benchmark results as numbers: speedups of ours over each peer, geometric means, the fastest
+backend per op, the correctness checks of the cases not timed, the STDiT-vs-DiT table of the models
+suite and the headline summary, from the long-format rows of stdit.bench.results. The figures
+(stdit.bench.figures) and the README (stdit.bench.markdown) are drawn from these.
 
 Conventions
+    kind        a row is "ok" (timed), "not timed" (interpreted Triton: checked, not timed), "not
+                available" (status "unsupported: ...": the backend cannot run on this device) or
+                "failed" (out of memory, an error).
+    stand-in    rows whose dims carry ``stand_in`` (the train suite's tiny random encoders) are
+                measurements of a stand-in, not results: they stay out of every speedup, mean and
+                fastest-backend pick.
     speedup     peer median / fastest ``ours`` median for the same (device, suite, op, shape, mode,
                 dtype); > 1 means ours is faster. Geometric means are taken over those groups.
     models      DiT (and Latte) time per train step / STDiT time per train step at the same device,
                 backend, frames, resolution, batch and dtype.
-    roofline    ``pct_roofline`` is a percentage (0-100): the cost model's lower-bound time
-                max(flops / peak_flops, bytes / peak_bytes_per_s) over the measured median. Values
-                missing from a row (tflops, gbs, pct_roofline, bound) are derived from its flops,
-                bytes, median and peaks when those are present.
+    roofline    ``lower_bound_ms`` is the cost model's predicted lower bound on the row's device,
+                max(flops / peak_flops, bytes / peak_bytes_per_s); ``pct_roofline`` = 100 x that /
+                the measured median. Values missing from a row (tflops, gbs, pct_roofline, bound)
+                are derived from its flops, bytes, median and peaks when those are present.
 """
 
 from __future__ import annotations
@@ -96,6 +102,10 @@ def frame(rows: list[dict]) -> pd.DataFrame:
         v = d["ours"].item() if hasattr(d["ours"], "item") else d["ours"]
         d["ours"] = v is True or (isnum(v) and v == 1)
         d["ok"] = d["status"] == "ok" and math.isfinite(d["median_ms"])
+        d["kind"] = "ok" if d["ok"] else status_kind(d["status"])
+        dims = d["dims"] if isinstance(d["dims"], dict) else {}
+        d["stand_in"] = str(dims.get("stand_in") or "")
+        d["check"] = d["check"] if isinstance(d["check"], dict) else None
         _derive(d)
         recs.append(d)
     df = pd.DataFrame.from_records(recs)
@@ -104,20 +114,30 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     return df
 
 
+def status_kind(status: str) -> str:
+    """What the status of a row without a timing means: "not timed", "not available" or "failed"."""
+    if status.startswith("not timed"):
+        return "not timed"
+    return "not available" if status.startswith("unsupported") else "failed"
+
+
 def _derive(d: dict) -> None:
+    flops, nbytes, pf, pb = d["flops"], d["bytes"], d["peak_flops"], d["peak_bytes_per_s"]
+    t_c = t_m = math.nan
+    if pf > 0 and pb > 0 and flops >= 0 and nbytes >= 0:
+        t_c, t_m = flops / pf, nbytes / pb
+    d["lower_bound_ms"] = 1e3 * max(t_c, t_m) if max(t_c, t_m) > 0 else math.nan
     if not d["ok"] or d["median_ms"] <= 0:
         return
     sec = d["median_ms"] / 1e3
-    flops, nbytes, pf, pb = d["flops"], d["bytes"], d["peak_flops"], d["peak_bytes_per_s"]
     if math.isnan(d["tflops"]) and flops > 0:
         d["tflops"] = flops / sec / 1e12
     if math.isnan(d["gbs"]) and nbytes > 0:
         d["gbs"] = nbytes / sec / 1e9
-    if pf > 0 and pb > 0 and flops >= 0 and nbytes >= 0:
-        t_c, t_m = flops / pf, nbytes / pb
-        if math.isnan(d["pct_roofline"]) and max(t_c, t_m) > 0:
+    if max(t_c, t_m) > 0:
+        if math.isnan(d["pct_roofline"]):
             d["pct_roofline"] = 100.0 * max(t_c, t_m) / sec
-        if not d["bound"] and max(t_c, t_m) > 0:
+        if not d["bound"]:
             d["bound"] = "compute" if t_c >= t_m else "memory"
 
 
@@ -176,13 +196,18 @@ def resolution_of(v) -> float:
 # ------------------------------------------------------------------------------------------------
 
 GROUP_KEY = ["device", "suite", "op", "shape", "mode", "dtype"]
+# The Open-Sora 1.0 path per suite: its exact eager math (rearrange copies, fp32 softmax, unfused).
+OPENSORA_BASELINE = {"kernels": "reference", "fused": "reference", "blocks": "opensora"}
+FASTEST_SUITES = ("kernels", "fused", "blocks")  # suites whose backends are alternatives for one op
 
 
-def speedups(df: pd.DataFrame) -> pd.DataFrame:
+def speedups(df: pd.DataFrame, *, stand_in: bool = False) -> pd.DataFrame:
     """One record per (group, peer) where the group has an ok ours row: the fastest ours backend and
-    median, the peer's median and the speedup (NaN if the peer did not run ok)."""
+    median, the peer's median and the speedup (NaN if the peer did not run ok). Peers that are not
+    available on the device are left out. ``stand_in``: the stand-in rows instead of the others."""
     out = []
-    for key, g in df[df["suite"] != "models"].groupby(GROUP_KEY, sort=False, dropna=False):
+    rows = df[(df["suite"] != "models") & ((df["stand_in"] != "") == stand_in) & (df["kind"] != "not available")]
+    for key, g in rows.groupby(GROUP_KEY, sort=False, dropna=False):
         ours = g[g["ours"] & g["ok"] & (g["median_ms"] > 0)]
         if ours.empty:
             continue
@@ -206,6 +231,80 @@ def geomeans(sp: pd.DataFrame) -> list[dict]:
     order = {s: i for i, s in enumerate(SUITE_ORDER)}
     peers = {p: i for i, p in enumerate(sorted_peers(ok["peer"]))}
     out.sort(key=lambda d: (d["device"], order.get(d["suite"], 99), d["suite"], peers[d["peer"]]))
+    return out
+
+
+def fastest_backends(df: pd.DataFrame) -> list[dict]:
+    """Per (device, suite, op, mode, dtype) of the kernels, fused and blocks suites: the backend with
+    the lowest geometric-mean median over the shapes, among those that ran ok at every shape of the
+    group. Each record: ``backend``, ``ours``, ``n`` shapes, ``wins`` (shapes where it was fastest),
+    ``runner_up`` and ``margin`` (runner-up geomean / best), ``vs_opensora`` (Open-Sora's path
+    geomean / best; NaN without that baseline)."""
+    ok = df[df["ok"] & (df["median_ms"] > 0) & df["suite"].isin(FASTEST_SUITES) & (df["stand_in"] == "")]
+    out = []
+    for (device, suite, op, mode, dtype), g in ok.groupby(["device", "suite", "op", "mode", "dtype"], sort=False):
+        shapes = list(dict.fromkeys(g["shape"]))
+        times = {b: t.groupby("shape")["median_ms"].min() for b, t in g.groupby("backend", sort=False)}
+        full = {b: t for b, t in times.items() if len(t) == len(shapes)}
+        if not full:
+            continue
+        geo = {b: geomean(t.values) for b, t in full.items()}
+        ranked = sorted(geo, key=lambda b: (geo[b], b))
+        best = ranked[0]
+        base = OPENSORA_BASELINE.get(suite)
+        out.append({
+            "device": device, "suite": suite, "op": op, "mode": mode, "dtype": dtype, "backend": best,
+            "ours": bool(g[g["backend"] == best]["ours"].any()), "geomean_ms": geo[best], "n": len(shapes),
+            "wins": sum(min(full, key=lambda b: full[b][s]) == best for s in shapes),
+            "runner_up": ranked[1] if len(ranked) > 1 else "",
+            "margin": geo[ranked[1]] / geo[best] if len(ranked) > 1 else math.nan,
+            "vs_opensora": geo[base] / geo[best] if base in geo else math.nan,
+        })  # fmt: skip
+    return out
+
+
+def check_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The correctness checks of our not-timed rows, one record per (device, suite, op, backend,
+    mode, dtype) over its shapes: ``n`` rows, ``passed`` / ``failed`` / ``errors`` / ``unchecked``
+    counts, ``max_err`` (largest over the checks), ``tol`` (smallest), ``dims`` (the shapes the checks
+    ran at) and ``why`` (the first error)."""
+    rows = df[df["ours"] & (df["kind"] == "not timed") & (df["stand_in"] == "")]
+    key = ["device", "suite", "op", "backend", "mode", "dtype"]
+    recs = []
+    for k, g in rows.groupby(key, sort=False):
+        checks = [c for c in g["check"] if c]
+        results_ = [str(c.get("result") or "") for c in checks]
+        errs = [c["max_err"] for c in checks if isnum(c.get("max_err"))]
+        tols = [c["tol"] for c in checks if isnum(c.get("tol"))]
+        errors = [r for r in results_ if r.startswith("error")]
+        recs.append({
+            **dict(zip(key, k)), "n": len(g), "passed": results_.count("pass"), "failed": results_.count("fail"),
+            "errors": len(errors), "unchecked": len(g) - len(checks), "max_err": max(errs) if errs else math.nan,
+            "tol": min(tols) if tols else math.nan, "why": errors[0] if errors else "",
+            "dims": list(dict.fromkeys(dims_label(c.get("dims")) for c in checks)),
+        })  # fmt: skip
+    cols = [*key, "n", "passed", "failed", "errors", "unchecked", "max_err", "tol", "why", "dims"]
+    return pd.DataFrame.from_records(recs, columns=cols)
+
+
+def dims_label(dims) -> str:
+    """{"B": 2, "T": 4, "S": 24, "N": 96, ...} -> "B2 T4 S24 ..." (N left out when T and S say it)."""
+    if not isinstance(dims, dict):
+        return ""
+    skip = {"N"} if "T" in dims and "S" in dims else set()
+    return " ".join(f"{k}{v}" for k, v in dims.items() if k not in skip)
+
+
+def not_available(df: pd.DataFrame) -> list[dict]:
+    """The backends that cannot run on the device, once per (backend, reason): ``suites`` and
+    ``modes`` where they were asked for and ``n`` rows."""
+    rows = df[df["kind"] == "not available"]
+    out = []
+    for (backend, status), g in rows.groupby(["backend", "status"], sort=False):
+        out.append({
+            "backend": backend, "why": status.removeprefix("unsupported:").strip(), "n": len(g),
+            "suites": list(dict.fromkeys(g["suite"])), "modes": list(dict.fromkeys(g["mode"])),
+        })  # fmt: skip
     return out
 
 
@@ -250,48 +349,67 @@ def match_published(pub: list[dict], frames: float, res: float) -> dict | None:
     return None
 
 
-def summarize(rows_or_path) -> dict:
-    """The headline numbers as plain data:
+def summarize(rows_or_path, published: list[dict] | None = None) -> dict:
+    """The headline numbers as plain data (the README's first lines and `stdit bench`'s summary):
 
-    ``devices``, ``suites``, ``n_rows``, ``n_ok``, ``n_not_ok``, ``status_counts`` ({status: n} for
-    the rows that are not ok), ``not_timed`` (True if any row is "not timed: ..."),
-    ``geomean_speedup`` ([{device, suite, peer, geomean, n}] of ours over each peer),
-    ``ours_without_ok`` ([suite] where ours has rows but none ok), and ``stdit_vs_dit``
-    ({"frames": largest frame count with an ok DiT/STDiT pair, "points": [{device, backend, dtype,
-    batch, frames, resolution, dit_over_stdit, dit_over_latte, flop_ratio}]}; frames None if no pair).
+    ``devices``, ``suites``, ``n_rows``, ``kinds`` ({kind: n rows}: ok, not timed, not available,
+    failed), ``status_counts`` ({status: n} of the failed rows), ``checks`` ({"rows", "passed",
+    "failed", "errors", "unchecked", "max_err", "tol", "bad": ["suite/op/backend/mode/dtype", ...]} of
+    our not-timed rows), ``geomean_speedup`` ([{device, suite, peer, geomean, n}] of ours over each
+    peer, stand-ins left out), ``ours_without_ok`` ([suite] where ours has rows but none timed),
+    ``fastest`` (``fastest_backends``), ``stand_in`` ([{suite, ours_backend, peer, speedup, n, why}]),
+    ``stdit_vs_dit`` ({"frames": largest frame count with an ok DiT/STDiT pair, "points": [{device,
+    backend, dtype, batch, frames, resolution, dit_over_stdit, dit_over_latte, flop_ratio}]}; frames
+    None if no pair) and ``published`` (Open-Sora 1.0's points, see ``published_points``).
     """
-    rows = load_rows(rows_or_path)
-    return summary_of(frame(rows))
+    return summary_of(frame(load_rows(rows_or_path)), published_points(published))
 
 
-def summary_of(df: pd.DataFrame) -> dict:
-    sp = speedups(df)
-    not_ok = df[~df["ok"]]
+def _model_points(df: pd.DataFrame) -> tuple[int | None, list[dict]]:
     mdl = model_table(df)
-    pts, frames = [], None
-    if not mdl.empty:
-        paired = mdl[mdl["dit_over_stdit"].notna()]
-        if not paired.empty:
-            frames = paired["frames"].max()
-            top = paired[paired["frames"] == frames] if math.isfinite(frames) else paired
-            for _, r in top.iterrows():
-                pts.append({
-                    "device": r["device"], "backend": r["backend"], "dtype": r["dtype"], "batch": as_int(r["batch"]),
-                    "frames": as_int(r["frames"]), "resolution": as_int(r["resolution"]),
-                    "dit_over_stdit": float(r["dit_over_stdit"]), "dit_over_latte": _opt(r["dit_over_latte"]),
-                    "flop_ratio": _opt(r["flop_ratio"]),
-                })  # fmt: skip
-            frames = as_int(frames)
-    ours_rows = df[df["ours"] & (df["suite"] != "models")]
+    if mdl.empty or not mdl["dit_over_stdit"].notna().any():
+        return None, []
+    paired = mdl[mdl["dit_over_stdit"].notna()]
+    frames = paired["frames"].max()
+    top = paired[paired["frames"] == frames] if math.isfinite(frames) else paired
+    pts = [{
+        "device": r["device"], "backend": r["backend"], "dtype": r["dtype"], "batch": as_int(r["batch"]),
+        "frames": as_int(r["frames"]), "resolution": as_int(r["resolution"]),
+        "dit_over_stdit": float(r["dit_over_stdit"]), "dit_over_latte": _opt(r["dit_over_latte"]),
+        "flop_ratio": _opt(r["flop_ratio"]),
+    } for _, r in top.iterrows()]  # fmt: skip
+    return as_int(frames), pts
+
+
+def _stand_in_summary(df: pd.DataFrame) -> list[dict]:
+    out = []
+    for (suite, ours, peer), g in speedups(df, stand_in=True).groupby(["suite", "ours_backend", "peer"], sort=False):
+        vals = g["speedup"].dropna()
+        why = df[(df["suite"] == suite) & (df["stand_in"] != "")]["stand_in"].iloc[0]
+        out.append({"suite": suite, "ours_backend": ours, "peer": peer, "speedup": geomean(vals), "n": len(vals), "why": why})
+    return out
+
+
+def summary_of(df: pd.DataFrame, pub: list[dict]) -> dict:
+    ct = check_table(df)
+    bad = ct[(ct["failed"] > 0) | (ct["errors"] > 0)]
+    checks = {c: int(ct[c].sum()) for c in ("passed", "failed", "errors", "unchecked")}
+    checks.update(rows=int(ct["n"].sum()), max_err=_opt(ct["max_err"].max()), tol=_opt(ct["tol"].min()),
+                  bad=[f"{r.suite}/{r.op}/{r.backend}/{r.mode}/{r.dtype}" for r in bad.itertuples()])  # fmt: skip
+    frames, pts = _model_points(df)
+    ours = df[df["ours"] & (df["suite"] != "models") & (df["stand_in"] == "")]
+    failed = df[df["kind"] == "failed"]
     return {
         "devices": distinct(df, "device"),
         "suites": list(dict.fromkeys(df["suite"])),
-        "n_rows": int(len(df)),
-        "n_ok": int(df["ok"].sum()),
-        "n_not_ok": int(len(not_ok)),
-        "status_counts": {k: int(v) for k, v in not_ok["status"].value_counts(sort=True).items()},
-        "not_timed": bool(df["status"].str.startswith("not timed").any()),
-        "geomean_speedup": geomeans(sp),
-        "ours_without_ok": [s for s in suites_of(df) if s in set(ours_rows["suite"]) and not ours_rows[ours_rows["suite"] == s]["ok"].any()],
+        "n_rows": len(df),
+        "kinds": {k: int((df["kind"] == k).sum()) for k in ("ok", "not timed", "not available", "failed")},
+        "status_counts": {k: int(v) for k, v in failed["status"].value_counts(sort=True).items()},
+        "checks": checks,
+        "geomean_speedup": geomeans(speedups(df)),
+        "ours_without_ok": [s for s in suites_of(df) if s in set(ours["suite"]) and not ours[ours["suite"] == s]["ok"].any()],
+        "fastest": fastest_backends(df),
+        "stand_in": _stand_in_summary(df),
         "stdit_vs_dit": {"frames": frames, "points": pts},
-    }  # fmt: skip
+        "published": pub,
+    }

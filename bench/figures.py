@@ -202,9 +202,13 @@ def _fig_backends(g: pd.DataFrame, suite: str, op: str, mode: str, name: str) ->
     ax.set_xticks(range(len(xs)))
     ax.set_xticklabels(xs, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("median ms (p20–p80)")
-    title = f"{suite}: {op} — {mode}, {join_names(distinct(ok, 'dtype'))}, {join_names(distinct(ok, 'device'), 'unknown device')}"
+    stand_in = (ok["stand_in"] != "").any()
+    title = (f"{suite}: {op} — {mode}, {join_names(distinct(ok, 'dtype'))}, "
+             f"{join_names(distinct(ok, 'device'), 'unknown device')}{' (stand-in, not a result)' if stand_in else ''}")  # fmt: skip
     _finish(fig, ax, title, legend_cols=2, grid_axis="y")
     caption = f"Median time per backend for {suite}/{op} ({mode}) per shape, with p20–p80 error bars; hatched: ours."
+    if stand_in:
+        caption += " Stand-in rows: " + "; ".join(distinct(ok, "stand_in")) + "."
     return Figure(name, fig, title, caption)
 
 

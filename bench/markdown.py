@@ -1,7 +1,12 @@
-"""The benchmark report's text: markdown tables and the README.md of ``reports/<device>/`` (summary,
-environment, how to read the numbers, speedups of ours and over Open-Sora's path, absolute numbers,
-STDiT vs DiT, training throughput, figures, statuses), built from analysed rows
-(stdit.bench.analysis); ``format_summary`` gives the CLI's few lines.
+"""The benchmark report's text: markdown tables and the README.md of ``reports/<device>/``, built
+from analysed rows (stdit.bench.analysis).
+
+The README leads with what the run can show: the headline (the lines `stdit bench` prints,
+``format_summary``), STDiT vs DiT beside Open-Sora's published points and the cost model, our
+kernels' correctness where they were not timed, speedups of ours where they were, the fastest
+backend per op, every backend against Open-Sora's path, the backends this device cannot run (once
+each) and the stand-in rows apart. Details follow: environment, how to read the numbers, absolute
+numbers beside the cost model's lower-bound time, training throughput, figures and failures.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ import pandas as pd
 
 from . import results
 from .analysis import (
-    GROUP_KEY, MODEL_OPS, distinct, geomean, isnum, join_names, match_published, model_table, ours_label,
-    resolution_of, sorted_peers, speedups, suites_of, summary_of,
+    GROUP_KEY, MODEL_OPS, OPENSORA_BASELINE, check_table, distinct, geomean, isnum, join_names, match_published,
+    model_table, not_available, ours_label, resolution_of, sorted_peers, speedups, suites_of, summary_of,
 )  # fmt: skip
 from .figures import Figure
 
@@ -68,209 +73,108 @@ def _num(v: float, fmt: str = "{:.3g}") -> str:
     return "" if v is None or not math.isfinite(v) else fmt.format(v)
 
 
+def _sci(v) -> str:
+    return f"{v:.1e}" if isnum(v) else ""
+
+
+def _cases(n: int) -> str:
+    return f"{n} case" + ("" if n == 1 else "s")
+
+
+# ------------------------------------------------------------------------------------------------
+# The headline: the README's first lines and `stdit bench`'s summary, from one function
+# ------------------------------------------------------------------------------------------------
+
+
 def format_summary(summary: dict) -> list[str]:
-    """``summarize``'s dict as a few human-readable lines (one screen) for the CLI."""
+    """``summarize``'s dict as the few lines `stdit bench` prints; the README starts with the same."""
     s = summary
-    lines = [
-        f"devices: {join_names(s['devices'], 'unknown')}; suites: {', '.join(s['suites'])}",
-        f"measurements: {s['n_rows']} ({s['n_ok']} ok, {s['n_not_ok']} not ok)",
-    ]
-    for st, n in list(s["status_counts"].items())[:8]:
-        lines.append(f"  {n} × {st}")
-    if len(s["status_counts"]) > 8:
-        lines.append(f"  ... {len(s['status_counts']) - 8} more statuses (see the report's Status section)")
-    if s["not_timed"]:
-        lines.append("Triton kernels ran under the CPU interpreter and were not timed (no speedups of ours).")
-    multi = len(s["devices"]) > 1
-    for g in s["geomean_speedup"]:
-        dev = f" [{g['device']}]" if multi else ""
-        lines.append(f"{g['suite']}: ours {_x(g['geomean'])} vs {g['peer']} (geomean of {g['n']}){dev}")
-    if s["ours_without_ok"]:
-        lines.append(f"no ok row of ours in: {', '.join(s['ours_without_ok'])}")
-    sv = s["stdit_vs_dit"]
-    for p in sv["points"]:
-        flop = f", FLOP ratio {_x(p['flop_ratio'])}" if p["flop_ratio"] else ""
+    lines = [_line_rows(s), *_lines_models(s)]
+    if s["checks"]["rows"]:
+        lines.append(_line_checks(s["checks"]))
+    lines += [*_lines_speedups(s), *_lines_fastest(s)]
+    for st in s["stand_in"]:
+        why = st["why"].split(" (")[0]
         lines.append(
-            f"STDiT vs DiT train step at {p['frames']} frames {p['resolution']}px ({p['backend']}, {p['dtype']}): "
-            f"{_x(p['dit_over_stdit'])}{flop}"
+            f"Stand-in, not a result ({st['suite']}): {st['ours_backend']} {_x(st['speedup'])} over {st['peer']} "
+            f"with {why}; kept out of every speedup and mean."
         )
+    failed = s["kinds"]["failed"]
+    if failed:
+        kinds = "; ".join(f"{n} × {st[:80]}" for st, n in list(s["status_counts"].items())[:3])
+        lines.append(f"{_cases(failed)} failed ({kinds}{'; ...' if len(s['status_counts']) > 3 else ''}): see Failures.")
     return lines
 
 
-# ------------------------------------------------------------------------------------------------
-# README sections
-# ------------------------------------------------------------------------------------------------
+def _line_rows(s: dict) -> str:
+    k = s["kinds"]
+    parts = [f"{k['ok']} timed"]
+    if k["not timed"]:
+        parts.append(f"{k['not timed']} not timed (our Triton kernels under the CPU interpreter: checked, not timed)")
+    if k["not available"]:
+        parts.append(f"{k['not available']} not available on this device")
+    parts.append(f"{k['failed']} failed")
+    return (f"{join_names(s['devices'], 'unknown device')}: {s['n_rows']} cases of {', '.join(s['suites'])}: "
+            + ", ".join(parts) + ".")  # fmt: skip
 
 
-def _section_env(df: pd.DataFrame) -> str:
-    recs = []
-    for c in results.ENV:
-        vals = distinct(df, c)
-        recs.append({"field": c, "value": "; ".join(vals) if vals else "—"})
-    return markdown_table(pd.DataFrame(recs))
-
-
-def _summary_paragraph(df: pd.DataFrame, s: dict) -> str:
-    suites = ", ".join(s["suites"])
-    parts = [
-        f"Benchmark suites {suites} on {join_names(s['devices'], 'an unknown device')}: {s['n_rows']} measurements, "
-        f"{s['n_ok']} ok and {s['n_not_ok']} not ok"
-    ]
-    if s["status_counts"]:
-        kinds: dict[str, int] = {}
-        for st, n in s["status_counts"].items():
-            k = st.split(":", 1)[0]
-            kinds[k] = kinds.get(k, 0) + n
-        parts[0] += " (" + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")"
-    parts[0] += "."
-    gm = s["geomean_speedup"]
-    if gm:
-        multi = len(s["devices"]) > 1
-        by: dict[tuple, list[str]] = {}
-        for g in gm:
-            by.setdefault((g["device"], g["suite"]), []).append(f"{_x(g['geomean'])} over {g['peer']} (n={g['n']})")
-        txt = "; ".join(f"{suite}{' on ' + dev if multi else ''}: {', '.join(v)}" for (dev, suite), v in by.items())
-        parts.append(f"Geometric-mean speedup of ours over each peer — {txt}.")
-    else:
-        parts.append("No speedup of ours could be computed (no suite has an ok row of ours beside an ok peer).")
-    sv = s["stdit_vs_dit"]
-    if sv["frames"] is not None:
-        txt = "; ".join(
-            f"{_x(p['dit_over_stdit'])} at {p['resolution']}px ({p['backend']}, {p['dtype']}, batch {p['batch']})"
-            + (f", cost-model FLOP ratio {_x(p['flop_ratio'])}" if p["flop_ratio"] else "")
-            for p in sv["points"]
-        )
-        parts.append(f"STDiT vs full-attention DiT train step at the largest frame count measured ({sv['frames']} frames): {txt}.")
-    else:
-        parts.append("No STDiT vs DiT train-step pair ran ok.")
-    if s["not_timed"]:
-        parts.append("Triton kernels ran under the CPU interpreter and were not timed.")
-    return " ".join(parts)
-
-
-def _section_how(df: pd.DataFrame) -> str:
-    srcs = distinct(df, "peak_source")
-    lines = [
-        "- **Speedup** = peer median / ours median, both measured in the same process run on the same device, "
-        "for the same op, shape, mode and dtype; the fastest of our implementations is the numerator's row. "
-        "Values > 1× mean ours is faster. Geometric means are over the shapes where both ran ok.",
-        "- **Times** are medians over repetitions, with the 20th–80th percentile range in parentheses (ms).",
-        "- **TFLOP/s** and **GB/s** divide the analytic cost model's FLOPs and bytes (stdit.models.costs) by the "
-        "measured median; they are not hardware counters.",
-        "- **% of roofline** = cost-model lower-bound time max(FLOPs / peak FLOP/s, bytes / peak bandwidth) / "
-        "measured time, with the peaks recorded in the rows (peak source: "
-        + (", ".join(f"`{s}`" for s in srcs) if srcs else "none recorded")
-        + "). **bound** says which of the two terms is larger (compute or memory).",
-        "- **Models**: speedup = DiT time per train step / STDiT (or Latte) time at the same backend, frames, "
-        "resolution, batch and dtype; samples/s = batch / median seconds.",
-    ]
-    if df["status"].str.startswith("not timed").any():
+def _lines_models(s: dict) -> list[str]:
+    sv, lines = s["stdit_vs_dit"], []
+    for p in sv["points"]:
+        flop = f"; the cost model's FLOP ratio predicts {_x(p['flop_ratio'])}" if p["flop_ratio"] else ""
+        dev = f" on {p['device']}" if len(s["devices"]) > 1 else ""
         lines.append(
-            "- **Not timed**: Triton kernels ran under the CPU interpreter (TRITON_INTERPRET=1) and were not timed; "
-            "interpreted Triton is not a performance measurement, so those rows carry no numbers."
+            f"STDiT vs full-attention DiT, train step at {p['frames']} frames {p['resolution']}px ({p['backend']}, "
+            f"{p['dtype']}, batch {p['batch']}{dev}): STDiT is {_x(p['dit_over_stdit'])} as fast{flop}."
         )
-    return "\n".join(lines)
+    if not sv["points"]:
+        lines.append("No STDiT vs DiT train-step pair ran ok.")
+    pub = [p for p in s["published"] if isnum(p.get("published_ratio"))]
+    if pub:
+        pts = ", ".join(f"{_x(p['published_ratio'])} at {p.get('setting', '')}" for p in pub)
+        flops = ", ".join(_x(p["flop_ratio"]) for p in pub if isnum(p.get("flop_ratio")))
+        lines.append(f"Open-Sora 1.0 published (8×H800, its own pipeline): {pts}" + (f"; cost-model FLOP ratios there {flops}." if flops else "."))
+    return lines
 
 
-def _section_speedups(df: pd.DataFrame, sp: pd.DataFrame, suite: str) -> str:
-    s = df[df["suite"] == suite]
-    ssp = sp[sp["suite"] == suite]
-    multi_dev = len(set(s["device"])) > 1
-    key = (["device"] if multi_dev else []) + ["op", "shape", "mode", "dtype"]
-    ours = s[s["ours"]]
-    if ssp.empty:
-        if ours.empty:
-            why = "this suite has no row of ours."
-        else:
-            st = ours["status"].value_counts()
-            why = "no row of ours ran ok (statuses of ours: " + "; ".join(f"`{k}` ×{v}" for k, v in st.items()) + ")."
-        pv = s.assign(_cell=[_ms_range(r) for _, r in s.iterrows()])
-        pv = pv[pv["ok"]]
-        text = f"There are no speedups of ours in this suite: {why} Median ms (p20–p80) per backend instead:\n\n"
-        if pv.empty:
-            return text.replace(" Median ms (p20–p80) per backend instead:\n\n", "") + "\n\nNo backend ran ok in this suite."
-        table = pv.pivot_table(index=key, columns="backend", values="_cell", aggfunc="first", sort=False)
-        table = table[sorted_peers(table.columns)].fillna("").reset_index()
-        table.columns.name = None
-        return text + markdown_table(table)
-    peers = sorted_peers(set(s[~s["ours"]]["backend"]))
-    recs = []
-    for k, g in ssp.groupby(["device", "op", "shape", "mode", "dtype"], sort=False):
-        rec = dict(zip(["device", "op", "shape", "mode", "dtype"], k))
-        rec["ours"] = f"{g['ours_backend'].iloc[0]} {_ms(g['ours_ms'].iloc[0])} ms"
-        for p in peers:
-            v = g[g["peer"] == p]["speedup"]
-            rec[p] = _x(v.iloc[0]) if not v.empty else ""
-        recs.append(rec)
-    gm = {"op": "**geometric mean**", "ours": ""}
-    for p in peers:
-        vals = ssp[ssp["peer"] == p]["speedup"].dropna()
-        gm[p] = f"{_x(geomean(vals))} (n={len(vals)})" if math.isfinite(geomean(vals)) else ""
-    table = pd.DataFrame(recs + [gm], columns=key + ["ours", *peers]).astype(object).where(lambda d: d.notna(), "")
-    text = markdown_table(table)
-    n_groups = s.groupby(GROUP_KEY, sort=False).ngroups
-    missing = n_groups - ssp.groupby(GROUP_KEY, sort=False).ngroups
-    if missing:
-        text += f"\n\n{missing} of {n_groups} (op, shape, mode, dtype) cases have no ok row of ours and are left out (see the absolute table)."
-    return text
+def _line_checks(c: dict) -> str:
+    head = "Our kernels where not timed (Triton interpreter, once each at a reduced shape, against the reference in float64)"
+    if not (c["failed"] or c["errors"] or c["unchecked"]):
+        return f"{head}: {c['passed']} of {c['rows']} cases pass; largest error {_sci(c['max_err'])} (tolerance {_sci(c['tol'])})."
+    counts = [f"{n} {what}" for n, what in ((c["failed"], "FAIL"), (c["errors"], "error" + "s" * (c["errors"] > 1)),
+                                            (c["passed"], "pass"), (c["unchecked"], "not checked")) if n]  # fmt: skip
+    bad = f": {', '.join(c['bad'])}" if c["bad"] else ""
+    return f"{head}: {', '.join(counts)} of {_cases(c['rows'])}{bad}."
 
 
-# The Open-Sora 1.0 path per suite: its exact eager math (rearrange copies, fp32 softmax, unfused).
-OPENSORA_BASELINE = {"kernels": "reference", "fused": "reference", "blocks": "opensora"}
+def _lines_speedups(s: dict) -> list[str]:
+    gm = s["geomean_speedup"]
+    if not gm:
+        if s["ours_without_ok"] and s["kinds"]["not timed"]:
+            return ["No speedup of ours is claimed: no row of ours was timed on this device (interpreted Triton is "
+                    "not a performance measurement)."]  # fmt: skip
+        return ["No speedup of ours could be computed (no timed row of ours beside a timed peer)."]
+    multi = len(s["devices"]) > 1
+    by: dict[tuple, list[str]] = {}
+    for g in gm:
+        by.setdefault((g["device"], g["suite"]), []).append(f"{_x(g['geomean'])} over {g['peer']} (n={g['n']})")
+    return [f"Speedup of ours, {suite}{' on ' + dev if multi else ''} (geometric means): {', '.join(v)}."
+            for (dev, suite), v in by.items()]  # fmt: skip
 
 
-def _section_vs_opensora(df: pd.DataFrame, suite: str) -> str | None:
-    """Every backend's speedup over Open-Sora 1.0's path (baseline median / backend median), per
-    (op, shape, mode, dtype) where the baseline ran ok; None if there is no such baseline row."""
-    base_name = OPENSORA_BASELINE.get(suite)
-    s = df[(df["suite"] == suite) & df["ok"] & (df["median_ms"] > 0)]
-    if base_name is None or s.empty or not (s["backend"] == base_name).any():
-        return None
-    multi_dev = len(set(s["device"])) > 1
-    key = (["device"] if multi_dev else []) + ["op", "shape", "mode", "dtype"]
-    others = sorted_peers(set(s["backend"]) - {base_name})
-    recs, per_backend = [], {b: [] for b in others}
-    for k, g in s.groupby(key, sort=False):
-        base = g[g["backend"] == base_name]
-        if base.empty:
-            continue
-        rec = dict(zip(key, k if isinstance(k, tuple) else (k,)))
-        rec[f"{base_name} ms"] = _ms(base["median_ms"].iloc[0])
-        for b in others:
-            v = g[g["backend"] == b]["median_ms"]
-            if v.empty:
-                rec[b] = ""
-                continue
-            x = base["median_ms"].iloc[0] / v.iloc[0]
-            per_backend[b].append(x)
-            rec[b] = _x(x)
-        recs.append(rec)
-    gm = {key[0]: "**geometric mean**"}
-    for b in others:
-        gm[b] = f"{_x(geomean(per_backend[b]))} (n={len(per_backend[b])})" if per_backend[b] else ""
-    table = pd.DataFrame(recs + [gm], columns=[*key, f"{base_name} ms", *others]).astype(object)
-    return markdown_table(table.where(table.notna(), ""))
+def _lines_fastest(s: dict) -> list[str]:
+    by: dict[str, dict[str, list[str]]] = {}
+    multi = len({(f["device"], f["dtype"]) for f in s["fastest"]}) > 1
+    for f in s["fastest"]:
+        where = f" [{f['dtype']}, {f['device']}]" if multi else ""
+        by.setdefault(f["suite"], {}).setdefault(f["op"], []).append(f"{f['mode']} {ours_label(f['backend'], f['ours'])}{where}")
+    return [f"Fastest backend per op, {suite}: " + "; ".join(f"{op} {', '.join(v)}" for op, v in ops.items()) + "."
+            for suite, ops in by.items()]  # fmt: skip
 
 
-def _section_absolute(df: pd.DataFrame, suite: str) -> str:
-    s = df[df["suite"] == suite].copy()
-    multi_dev = len(set(s["device"])) > 1
-    s["_rank"] = [0 if o else 1 for o in s["ours"]]
-    first = {k: i for i, k in enumerate(dict.fromkeys(zip(s["device"], s["op"], s["shape"], s["mode"], s["dtype"])))}
-    s["_case"] = [first[k] for k in zip(s["device"], s["op"], s["shape"], s["mode"], s["dtype"])]
-    s = s.sort_values(["_case", "_rank", "median_ms", "backend"], na_position="last", kind="stable")
-    recs = []
-    for _, r in s.iterrows():
-        rec = {"device": r["device"]} if multi_dev else {}
-        rec.update({
-            "op": r["op"], "backend": ours_label(r["backend"], r["ours"]), "shape": r["shape"],
-            "mode": r["mode"], "dtype": r["dtype"], "median ms (p20–p80)": _ms_range(r),
-            "TFLOP/s": _num(r["tflops"]) if r["ok"] else "", "GB/s": _num(r["gbs"], "{:.4g}") if r["ok"] else "",
-            "% roofline": _num(r["pct_roofline"], "{:.1f}") if r["ok"] else "", "bound": r["bound"],
-            "peak MB": _num(r["peak_mem_mb"], "{:.1f}"), "status": r["status"],
-        })  # fmt: skip
-        recs.append(rec)
-    return markdown_table(pd.DataFrame(recs))
+# ------------------------------------------------------------------------------------------------
+# Sections that lead
+# ------------------------------------------------------------------------------------------------
 
 
 def _section_models(df: pd.DataFrame, pub: list[dict]) -> str:
@@ -279,6 +183,10 @@ def _section_models(df: pd.DataFrame, pub: list[dict]) -> str:
     if mdl.empty:
         out.append("No model rows (STDiT / DiT / Latte) in these results.")
     else:
+        out.append(
+            "One training step (forward and backward) of each model at the same backend, batch and resolution; "
+            "DiT/STDiT > 1× means STDiT is faster. The cost model's FLOP ratio is what the architectures alone predict."
+        )
         multi_dev = len(set(mdl["device"])) > 1
         has_latte = bool((mdl["Latte_status"] != "").any())
         recs = []
@@ -323,11 +231,207 @@ def _section_models(df: pd.DataFrame, pub: list[dict]) -> str:
     return "\n\n".join(out)
 
 
+def _section_checks(ct: pd.DataFrame) -> str:
+    intro = (
+        "Interpreted Triton is not a performance measurement, so these cases were not timed. Each ran once, at the "
+        "reduced shape in the last column, and was compared with Open-Sora's math on float64 copies of the same "
+        "inputs (the `reference` backend; for a block, the block with reference attention and unfused norms). "
+        "Error = max |ours − oracle| / max(1, max |oracle|) over the output and, for fwd+bwd, every gradient; "
+        "fp32 passes below a fixed tolerance (about 10× the largest error measured), fp16/bf16 below 2× the "
+        "reference backend's own error in that dtype + eps."
+    )
+    multi_dev = len(set(ct["device"])) > 1
+    recs = []
+    for _, r in ct.iterrows():
+        n = r["n"]
+        bits = [f"{what} {k}/{n}" for k, what in ((r["failed"], "over tolerance"), (r["errors"], "error"),
+                                                 (r["passed"], "pass"), (r["unchecked"], "not checked")) if k]  # fmt: skip
+        result = ("**FAIL** — " if r["failed"] or r["errors"] else "") + ", ".join(bits)
+        if r["errors"]:
+            result += f" ({r['why'].removeprefix('error: ')})"
+        rec = {"device": r["device"]} if multi_dev else {}
+        rec.update({"suite": r["suite"], "op": r["op"], "backend": r["backend"], "mode": r["mode"], "dtype": r["dtype"],
+                    "result": result, "max error": _sci(r["max_err"]), "tolerance": _sci(r["tol"]),
+                    "checked at": "; ".join(r["dims"])})  # fmt: skip
+        recs.append(rec)
+    return intro + "\n\n" + markdown_table(pd.DataFrame(recs))
+
+
+def _section_speedups(df: pd.DataFrame, sp: pd.DataFrame, suite: str) -> str:
+    s = df[(df["suite"] == suite) & (df["stand_in"] == "")]
+    ssp = sp[sp["suite"] == suite]
+    multi_dev = len(set(s["device"])) > 1
+    key = (["device"] if multi_dev else []) + ["op", "shape", "mode", "dtype"]
+    peers = sorted_peers(set(ssp[ssp["speedup"].notna()]["peer"]))
+    recs = []
+    for k, g in ssp.groupby(["device", "op", "shape", "mode", "dtype"], sort=False):
+        rec = dict(zip(["device", "op", "shape", "mode", "dtype"], k))
+        rec["ours"] = f"{g['ours_backend'].iloc[0]} {_ms(g['ours_ms'].iloc[0])} ms"
+        for p in peers:
+            v = g[g["peer"] == p]["speedup"]
+            rec[p] = _x(v.iloc[0]) if not v.empty else ""
+        recs.append(rec)
+    gm = {"op": "**geometric mean**", "ours": ""}
+    for p in peers:
+        vals = ssp[ssp["peer"] == p]["speedup"].dropna()
+        gm[p] = f"{_x(geomean(vals))} (n={len(vals)})"
+    table = pd.DataFrame(recs + [gm], columns=key + ["ours", *peers]).astype(object).where(lambda d: d.notna(), "")
+    text = markdown_table(table)
+    timed = s[s["kind"] != "not available"]
+    n_groups = timed.groupby(GROUP_KEY, sort=False).ngroups
+    missing = n_groups - ssp.groupby(GROUP_KEY, sort=False).ngroups
+    if missing:
+        text += f"\n\n{missing} of {n_groups} (op, shape, mode, dtype) cases have no timed row of ours and are left out."
+    return text
+
+
+def _section_fastest(recs: list[dict]) -> str:
+    multi_dev = len({r["device"] for r in recs}) > 1
+    rows = []
+    for r in recs:
+        row = {"device": r["device"]} if multi_dev else {}
+        row.update({
+            "suite": r["suite"], "op": r["op"], "mode": r["mode"], "dtype": r["dtype"],
+            "fastest": ours_label(r["backend"], r["ours"]), "fastest at": f"{r['wins']} of {r['n']} shapes",
+            "runner-up": r["runner_up"], "margin": _x(r["margin"]),
+            "vs Open-Sora's path": _x(r["vs_opensora"]),
+        })  # fmt: skip
+        rows.append(row)
+    return (
+        "Per op and mode: the backend with the lowest geometric-mean time over the shapes, among the backends "
+        "timed at every shape; margin = runner-up's geometric mean / the fastest's; vs Open-Sora's path = "
+        "Open-Sora 1.0's path (`reference` / `opensora`) / the fastest.\n\n" + markdown_table(pd.DataFrame(rows))
+    )
+
+
+def _section_vs_opensora(df: pd.DataFrame, suite: str) -> str | None:
+    """Every backend's speedup over Open-Sora 1.0's path (baseline median / backend median), per
+    (op, shape, mode, dtype) where the baseline ran ok; None if there is no such baseline row."""
+    base_name = OPENSORA_BASELINE.get(suite)
+    s = df[(df["suite"] == suite) & df["ok"] & (df["median_ms"] > 0)]
+    if base_name is None or s.empty or not (s["backend"] == base_name).any():
+        return None
+    multi_dev = len(set(s["device"])) > 1
+    key = (["device"] if multi_dev else []) + ["op", "shape", "mode", "dtype"]
+    others = sorted_peers(set(s["backend"]) - {base_name})
+    recs, per_backend = [], {b: [] for b in others}
+    for k, g in s.groupby(key, sort=False):
+        base = g[g["backend"] == base_name]
+        if base.empty:
+            continue
+        rec = dict(zip(key, k if isinstance(k, tuple) else (k,)))
+        rec[f"{base_name} ms"] = _ms(base["median_ms"].iloc[0])
+        for b in others:
+            v = g[g["backend"] == b]["median_ms"]
+            if v.empty:
+                rec[b] = ""
+                continue
+            x = base["median_ms"].iloc[0] / v.iloc[0]
+            per_backend[b].append(x)
+            rec[b] = _x(x)
+        recs.append(rec)
+    gm = {key[0]: "**geometric mean**"}
+    for b in others:
+        gm[b] = f"{_x(geomean(per_backend[b]))} (n={len(per_backend[b])})" if per_backend[b] else ""
+    table = pd.DataFrame(recs + [gm], columns=[*key, f"{base_name} ms", *others]).astype(object)
+    return markdown_table(table.where(table.notna(), ""))
+
+
+def _section_not_available(na: list[dict]) -> str:
+    lines = [
+        f"- `{r['backend']}` ({', '.join(r['suites'])}; {', '.join(r['modes'])}; {_cases(r['n'])}): {r['why']}" for r in na
+    ]
+    return "These backends cannot run here, so their cases are not in the tables (they stay in results.jsonl):\n\n" + "\n".join(lines)
+
+
+def _section_stand_in(df: pd.DataFrame, stand_in: list[dict]) -> str:
+    s = df[df["stand_in"] != ""]
+    whys = list(dict.fromkeys(s["stand_in"]))
+    recs = [{
+        "suite": r["suite"], "op": r["op"], "backend": ours_label(r["backend"], r["ours"]), "shape": r["shape"],
+        "mode": r["mode"], "dtype": r["dtype"], "median ms (p20–p80)": _ms_range(r), "status": r["status"],
+    } for _, r in s.iterrows()]  # fmt: skip
+    text = (
+        "These rows time a stand-in, not Open-Sora's setting: " + "; ".join(whys) + ". They are kept out of every "
+        "speedup, mean and fastest-backend pick above."
+    )
+    ratios = [f"{st['ours_backend']} {_x(st['speedup'])} over {st['peer']}" for st in stand_in if math.isfinite(st["speedup"])]
+    if ratios:
+        text += " Ratios of these stand-in rows, for the record only: " + ", ".join(ratios) + "."
+    return text + "\n\n" + markdown_table(pd.DataFrame(recs))
+
+
+# ------------------------------------------------------------------------------------------------
+# Details
+# ------------------------------------------------------------------------------------------------
+
+
+def _section_env(df: pd.DataFrame) -> str:
+    recs = []
+    for c in results.ENV:
+        vals = distinct(df, c)
+        recs.append({"field": c, "value": "; ".join(vals) if vals else "—"})
+    return markdown_table(pd.DataFrame(recs))
+
+
+def _peaks_phrase(df: pd.DataFrame) -> str:
+    srcs = distinct(df, "peak_source")
+    if not srcs:
+        return "no peaks recorded"
+    named = [
+        f"`{s}` (" + ("measured on this machine now by a large matmul and a copy, not a datasheet" if s == "probed" else "datasheet") + ")"
+        for s in srcs
+    ]  # fmt: skip
+    return "peaks " + ", ".join(named)
+
+
+def _section_how(df: pd.DataFrame) -> str:
+    return "\n".join([
+        "- **Times** are medians over repetitions, with the 20th–80th percentile range in parentheses (ms).",
+        "- **Speedup** = peer median / ours median, both measured in the same process run on the same device, "
+        "for the same op, shape, mode and dtype; the fastest of our implementations is the numerator's row. "
+        "Values > 1× mean ours is faster. Geometric means are over the shapes where both ran ok.",
+        "- **Lower bound ms** is the cost model's predicted lower-bound time on the row's device: max(FLOPs / peak "
+        f"FLOP/s, bytes / peak bandwidth) with the {_peaks_phrase(df)}. A measurement near it confirms the cost "
+        "model; far above it, the implementation leaves time on the table.",
+        "- **% of roofline** = lower bound / measured time; **bound** says which of the two terms is larger "
+        "(compute or memory).",
+        "- **TFLOP/s** and **GB/s** divide the analytic cost model's FLOPs and bytes (stdit.models.costs) by the "
+        "measured median; they are not hardware counters.",
+        "- **Models**: speedup = DiT time per train step / STDiT (or Latte) time at the same backend, frames, "
+        "resolution, batch and dtype; samples/s = batch / median seconds.",
+    ])  # fmt: skip
+
+
+def _section_absolute(df: pd.DataFrame, suite: str) -> str | None:
+    s = df[(df["suite"] == suite) & df["kind"].isin(["ok", "failed"]) & (df["stand_in"] == "")].copy()
+    if s.empty:
+        return None
+    multi_dev = len(set(s["device"])) > 1
+    s["_rank"] = [0 if o else 1 for o in s["ours"]]
+    first = {k: i for i, k in enumerate(dict.fromkeys(zip(s["device"], s["op"], s["shape"], s["mode"], s["dtype"])))}
+    s["_case"] = [first[k] for k in zip(s["device"], s["op"], s["shape"], s["mode"], s["dtype"])]
+    s = s.sort_values(["_case", "_rank", "median_ms", "backend"], na_position="last", kind="stable")
+    recs = []
+    for _, r in s.iterrows():
+        rec = {"device": r["device"]} if multi_dev else {}
+        rec.update({
+            "op": r["op"], "backend": ours_label(r["backend"], r["ours"]), "shape": r["shape"],
+            "mode": r["mode"], "dtype": r["dtype"], "median ms (p20–p80)": _ms_range(r),
+            "lower bound ms": _ms(r["lower_bound_ms"]),
+            "TFLOP/s": _num(r["tflops"]) if r["ok"] else "", "GB/s": _num(r["gbs"], "{:.4g}") if r["ok"] else "",
+            "% roofline": _num(r["pct_roofline"], "{:.1f}") if r["ok"] else "", "bound": r["bound"],
+            "peak MB": _num(r["peak_mem_mb"], "{:.1f}"), "status": r["status"],
+        })  # fmt: skip
+        recs.append(rec)
+    return markdown_table(pd.DataFrame(recs))
+
+
 def _section_throughput(df: pd.DataFrame) -> str | None:
     """Training-step throughput of the train / parallel suites: samples/s and tokens/s of the whole
     job (global batch / median step), model FLOP utilisation (cost-model FLOPs / time / the peak the
     row records, all ranks together for parallel jobs) and peak memory."""
-    s = df[df["suite"].isin(["train", "parallel"]) & df["ok"] & (df["median_ms"] > 0)]
+    s = df[df["suite"].isin(["train", "parallel"]) & df["ok"] & (df["median_ms"] > 0) & (df["stand_in"] == "")]
     if s.empty:
         return None
     recs = []
@@ -348,29 +452,35 @@ def _section_throughput(df: pd.DataFrame) -> str | None:
     return markdown_table(pd.DataFrame(recs))
 
 
-def _section_status(df: pd.DataFrame) -> str:
-    bad = df[~df["ok"]]
+def _section_failures(df: pd.DataFrame) -> str:
+    bad = df[df["kind"] == "failed"]
     if bad.empty:
-        return "Every row ran ok."
+        return "No case failed."
     multi_dev = len(set(df["device"])) > 1
     cols = (["device"] if multi_dev else []) + ["suite", "op", "backend", "shape", "mode", "status"]
-    return f"{len(bad)} rows are not ok:\n\n" + markdown_table(bad[cols].reset_index(drop=True))
+    return f"{_cases(len(bad))} failed:\n\n" + markdown_table(bad[cols].reset_index(drop=True))
 
 
 def readme_text(df: pd.DataFrame, figs: list[Figure], skipped: list[str], pub: list[dict], title: str | None) -> str:
     """The report's README.md: analysed rows ``df``, the figures drawn from them (and notes on the
     ones skipped) and Open-Sora's published points ``pub``."""
-    s = summary_of(df)
+    s = summary_of(df, pub)
     sp = speedups(df)
     devs = join_names(s["devices"], "unknown device")
-    parts = [MARKER, f"# {title or f'stdit benchmarks — {devs}'}", _summary_paragraph(df, s), "## Environment", _section_env(df)]
-    parts += ["## How to read these numbers", _section_how(df)]
+    parts = [MARKER, f"# {title or f'stdit benchmarks — {devs}'}", "\n".join(f"- {line}" for line in format_summary(s))]
+    parts += ["## STDiT vs full-attention DiT", _section_models(df, pub)]
+    parts += [f"![{f.title}]({f.filename})\n\n*{f.title}.* {f.caption}" for f in figs if f.filename == "speedup_vs_frames.png"]
+    ct = check_table(df)
+    if not ct.empty:
+        parts += ["## Our kernels' correctness where not timed", _section_checks(ct)]
     suites = suites_of(df)
-    parts.append("## Speedups of ours")
-    if not suites:
-        parts.append("No kernel, fused-op or block rows in these results.")
-    for suite in suites:
-        parts += [f"### {suite}", _section_speedups(df, sp, suite)]
+    with_speedups = [suite for suite in suites if sp[sp["suite"] == suite]["speedup"].notna().any()]
+    if with_speedups:
+        parts.append("## Speedups of ours")
+        for suite in with_speedups:
+            parts += [f"### {suite}", _section_speedups(df, sp, suite)]
+    if s["fastest"]:
+        parts += ["## Fastest backend per op", _section_fastest(s["fastest"])]
     vs = [(suite, _section_vs_opensora(df, suite)) for suite in suites]
     if any(t for _, t in vs):
         parts.append("## Speedups over Open-Sora 1.0's path")
@@ -382,10 +492,18 @@ def readme_text(df: pd.DataFrame, figs: list[Figure], skipped: list[str], pub: l
         for suite, text in vs:
             if text:
                 parts += [f"### {suite}", text]
-    parts.append("## Absolute numbers")
-    for suite in suites:
-        parts += [f"### {suite}", _section_absolute(df, suite)]
-    parts += ["## Models: STDiT vs DiT", _section_models(df, pub)]
+    na = not_available(df)
+    if na:
+        parts += ["## Not available on this device", _section_not_available(na)]
+    if (df["stand_in"] != "").any():
+        parts += ["## Stand-in measurements (not results)", _section_stand_in(df, s["stand_in"])]
+    parts += ["## Environment", _section_env(df), "## How to read these numbers", _section_how(df)]
+    absolute = [(suite, _section_absolute(df, suite)) for suite in [*suites, "models"]]
+    if any(t for _, t in absolute):
+        parts.append("## Absolute numbers")
+        for suite, text in absolute:
+            if text:
+                parts += [f"### {suite}", text]
     thr = _section_throughput(df)
     if thr:
         parts += [
@@ -396,9 +514,8 @@ def readme_text(df: pd.DataFrame, figs: list[Figure], skipped: list[str], pub: l
             thr,
         ]
     parts.append("## Figures")
-    for f in figs:
-        parts.append(f"![{f.title}]({f.filename})\n\n*{f.title}.* {f.caption}")
+    parts += [f"![{f.title}]({f.filename})\n\n*{f.title}.* {f.caption}" for f in figs if f.filename != "speedup_vs_frames.png"]
     if skipped:
         parts.append("Skipped (nothing to plot):\n\n" + "\n".join(f"- {x}" for x in skipped))
-    parts += ["## Status", _section_status(df)]
+    parts += ["## Failures", _section_failures(df)]
     return "\n\n".join(parts) + "\n"

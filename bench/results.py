@@ -20,7 +20,7 @@ from typing import Iterable
 
 from stdit.common.files import write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # version 2 added the timer and check columns
 HEADER = {"stdit_results": SCHEMA_VERSION}
 
 # Columns (every row has all of them)
@@ -42,7 +42,12 @@ HEADER = {"stdit_results": SCHEMA_VERSION}
 # peak_flops, peak_bytes_per_s, peak_source   the device peaks the roofline used, and where from
 #                                      ("table:H100-SXM:bf16", "probed", see stdit.bench.devices)
 # peak_mem_mb                          peak device memory of the measurement (CUDA), else None
+# timer       how the median was timed (stdit.bench.timing): "cuda events" (eager calls), "cuda graph"
+#             (replays of a captured call, `stdit bench --cuda-graphs`), "cuda events (cuda graph
+#             capture failed: <why>)", "torch.utils.benchmark" (CPU); None if not timed here
 # status      "ok" | "oom" | "unsupported: <why>" | "not timed: <why>" | "error: <message>"
+# check       a not-timed case's correctness check (stdit.bench.correctness): {"result": "pass" |
+#             "fail" | "error: <why>", "max_err", "tol", "dims" (the shape it ran at), "oracle"}; else None
 # device, device_kind, driver, torch, triton, cuda, python, git_commit, date   environment
 #                                      (stdit.common.env.environment)
 KEY = ("suite", "op", "backend", "shape", "mode", "dtype", "device")
@@ -51,7 +56,7 @@ COST = ("flops", "bytes", "tflops", "gbs", "pct_roofline", "bound", "peak_flops"
 ENV = ("device", "device_kind", "driver", "torch", "triton", "cuda", "python", "git_commit", "date")
 COLUMNS = (
     "suite", "op", "backend", "ours", "shape", "frames", "resolution", "batch", "tokens", "dims",
-    "mode", "dtype", *TIMING, *COST, "peak_mem_mb", "status", *ENV,
+    "mode", "dtype", *TIMING, *COST, "peak_mem_mb", "timer", "status", "check", *ENV,
 )  # fmt: skip
 
 

@@ -4,7 +4,8 @@ Each case is built (inputs allocated), timed with the device's clock (stdit.benc
 into a row with the cost model's rates and the device's roofline, and upserted into the results
 file at once, so an interrupted run keeps what it measured and a re-run replaces its own rows.
 Out of memory, a backend that cannot run, or any other failure becomes a row with that status and
-the run goes on; cases marked "not timed" (interpreted Triton) or "unsupported" are never run.
+the run goes on; cases marked "unsupported" are never run, and cases marked "not timed"
+(interpreted Triton) are not timed but checked against the reference first (stdit.bench.correctness).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from stdit.common.env import environment
 from stdit.kernels import BackendUnavailable
 
-from . import devices, results
+from . import correctness, devices, results
 from .cases import Case
 from .timing import measure
 
@@ -46,7 +47,7 @@ def case_row(case: Case, env: dict, peaks: dict | None, *, status: str, timing=N
         row.update(peak_flops=peaks["flops"], peak_bytes_per_s=peaks["bytes_per_s"], peak_source=peaks["source"])
     if timing is not None:
         row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
-                   peak_mem_mb=timing.peak_mem_mb)  # fmt: skip
+                   peak_mem_mb=timing.peak_mem_mb, timer=timing.timer or None)  # fmt: skip
         if case.cost is not None and peaks is not None:
             rates = devices.achieved(case.cost, timing.median_ms / 1e3, peaks["flops"], peaks["bytes_per_s"])
             row.update(tflops=rates["tflops"], gbs=rates["gbs"], pct_roofline=rates["pct_roofline"], bound=rates["bound"])
@@ -62,8 +63,12 @@ def _status_of(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {msg[:300]}"
 
 
-def run_case(case: Case, device: torch.device, env: dict, peaks: dict | None, *, quick: bool = False) -> dict:
-    """Measure one case; never raises for the case's own failures (they become the row's status)."""
+def run_case(
+    case: Case, device: torch.device, env: dict, peaks: dict | None, *, quick: bool = False, cuda_graphs: bool = False
+) -> dict:
+    """Measure one case; never raises for the case's own failures (they become the row's status).
+    ``cuda_graphs``: time replays of a CUDA graph (stdit.bench.timing.measure); cases that time
+    themselves (``case.measure``) use their own loop either way."""
     if case.skip is not None:
         return case_row(case, env, peaks, status=case.skip)
     thunk = None
@@ -72,7 +77,7 @@ def run_case(case: Case, device: torch.device, env: dict, peaks: dict | None, *,
             timing = case.measure(device, quick)
         else:
             thunk = case.build(device)
-            timing = measure(thunk, device, quick=quick)
+            timing = measure(thunk, device, quick=quick, cuda_graph=cuda_graphs)
         return case_row(case, env, peaks, status="ok", timing=timing)
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -92,6 +97,7 @@ def run_cases(
     *,
     quick: bool = False,
     progress: bool = True,
+    cuda_graphs: bool = False,
 ) -> list[dict]:
     """Run every case in order; rows are upserted into ``results_path`` as they come."""
     cases = list(cases)
@@ -100,12 +106,17 @@ def run_cases(
     env = environment(device)
     peak_cache: dict = {}
     rows = []
+    n_checks = sum(correctness.wants_check(c) for c in cases)
+    if progress and n_checks:
+        print(f"stdit bench: checking {n_checks} not-timed cases against the reference (Triton interpreter)", file=sys.stderr)
+    checks = correctness.check_cases(cases) if n_checks else {}
     bar = tqdm(cases, desc="stdit bench", unit="case", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     for case in bar:
         bar.set_postfix_str(case.id[-60:], refresh=False)
         peaks = _peaks(device, case.dtype, peak_cache)
         start = time.perf_counter()
-        row = run_case(case, device, env, peaks, quick=quick)
+        row = run_case(case, device, env, peaks, quick=quick, cuda_graphs=cuda_graphs)
+        row["check"] = checks.get(case.id)
         if progress and row["status"] != "ok" and not row["status"].startswith(("not timed", "unsupported")):
             bar.write(f"{case.id}: {row['status']} ({time.perf_counter() - start:.1f} s)")
         rows.append(row)

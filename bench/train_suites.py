@@ -4,7 +4,9 @@
 video encoders run every step, as Open-Sora 1.0 did ("online-encode"), against training from
 latents and text embeddings encoded once by ``stdit prepare`` ("cached", ours), and the cached step
 with activation checkpointing. Encoders are the tiny in-code ones unless STDIT_VAE_DIR /
-STDIT_T5_DIR point at local sd-vae-ft-ema / t5-v1_1-xxl folders (the rows' dims say which).
+STDIT_T5_DIR point at local sd-vae-ft-ema / t5-v1_1-xxl folders (the rows' dims say which). With a
+tiny random encoder the online-encode cost is not Open-Sora's, so those rows are stand-ins: their
+dims carry ``stand_in`` (why), and the report shows them apart, out of every speedup and mean.
 
 ``parallel``: the same step under each data/sequence-parallel layout, run by torchrun on every GPU
 (or 2 gloo processes on a CPU): DDP, FSDP2, FSDP2 + activation checkpointing, Ulysses and DSP
@@ -38,6 +40,7 @@ PARALLEL_LAYOUTS = {  # label -> worker layout
     "fsdp2": dict(data_parallel="fsdp2"),
     "fsdp2+checkpoint": dict(data_parallel="fsdp2", checkpoint=True),
     "sp-ulysses": dict(data_parallel="fsdp2", sp="all", sp_mode="ulysses"),
+    "sp-ulysses-generic": dict(data_parallel="fsdp2", sp="all", sp_mode="ulysses_generic"),
     "sp-dsp": dict(data_parallel="fsdp2", sp="all", sp_mode="dsp"),
     "colossalai-zero2": dict(engine="colossalai", plugin="zero2"),
 }
@@ -62,8 +65,13 @@ def _train_case(label: str, shape: VideoShape, size: Size, dtype, device) -> Cas
         "stdit", size=sizes, frames=shape.frames, height=shape.resolution, width=shape.resolution, batch=B,
         mode="train_step", checkpoint=checkpoint, elem_bytes=dtype_bytes(dtype),
     )  # fmt: skip
-    encoders = "vae=" + ("local" if os.environ.get("STDIT_VAE_DIR") else "tiny") + ", t5=" + (
-        "local" if os.environ.get("STDIT_T5_DIR") else "tiny")  # fmt: skip
+    local = {name: bool(os.environ.get(var)) for name, var in (("vae", "STDIT_VAE_DIR"), ("t5", "STDIT_T5_DIR"))}
+    encoders = ", ".join(f"{name}={'local' if ok else 'tiny'}" for name, ok in local.items())
+    tiny = [name.upper() for name, ok in local.items() if not ok]
+    stand_in = (
+        f"tiny random {' and '.join(tiny)} stand-in encoders, not Open-Sora's (set STDIT_VAE_DIR / STDIT_T5_DIR "
+        "to local sd-vae-ft-ema / t5-v1_1-xxl folders for the real ones)"
+    ) if tiny else None  # fmt: skip
 
     def build(dev: torch.device):
         from stdit.models import STDiT
@@ -94,7 +102,7 @@ def _train_case(label: str, shape: VideoShape, size: Size, dtype, device) -> Cas
         return step
 
     dims = dict(B=B, T=T, S=shape.tokens_per_frame, C=sizes.hidden_size, depth=sizes.depth, L=L,
-                checkpoint=checkpoint, encoders=encoders)  # fmt: skip
+                checkpoint=checkpoint, encoders=encoders, stand_in=stand_in)  # fmt: skip
     return Case("train", "stdit_train_step", label, ours, shape, "train_step", dtype, dims, build, cost,
                 tokens=shape.tokens)  # fmt: skip
 
@@ -130,7 +138,7 @@ def _parallel_case(label: str, shape: VideoShape, size: Size, dtype, device) -> 
     skip = None
     if n < 2:
         skip = f"unsupported: parallel layouts need >= 2 devices, this machine has {n}"
-    elif layout.get("sp_mode") == "ulysses" and sizes.num_heads % sp:
+    elif layout.get("sp_mode") in ("ulysses", "ulysses_generic") and sizes.num_heads % sp:
         skip = f"unsupported: Ulysses needs num_heads ({sizes.num_heads}) divisible by sp ({sp})"
     elif layout.get("engine") == "colossalai":
         import warnings
@@ -161,7 +169,8 @@ def _parallel_case(label: str, shape: VideoShape, size: Size, dtype, device) -> 
                 raise torch.cuda.OutOfMemoryError(tail)
             raise RuntimeError(f"torchrun job failed (exit {proc.returncode}): {tail}")
         r = json.loads(lines[-1])
-        return Timing(r["median_ms"], r["p20_ms"], r["p80_ms"], r["reps"], r.get("peak_mem_mb"))
+        return Timing(r["median_ms"], r["p20_ms"], r["p80_ms"], r["reps"], r.get("peak_mem_mb"),
+                      timer="torchrun steps (host clock, synchronised)")
 
     dims = dict(processes=n, dp=dp, sp=sp, batch_per_dp_rank=shape.batch, global_batch=global_batch, T=T,
                 S=shape.tokens_per_frame, C=sizes.hidden_size, depth=sizes.depth, **{

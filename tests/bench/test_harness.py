@@ -1,24 +1,29 @@
-"""The benchmark harness: results files, suites, the runner's statuses, CPU timing, the CLI and the
-pytest-benchmark front end. Timings are never asserted (they are measurements, not tests)."""
+"""The benchmark harness: results files, suites, the runner's statuses, CPU timing, the CUDA-graph flag,
+the CLI and the pytest-benchmark front end. Timings are never asserted (they are measurements, not tests)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from stdit.bench import results
+from stdit.bench import conftest as bench_conftest
+from stdit.bench import results, timing
+from stdit.bench import test_suites as bench_tests
 from stdit.bench.cases import SIZES, Case, VideoShape
-from stdit.bench.run import run_cases
+from stdit.bench.run import run_case, run_cases
 from stdit.bench.suites import build_cases
 from stdit.bench.timing import time_cpu
+from stdit.cli import main as cli_main
 from stdit.models.costs import Cost
 from stdit.models.sizes import SIZES as MODEL_SIZES
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
+V = results.SCHEMA_VERSION
 
 
 def _row(**kw):
@@ -46,10 +51,10 @@ def test_upsert_replaces_same_key_and_appends_others(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"stdit_results": 1}\n{"suite": "kernels"\n', r"r.jsonl:2: not valid JSON"),
-        ('{"stdit_results": 0}\n', r"schema version 0; this stdit reads schema 1"),
+        (f'{{"stdit_results": {V}}}\n{{"suite": "kernels"\n', r"r.jsonl:2: not valid JSON"),
+        ('{"stdit_results": 0}\n', rf"schema version 0; this stdit reads schema {V}"),
         ('{"op": "x"}\n', r"no stdit results header"),
-        ('{"stdit_results": 1}\n{"suite": "kernels"}\n', r"r.jsonl:2: columns do not match schema 1"),
+        (f'{{"stdit_results": {V}}}\n{{"suite": "kernels"}}\n', rf"r.jsonl:2: columns do not match schema {V}"),
         ("not json at all\n", r"r.jsonl:1: not valid JSON"),
     ],
 )
@@ -159,6 +164,86 @@ def test_time_cpu_quantiles_are_ordered():
     x = torch.randn(128, 128, generator=torch.Generator().manual_seed(0))
     t = time_cpu(lambda: x @ x, min_run_time=0.05)
     assert 0 < t.p20_ms <= t.median_ms <= t.p80_ms and t.reps >= 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA graphs: the flag reaches the timer, rows say how they were timed, and a CPU refuses the flag
+# ---------------------------------------------------------------------------------------------------
+
+
+def _fine(device):
+    x = torch.randn(32, 32, generator=torch.Generator().manual_seed(1))
+    return lambda: x @ x
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_cuda_graph_flag_reaches_time_cuda_and_the_row(monkeypatch, cuda_graphs):
+    calls = []
+
+    def fake_time_cuda(fn, device, *, target_s, cuda_graph):
+        calls.append((device.type, cuda_graph))
+        return timing.Timing(1.0, 0.9, 1.1, 5, 2.0, timing.GRAPH_TIMER if cuda_graph else timing.EVENTS_TIMER)
+
+    monkeypatch.setattr(timing, "time_cuda", fake_time_cuda)
+    row = run_case(_case(_fine), torch.device("cuda"), {}, None, quick=True, cuda_graphs=cuda_graphs)
+    assert calls == [("cuda", cuda_graphs)]
+    assert row["status"] == "ok" and row["timer"] == ("cuda graph" if cuda_graphs else "cuda events")
+
+
+def test_cuda_graphs_on_a_cpu_are_a_per_row_error_never_eager_timing(tmp_path):
+    path = tmp_path / "r.jsonl"
+    graphs, eager = (run_cases([_case(_fine)], CPU, path, quick=True, progress=False, cuda_graphs=flag)[0]
+                     for flag in (True, False))  # fmt: skip
+    refusal = "error: ValueError: cuda_graph: CUDA graphs need a CUDA device, not cpu; time without them"
+    assert graphs["status"] == refusal
+    assert graphs["median_ms"] is None and graphs["timer"] is None
+    assert eager["status"] == "ok" and eager["timer"] == "torch.utils.benchmark"
+    assert results.read_rows(path)[0]["timer"] == "torch.utils.benchmark"  # the column is stored
+
+
+def test_cli_cuda_graphs_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bench", "--help"])
+    assert exit_.value.code == 0 and "--cuda-graphs" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bench", "--cuda-graphs", "--device", "cpu", "--size", "tiny", "--list"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--cuda-graphs: CUDA graphs need a CUDA device; this run is on cpu" in err
+
+
+class _Config:
+    def __init__(self, **options):
+        self.options = {f"--{k.replace('_', '-')}": v for k, v in options.items()}
+        self._stdit_bench_device = CPU
+
+    def getoption(self, name):
+        return self.options[name]
+
+
+def test_pytest_bench_cuda_graphs_option(monkeypatch):
+    """--bench-cuda-graphs is a usage error off CUDA (pytest_configure), and on CUDA test_case times
+    the replay that graph_or_eager returns; the second half runs on CPU with graph_or_eager faked."""
+    refusal = "--bench-cuda-graphs: CUDA graphs need a CUDA device; this run is on cpu"
+    with pytest.raises(pytest.UsageError, match=refusal):
+        bench_conftest.pytest_configure(_Config(bench_cuda_graphs=True, bench_device="cpu"))
+    bench_conftest.pytest_configure(_Config(bench_cuda_graphs=False, bench_device="cpu"))  # no flag, no error
+
+    replays = []
+    monkeypatch.setattr(bench_tests, "graph_or_eager", lambda fn, device: (lambda: replays.append(device), None))
+    benchmark = SimpleNamespace(extra_info={}, pedantic=lambda run, **kw: [run() for _ in range(kw["rounds"])])
+    request = SimpleNamespace(config=_Config(bench_cuda_graphs=True))
+    bench_tests.test_case(_case(_fine), benchmark, request)
+    assert replays and set(replays) == {CPU}  # every timed call was the replay
+    assert benchmark.extra_info["timer"] == "host clock, cuda graph replays"
+
+
+@pytest.mark.gpu
+def test_time_cuda_with_a_graph_and_with_an_uncapturable_call():
+    x = torch.randn(256, 256, device="cuda")
+    t = timing.time_cuda(lambda: x @ x, "cuda", target_s=0.05, cuda_graph=True)
+    assert t.timer == "cuda graph" and 0 < t.p20_ms <= t.median_ms <= t.p80_ms
+    t = timing.time_cuda(lambda: (x @ x).sum().item(), "cuda", target_s=0.05, cuda_graph=True)  # a host read
+    assert t.timer.startswith("cuda events (cuda graph capture failed: ") and t.median_ms > 0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The benchmark report (stdit.bench.report, .analysis, .figures, .markdown): README tables,
-speedups, figures, and refusal of bad input."""
+"""The benchmark report (stdit.bench.report, .analysis, .figures, .markdown): the headline it leads
+with, README tables, speedups, correctness checks, the not-available list, stand-in rows, the
+cost model's lower bound, figures, and refusal of bad input."""
 
 import matplotlib
 import pytest
@@ -95,31 +96,45 @@ def test_readme_sections_in_order(gpu_report):
     out, text = gpu_report
     assert (out / "README.md").exists()
     assert text.splitlines()[2].startswith("# stdit benchmarks — NVIDIA H100 80GB HBM3")
-    heads = ["## Environment", "## How to read", "## Speedups of ours", "### kernels", "### fused", "### blocks",
-             "## Absolute numbers", "## Models: STDiT vs DiT", "## Figures", "## Status"]  # fmt: skip
+    heads = ["## STDiT vs full-attention DiT", "## Speedups of ours", "### kernels", "### fused", "### blocks",
+             "## Fastest backend per op", "## Speedups over Open-Sora 1.0's path", "## Not available on this device",
+             "## Environment", "## How to read", "## Absolute numbers", "## Figures", "## Failures"]  # fmt: skip
     pos = [text.index(h) for h in heads]
     assert pos == sorted(pos)
     assert "table: H100 SXM" in text  # peak source named
-    assert "not timed" not in text.lower()
+    assert "not timed" not in text.lower() and "## Our kernels' correctness" not in text
+    assert "## Stand-in" not in text
+
+
+def test_readme_starts_with_the_cli_summary(gpu_report):
+    """The README's first lines are the lines `stdit bench` prints, word for word."""
+    _, text = gpu_report
+    lines = format_summary(summarize(gpu_rows(), published=PUBLISHED))
+    head = text.split("\n\n")[2]  # marker, title, then the headline
+    assert head == "\n".join(f"- {line}" for line in lines)
+    assert lines[0] == "NVIDIA H100 80GB HBM3: 25 cases of kernels, fused, blocks, models: 21 timed, 1 not available on this device, 3 failed."
 
 
 def test_speedup_values_and_geomean(gpu_report):
     _, text = gpu_report
-    spd = text[text.index("## Speedups of ours") : text.index("## Absolute numbers")]
+    spd = text[text.index("## Speedups of ours") : text.index("## Fastest backend per op")]
     assert "| spatial_attention | B2 T16 S256 | fwd | bf16 | triton 1.5 ms | 2.00× | 1.50× |" in spd
     assert "| spatial_attention | B2 T16 S1024 | fwd | bf16 | triton 1 ms | 4.00× |  |" in spd  # flex oom -> empty
     gm = f"{(2.0 * 4.0 * 1.2) ** (1 / 3):.2f}×"  # sdpa over three cases: 2, 4, 0.6/0.5 -> 2.13x
     assert f"{gm} (n=3)" in spd
     assert "3.00×" in spd and "1.50× (n=1)" in spd  # fused: reference, torch.compile
     assert "ours+compile 2 ms | 2.50× | 1.50× |" in spd  # blocks: fastest ours
-    assert "1 of 2 (op, shape, mode, dtype) cases have no ok row of ours" in spd  # gated_residual
+    assert "1 of 2 (op, shape, mode, dtype) cases have no timed row of ours" in spd  # gated_residual
+    assert "flash_attn" not in spd  # not available: no empty column
 
 
 def test_summarize_headline():
     s = summarize(gpu_rows())
     assert s["devices"] == ["NVIDIA H100 80GB HBM3"]
-    assert s["n_rows"] == len(gpu_rows()) and s["n_not_ok"] == 4 and s["n_ok"] == s["n_rows"] - 4
-    assert s["status_counts"]["oom"] == 2 and not s["not_timed"]
+    assert s["n_rows"] == len(gpu_rows())
+    assert s["kinds"] == {"ok": 21, "not timed": 0, "not available": 1, "failed": 3}
+    assert s["status_counts"] == {"oom": 2, "error: boom": 1}  # the failed rows only
+    assert s["checks"]["rows"] == 0 and s["stand_in"] == []
     gm = {(g["suite"], g["peer"]): g for g in s["geomean_speedup"]}
     # geometric means go through exp(mean(log)): measured error <= 1.5e-16, tolerance 2e-15
     assert gm[("kernels", "sdpa")]["geomean"] == pytest.approx((2.0 * 4.0 * 1.2) ** (1 / 3), rel=2e-15)
@@ -132,14 +147,23 @@ def test_summarize_headline():
     p = sv["points"][0]
     assert p["dit_over_stdit"] == 5.0 and p["flop_ratio"] == 6.0 and p["dit_over_latte"] == 2.0  # exact ratios
     assert p["resolution"] == 256
+    fastest = {(f["suite"], f["op"], f["mode"]): f for f in s["fastest"]}
+    f = fastest[("kernels", "spatial_attention", "fwd")]  # flex is out: it did not run at both shapes
+    assert (f["backend"], f["ours"], f["wins"], f["n"], f["runner_up"]) == ("triton", True, 2, 2, "sdpa")
+    assert f["margin"] == pytest.approx((3.0 * 4.0) ** 0.5 / (1.5 * 1.0) ** 0.5, rel=2e-15)
+    f = fastest[("blocks", "stdit_block", "fwd+bwd")]
+    assert f["backend"] == "ours+compile" and f["vs_opensora"] == pytest.approx(2.5, rel=2e-15)
+    assert fastest[("fused", "gated_residual", "fwd")]["backend"] == "reference"
 
 
-def test_summary_paragraph_and_models_table(gpu_report):
+def test_headline_and_models_table(gpu_report):
     _, text = gpu_report
-    intro = text[: text.index("## Environment")]
-    assert "4 not ok" in intro and "kernels: 2.13× over sdpa (n=3), 1.50× over flex (n=1);" in intro
-    assert "(64 frames): 5.00× at 256px" in intro
-    models = text[text.index("## Models") : text.index("## Figures")]
+    intro = text[: text.index("## STDiT vs full-attention DiT")]
+    assert "3 failed" in intro and "Speedup of ours, kernels (geometric means): 2.13× over sdpa (n=3), 1.50× over flex (n=1)." in intro
+    assert "at 64 frames 256px (ours, bf16, batch 4): STDiT is 5.00× as fast; the cost model's FLOP ratio predicts 6.00×." in intro
+    assert "Open-Sora 1.0 published (8×H800, its own pipeline): 0.97× at 16x256, 1.71× at 16x512, 5.00× at 64x512" in intro
+    assert "Fastest backend per op, kernels: spatial_attention fwd triton (ours); temporal_attention fwd+bwd triton (ours)." in intro
+    models = text[text.index("## STDiT vs full-attention DiT") : text.index("## Speedups of ours")]
     # 64 frames: samples/s = 4 / 0.1 s = 40; DiT/STDiT 5.00x; FLOP ratio 6.00x
     row64 = next(line for line in models.splitlines() if line.startswith("| ours | bf16 | train_step | 4 | 64 | 256 |"))
     assert "| 40 |" in row64 and "5.00×" in row64 and "6.00×" in row64 and "2.00×" in row64
@@ -147,6 +171,7 @@ def test_summary_paragraph_and_models_table(gpu_report):
     assert "1.10×" in row16 and "16x256" in row16 and "0.97×" in row16  # matched published point
     assert "| 64 | 512 |" in models and "oom" in models
     assert "| 64x512 | 64 | 512 | 6.37× | 5.00× | 0.08 | 0.4 |" in models
+    assert "![DiT/STDiT speedup vs frames" in models  # the curve sits beside its table
 
 
 def test_environment_lists_distinct_values(tmp_path):
@@ -199,37 +224,56 @@ def test_figure_titles_name_op_mode_dtype_device():
             f.fig.clear()
 
 
+CPU = dict(device="cpu", device_kind="cpu", torch="2.13.0", python="3.12.3", date="2026-11-25",
+           peak_flops=1e11, peak_bytes_per_s=2e10, peak_source="probed")  # fmt: skip
+NOT_TIMED = "not timed: triton runs interpreted on CPU"
+CHECK_DIMS = dict(B=1, T=4, S=24, N=96, H=2, D=72, L=8)
+
+
+def check(result="pass", err=3e-7, tol=8e-6):
+    return dict(result=result, max_err=err, tol=tol, dims=CHECK_DIMS, oracle="reference, float64")
+
+
 def cpu_rows():
-    cpu = dict(device="cpu", device_kind="cpu", torch="2.13.0", python="3.12.3", date="2026-11-25")
-    nt = "not timed: triton runs interpreted on CPU"
+    s = "B1 T4 S64"
+    cost = dict(flops=2e9, bytes=1e7)  # lower bound max(2e9 / 1e11, 1e7 / 2e10) s = 20 ms
     return [
-        bad("kernels", "spatial_attention", "triton", "B1 T4 S64", nt, ours=True, env=cpu),
-        ok("kernels", "spatial_attention", "sdpa", "B1 T4 S64", 0.8, env=cpu),
-        ok("kernels", "spatial_attention", "sdpa:math", "B1 T4 S64", 1.6, env=cpu),
-        ok("kernels", "spatial_attention", "reference", "B1 T4 S64", 200.0, env=cpu),
-        bad("fused", "layernorm_modulate", "triton", "B1 T4 S64", nt, ours=True, env=cpu),
-        bad("fused", "layernorm_modulate", "reference", "B1 T4 S64", "error: x", env=cpu),
+        bad("kernels", "spatial_attention", "triton", s, NOT_TIMED, ours=True, env=CPU, check=check(), **cost),
+        ok("kernels", "spatial_attention", "sdpa", s, 80.0, env=CPU, **cost),
+        ok("kernels", "spatial_attention", "sdpa:math", s, 160.0, env=CPU, **cost),
+        ok("kernels", "spatial_attention", "reference", s, 20000.0, env=CPU, **cost),
+        bad("kernels", "spatial_attention", "flash_attn", s, "unsupported: flash-attn has no CPU kernels", env=CPU),
+        bad("fused", "layernorm_modulate", "triton", s, NOT_TIMED, ours=True, env=CPU),  # no check recorded
+        bad("fused", "layernorm_modulate", "reference", s, "error: x", env=CPU),
     ]
 
 
-def test_cpu_not_timed_falls_back_to_median_table(tmp_path):
+def test_cpu_report_leads_with_what_it_can_show(tmp_path):
+    """No table of empty rows: correctness for ours, the fastest backend, one claim-free line about
+    speedups, and the backend that cannot run listed once."""
     text = report.write_report(cpu_rows(), tmp_path, published=PUBLISHED).read_text()
-    assert "Triton kernels ran under the CPU interpreter and were not timed" in text
-    assert "interpreted Triton is not a performance measurement" in text
-    end = text.index("## Speedups over Open-Sora") if "## Speedups over Open-Sora" in text else text.index("## Absolute")
-    spd = text[text.index("## Speedups of ours") : end]
-    assert "There are no speedups of ours in this suite: no row of ours ran ok" in spd
-    assert "`not timed: triton runs interpreted on CPU` ×1" in spd
-    assert "| spatial_attention | B1 T4 S64 | fwd | bf16 | 0.8 (0.76–0.84) | 1.6 (1.52–1.68) | 200 (190–210) |" in spd
-    assert "No backend ran ok in this suite." in spd  # fused
-    assert "×" not in spd.replace("` ×1", "").replace("` ×", "")
+    assert "There are no speedups" not in text and "## Speedups of ours" not in text
+    assert text.count("No speedup of ours is claimed: no row of ours was timed on this device") == 1
+    head = text[: text.index("## STDiT vs full-attention DiT")]
+    assert "cpu: 7 cases of kernels, fused: 3 timed, 2 not timed (our Triton kernels under the CPU interpreter: " \
+           "checked, not timed), 1 not available on this device, 1 failed." in head
+    assert "1 pass, 1 not checked of 2 cases." in head and "Fastest backend per op, kernels: spatial_attention fwd sdpa." in head
+    checks = text[text.index("## Our kernels' correctness") : text.index("## Fastest backend per op")]
+    assert "| kernels | spatial_attention | triton | fwd | bf16 | pass 1/1 | 3.0e-07 | 8.0e-06 | B1 T4 S24 H2 D72 L8 |" in checks
+    assert "| fused | layernorm_modulate | triton | fwd | bf16 | not checked 1/1 |  |  |  |" in checks
+    fastest = text[text.index("## Fastest backend per op") : text.index("## Speedups over Open-Sora")]
+    assert "| kernels | spatial_attention | fwd | bf16 | sdpa | 1 of 1 shapes | sdpa:math | 2.00× | 250.00× |" in fastest
+    assert text.count("flash_attn") == 1 and "- `flash_attn` (kernels; fwd; 1 case): flash-attn has no CPU kernels" in text
+    absolute = text[text.index("## Absolute numbers") : text.index("## Figures")]
+    assert "triton" not in absolute and "| layernorm_modulate | reference | B1 T4 S64 | fwd | bf16 |  |  |" in absolute
     # skipped figures are listed; the spatial bar chart uses a log axis (spread 250x)
-    assert "`speedup_vs_frames.png`: no frame count" in text and "`roofline.png`: no ok row" in text
+    assert "`speedup_vs_frames.png`: no frame count" in text
     assert "`backends_fused_layernorm_modulate_fwd.png`: no ok measurement" in text
     read_png(tmp_path / "backends_kernels_spatial_attention_fwd.png")
-    assert not (tmp_path / "roofline.png").exists()
     s = summarize(cpu_rows())
-    assert s["not_timed"] and s["geomean_speedup"] == [] and s["ours_without_ok"] == ["kernels", "fused"]
+    assert s["kinds"]["not timed"] == 2 and s["geomean_speedup"] == [] and s["ours_without_ok"] == ["kernels", "fused"]
+    assert s["checks"] == {"rows": 2, "passed": 1, "failed": 0, "errors": 0, "unchecked": 1, "max_err": 3e-7,
+                           "tol": 8e-6, "bad": []}  # fmt: skip
     assert s["stdit_vs_dit"] == {"frames": None, "points": []}
     backend = matplotlib.get_backend()
     figs, _ = build_figures(cpu_rows(), published=[])
@@ -237,12 +281,95 @@ def test_cpu_not_timed_falls_back_to_median_table(tmp_path):
     assert matplotlib.get_backend() == backend  # the caller's backend is left alone (own Agg canvas)
 
 
-def test_status_table(gpu_report):
+def test_correctness_table_flags_failures(tmp_path):
+    s1, s2 = "B1 T4 S64", "B1 T8 S64"
+    rows = [
+        bad("kernels", "temporal_attention", "triton", s1, NOT_TIMED, ours=True, env=CPU, check=check()),
+        bad("kernels", "temporal_attention", "triton", s2, NOT_TIMED, ours=True, env=CPU, check=check(err=5e-7)),
+        bad("kernels", "temporal_attention", "triton", s1, NOT_TIMED, ours=True, mode="fwd+bwd", env=CPU,
+            check=check("fail", 2e-3)),
+        bad("kernels", "cross_attention", "triton", s1, NOT_TIMED, ours=True, env=CPU,
+            check=check("error: RuntimeError: boom", None, None)),
+        ok("kernels", "temporal_attention", "sdpa", s1, 1.0, env=CPU),
+    ]  # fmt: skip
+    text = report.write_report(rows, tmp_path, published=[]).read_text()
+    checks = text[text.index("## Our kernels' correctness") : text.index("## Fastest backend per op")]
+    assert "| temporal_attention | triton | fwd | bf16 | pass 2/2 | 5.0e-07 | 8.0e-06 | B1 T4 S24 H2 D72 L8 |" in checks
+    assert "| temporal_attention | triton | fwd+bwd | bf16 | **FAIL** — over tolerance 1/1 | 2.0e-03 | 8.0e-06 |" in checks
+    assert "| cross_attention | triton | fwd | bf16 | **FAIL** — error 1/1 (RuntimeError: boom) |  |  |" in checks
+    line = next(x for x in format_summary(summarize(rows)) if x.startswith("Our kernels where not timed"))
+    assert line.endswith(": 1 FAIL, 1 error, 2 pass of 4 cases: kernels/temporal_attention/triton/fwd+bwd/bf16, "
+                         "kernels/cross_attention/triton/fwd/bf16.")  # fmt: skip
+    assert f"- {line}" in text
+
+
+def test_not_available_backends_are_listed_once(tmp_path):
+    reason = "unsupported: the 'flash_attn' package is not installed"
+    rows = [ok("kernels", op, "sdpa", s, 1.0, mode=m) for op in ("spatial_attention", "cross_attention")
+            for s in ("B1 T4 S64", "B2 T4 S64") for m in ("fwd", "fwd+bwd")]  # fmt: skip
+    rows += [bad("kernels", r["op"], "flash_attn", r["shape"], reason, mode=r["mode"]) for r in list(rows)]
+    rows += [bad("kernels", "cross_attention", "flex", "B1 T4 S64", "unsupported: no backward", mode="fwd+bwd"),
+             ok("kernels", "cross_attention", "flex", "B1 T4 S64", 2.0)]  # fmt: skip
+    text = report.write_report(rows, tmp_path, published=[]).read_text()
+    na = text[text.index("## Not available on this device") : text.index("## Environment")]
+    assert na.count("\n- ") == 2
+    assert "- `flash_attn` (kernels; fwd, fwd+bwd; 8 cases): the 'flash_attn' package is not installed" in na
+    assert "- `flex` (kernels; fwd+bwd; 1 case): no backward" in na
+    assert text.count("flash_attn") == 2 and "| flash_attn |" not in text and "No case failed." in text  # once, in the list
+    assert summarize(rows)["kinds"] == {"ok": 9, "not timed": 0, "not available": 9, "failed": 0}
+
+
+def train_rows(stand_in):
+    dims = {"B": 2, "encoders": "vae=tiny, t5=tiny", "stand_in": stand_in}
+    kw = dict(mode="train_step", dtype="fp32", dims=dims, flops=1e9)
+    return [ok("train", "stdit_train_step", "online-encode", "8x64x64", 100.0, **kw),
+            ok("train", "stdit_train_step", "cached", "8x64x64", 60.0, ours=True, **kw),
+            ok("train", "stdit_train_step", "cached+checkpoint", "8x64x64", 70.0, ours=True, **kw)]  # fmt: skip
+
+
+def test_stand_in_rows_are_kept_out_of_every_mean(tmp_path):
+    why = "tiny random VAE and T5 stand-in encoders, not Open-Sora's (set STDIT_VAE_DIR for the real ones)"
+    rows = gpu_rows()[:5] + train_rows(why)
+    s = summarize(rows)
+    assert {g["suite"] for g in s["geomean_speedup"]} == {"kernels"}
+    assert s["stand_in"] == [{"suite": "train", "ours_backend": "cached", "peer": "online-encode",
+                              "speedup": pytest.approx(100 / 60, rel=2e-15), "n": 1, "why": why}]  # fmt: skip
+    text = report.write_report(rows, tmp_path, published=[]).read_text()
+    assert "### train" not in text[text.index("## Speedups of ours") : text.index("## Stand-in")]
+    assert ("- Stand-in, not a result (train): cached 1.67× over online-encode with tiny random VAE and T5 stand-in "
+            "encoders, not Open-Sora's; kept out of every speedup and mean.") in text  # fmt: skip
+    section = text[text.index("## Stand-in measurements (not results)") : text.index("## Environment")]
+    assert why in section and "| train | stdit_train_step | cached (ours) | 8x64x64 | train_step | fp32 | 60 (57–63) | ok |" in section
+    assert "## Training throughput" not in text  # its only rows are stand-ins
+    assert "(stand-in, not a result)" in next(f.title for f in build_figures(rows, published=[])[0] if "train" in f.filename)
+    real = summarize(gpu_rows()[:5] + train_rows(None))  # the same rows measured with real encoders count
+    assert {g["suite"] for g in real["geomean_speedup"]} == {"kernels", "train"} and real["stand_in"] == []
+
+
+def test_lower_bound_beside_every_measurement(tmp_path):
+    """The cost model's predicted time on the row's device, max(FLOPs / peak, bytes / bandwidth), in
+    the absolute table for timed and failed rows; the peaks' source is named (probed on a CPU)."""
+    shape = "16x512x512"
+    rows = [ok("kernels", "spatial_attention", "sdpa", shape, 4.0, flops=2e12, bytes=1e9),
+            bad("kernels", "spatial_attention", "flex", shape, "oom", flops=2e12, bytes=1e9),
+            ok("kernels", "temporal_attention", "sdpa", shape, 1.0, flops=1e9, bytes=6.7e9)]  # fmt: skip
+    text = report.write_report(rows, tmp_path, published=[]).read_text()
+    # 2e12 / 989e12 s = 2.02 ms (compute); 6.7e9 / 3.35e12 s = 2 ms (memory) > 1e9 / 989e12
+    assert "| spatial_attention | sdpa | 16x512x512 | fwd | bf16 | 4 (3.8–4.2) | 2.02 | 500 | 250 | 50.6 | compute |" in text
+    assert "| spatial_attention | flex | 16x512x512 | fwd | bf16 |  | 2.02 |  |  |  |  |  | oom |" in text
+    assert "| temporal_attention | sdpa | 16x512x512 | fwd | bf16 | 1 (0.95–1.05) | 2 |" in text
+    assert "`table: H100 SXM` (datasheet)" in text
+    cpu = report.write_report(cpu_rows(), tmp_path / "cpu", published=[]).read_text()
+    assert "| spatial_attention | sdpa | B1 T4 S64 | fwd | bf16 | 80 (76–84) | 20 |" in cpu
+    assert "`probed` (measured on this machine now by a large matmul and a copy, not a datasheet)" in cpu
+
+
+def test_failures_table(gpu_report):
     _, text = gpu_report
-    st = text[text.index("## Status") :]
-    assert "4 rows are not ok" in st
-    assert "| kernels | spatial_attention | flash_attn | B2 T16 S1024 | fwd | unsupported: flash-attn not installed |" in st
+    st = text[text.index("## Failures") :]
+    assert "3 cases failed" in st and "flash_attn" not in st  # not available is not a failure
     assert "| fused | gated_residual | triton | B2 T16 S256 | fwd | error: boom |" in st
+    assert "| kernels | spatial_attention | flex | B2 T16 S1024 | fwd | oom |" in st
 
 
 def test_reads_results_file_and_rejects_corrupt(tmp_path):
@@ -301,15 +428,15 @@ def test_markdown_table_escapes_and_aligns():
 
 def test_format_summary_lines():
     lines = format_summary(summarize(gpu_rows()))
-    assert "measurements: 25 (21 ok, 4 not ok)" in lines
-    assert "kernels: ours 2.13× vs sdpa (geomean of 3)" in lines
-    assert any(line.startswith("STDiT vs DiT train step at 64 frames 256px") and "5.00×" in line for line in lines)
+    assert "Speedup of ours, kernels (geometric means): 2.13× over sdpa (n=3), 1.50× over flex (n=1)." in lines
+    assert any(line.startswith("STDiT vs full-attention DiT, train step at 64 frames 256px") and "5.00×" in line for line in lines)
+    assert lines[-1] == "3 cases failed (2 × oom; 1 × error: boom): see Failures."
     assert any("not timed" in line for line in format_summary(summarize(cpu_rows())))
 
 
 def test_default_published_points_from_cost_model(tmp_path):
     text = report.write_report(model_rows(), tmp_path).read_text()
-    models = text[text.index("## Models") : text.index("## Figures")]
+    models = text[text.index("## STDiT vs full-attention DiT") : text.index("## Environment")]
     assert "Open-Sora 1.0's published points" in models and "5.00×" in models
     assert "| 64x512x512 | 64 | 512 | 6.37× | 5.00× | 0.08 | 0.4 |" in models  # the cost model's 6.3669
 
