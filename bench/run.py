@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from stdit.common.env import environment
 from stdit.kernels import BackendUnavailable
+from stdit.train.extras import MissingTrainDependency
 
 from . import correctness, devices, results
 from .cases import Case
@@ -57,7 +58,7 @@ def case_row(case: Case, env: dict, peaks: dict | None, *, status: str, timing=N
 def _status_of(exc: BaseException) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return "oom"
-    if isinstance(exc, BackendUnavailable):
+    if isinstance(exc, (BackendUnavailable, MissingTrainDependency)):
         return f"unsupported: {exc}"
     msg = " ".join(str(exc).split())
     return f"error: {type(exc).__name__}: {msg[:300]}"

@@ -6,6 +6,7 @@ of a shipped kernel configuration (what `stdit inspect` compiles ahead of time).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,26 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
+def _interpreter_defect() -> str | None:
+    """Why Triton's interpreter cannot run our kernels here, or None.
+
+    Triton 3.6's interpreter passes a kernel's integer arguments as 1-element arrays and reads them
+    back with int(array) (e.g. the bound of ``range(0, LEN, BLOCK_N)``), which NumPy 2.4 turned from a
+    deprecation into a TypeError; Triton 3.7 squeezes the array first. The compiled kernels are not
+    affected.
+    """
+    import numpy as np
+
+    def major_minor(version: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+
+    if major_minor(triton.__version__) < (3, 7) and major_minor(np.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run with NumPy {np.__version__} (it reads "
+                "integer arguments with int() of a 1-element array, an error since NumPy 2.4): use "
+                "triton >= 3.7 or numpy < 2.4 for the interpreter")
+    return None
+
+
 def availability(device: torch.device) -> str | None:
     """None when our Triton kernels can run on ``device``; otherwise why not and what to do."""
     if device.type == "cuda":
@@ -42,7 +63,7 @@ def availability(device: torch.device) -> str | None:
         return None
     if device.type == "cpu":
         if interpreting():
-            return None
+            return _interpreter_defect()
         return (
             "Triton has no CPU backend; set TRITON_INTERPRET=1 to run the kernels through the "
             "interpreter (correctness only, slow), or use a CUDA device"

@@ -235,7 +235,7 @@ def config(C: int) -> Config:
 def _consts(C: int, align: int) -> dict:
     cfg = config(C)
     return dict(BLOCK_N=cfg.block_n, ROWS=cfg.rows, BLOCK_C=triton.next_power_of_2(C), ALIGN=align,
-                num_warps=cfg.num_warps)  # fmt: skip
+                num_warps=cfg.num_warps, num_stages=1)  # fmt: skip
 
 
 def _per_sample(m: torch.Tensor) -> torch.Tensor:
@@ -442,12 +442,12 @@ def shipped_builds() -> list[KernelBuild]:
     for dtype in SHIPPED_DTYPES:
         for C in SHIPPED_CHANNELS:
             consts = _consts(C, 16 // dtype.itemsize)
-            warps = consts.pop("num_warps")
+            warps, stages = consts.pop("num_warps"), consts.pop("num_stages")
             for name, fn in kernels.items():
                 tag = f"C={C},{TL_DTYPES[dtype]},{consts['BLOCK_N']}x{consts['ROWS']}x{consts['BLOCK_C']},w{warps}"
                 builds.append(
                     KernelBuild(
-                        f"{name}[{tag}]", fn, signature_of(fn, dtype, consts), dict(consts), warps, 1,
+                        f"{name}[{tag}]", fn, signature_of(fn, dtype, consts), dict(consts), warps, stages,
                         uses_mma=False, tags={"dtype": TL_DTYPES[dtype], "channels": C},
                     )
                 )

@@ -19,9 +19,9 @@ want="$TORCH_PIN $TRITON_PIN $(sha256sum pyproject.toml | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "import stdit.kernels" 2>/dev/null; then
     exit 0
 fi
-echo "[setup] installing $TORCH_PIN, $TRITON_PIN and stdit (editable, with test extras)"
+echo "[setup] installing $TORCH_PIN, $TRITON_PIN and stdit (editable, with the train and test extras)"
 "$VPY" -m pip install --quiet --upgrade pip
 "$VPY" -m pip install --quiet "$TORCH_PIN" "$TRITON_PIN"
-"$VPY" -m pip install --quiet -e ".[test]"
+"$VPY" -m pip install --quiet -e ".[train,test]"
 echo "$want" > "$stamp"
 echo "[setup] done: $("$VPY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')"

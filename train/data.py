@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .extras import train_imports
+
 __all__ = [
     "IMAGE_EXTS",
     "BadSampleWarning",
@@ -307,7 +309,8 @@ class VideoTextDataset(Dataset):
         return arr[None]  # (1, h, w, 3)
 
     def _load_video(self, path: str, hint: int | None, rng: np.random.Generator) -> np.ndarray:
-        import av
+        with train_imports("av"):
+            import av
 
         with av.open(path) as container:
             if not container.streams.video:
@@ -326,7 +329,8 @@ class VideoTextDataset(Dataset):
 
     @staticmethod
     def _count_frames(path: str) -> int:
-        import av
+        with train_imports("av"):
+            import av
 
         with av.open(path) as container:
             stream = container.streams.video[0]
@@ -338,7 +342,8 @@ class VideoTextDataset(Dataset):
     @staticmethod
     def _decode(path: str, indices: list[int]) -> np.ndarray:
         """Decode sequentially up to the last needed frame; keep only the needed ones."""
-        import av
+        with train_imports("av"):
+            import av
 
         wanted = sorted(set(indices))
         last = wanted[-1]

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .extras import train_imports
+
 __all__ = [
     "IDDPM",
     "linear_beta_schedule",
@@ -465,7 +467,8 @@ class IDDPM:
         first C channels, sliced here: diffusers' ``variance_type="learned_range"`` would keep
         ``model_output[:, :3]``, hard-coded for 3-channel images, wrong for 4-channel latents.
         """
-        from diffusers import DPMSolverMultistepScheduler
+        with train_imports("diffusers"):
+            from diffusers import DPMSolverMultistepScheduler
 
         shape = self._check_sampling_args(shape, cfg_scale, guide_channels)
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= self.num_train_timesteps:

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from .extras import train_imports
+
 __all__ = [
     "word_vocabulary",
     "word_tokenizer",
@@ -161,7 +163,8 @@ class VideoVAE(_FrozenEncoder):
             "stabilityai/sd-vae-ft-ema (or sd-vae-ft-mse)",
             [("config", ("config.json",)), ("weights", _VAE_WEIGHTS)],
         )
-        from diffusers import AutoencoderKL
+        with train_imports("diffusers"):
+            from diffusers import AutoencoderKL
 
         import importlib.util
 
@@ -183,7 +186,8 @@ class VideoVAE(_FrozenEncoder):
         (8, 16, 16, 16) with GroupNorm of 4 groups, one ResNet layer per block and no mid-block attention
         keep it at ~50K parameters.
         """
-        from diffusers import AutoencoderKL
+        with train_imports("diffusers"):
+            from diffusers import AutoencoderKL
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -293,8 +297,9 @@ def word_vocabulary() -> list[str]:
 def word_tokenizer():
     """A transformers fast tokenizer over ``word_vocabulary()`` (tokenizers' WordLevel), built in code:
     lower-cased, split on whitespace, punctuation dropped, unknown words -> ``<unk>``, ``</s>`` appended."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    with train_imports("transformers"):  # tokenizers comes with transformers
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(word_vocabulary())}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -344,7 +349,8 @@ class TextEncoder(_FrozenEncoder):
             "DeepFloyd/t5-v1_1-xxl (or google/t5-v1_1-xxl)",
             [("config", ("config.json",)), ("weights", _T5_WEIGHTS), ("tokenizer", _T5_TOKENIZER)],
         )
-        from transformers import AutoTokenizer, T5EncoderModel
+        with train_imports("transformers"):
+            from transformers import AutoTokenizer, T5EncoderModel
 
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = T5EncoderModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
@@ -374,7 +380,8 @@ class TextEncoder(_FrozenEncoder):
         with the words before it, which a small model needs many more steps to decode (measured: after
         600 and 1,200 stage-1 steps the byte-level demo model drew the prompted background but the wrong
         shape colour)."""
-        from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+        with train_imports("transformers"):
+            from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
         if tokenizer not in cls.TINY_TOKENIZERS:
             raise ValueError(f"tokenizer: expected one of {cls.TINY_TOKENIZERS}, got {tokenizer!r}")

@@ -11,18 +11,14 @@ import os
 from fractions import Fraction
 from pathlib import Path
 
+from .extras import train_imports
+
 __all__ = ["detect_scenes", "split_scenes"]
 
 
 def _import_scenedetect():
-    try:
+    with train_imports("scenedetect"):
         from scenedetect import ContentDetector, SceneManager, open_video
-    except ImportError as e:
-        raise ImportError(
-            "split_scenes needs PySceneDetect: pip install scenedetect (it imports OpenCV; on a server "
-            "`pip install scenedetect opencv-python-headless` works) and PyAV (pip install av). "
-            f"Import failed with: {e}"
-        ) from e
     return ContentDetector, SceneManager, open_video
 
 
@@ -66,7 +62,8 @@ def split_scenes(
     the clip paths in order.
     """
     scenes = detect_scenes(video_path, threshold=threshold, min_scene_len=min_scene_len)
-    import av
+    with train_imports("av"):
+        import av
 
     src_path = Path(video_path)
     out = Path(out_dir)

@@ -35,6 +35,8 @@ import numpy as np
 
 from stdit.common.files import atomic_path
 
+from .extras import train_imports
+
 __all__ = [
     "COLORS",
     "SIMPLE_COLORS",
@@ -98,7 +100,8 @@ def pick_video_codec() -> str:
     """Return the PyAV encoder to use: ``libx264`` (H.264) when it works, else ``mpeg4`` (with a warning)."""
     if "codec" in _CODEC_CACHE:
         return _CODEC_CACHE["codec"]
-    import av
+    with train_imports("av"):
+        import av
 
     chosen = None
     for name in ("libx264", "h264", "libopenh264"):
@@ -124,7 +127,8 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 8, *, codec: str 
     Frame k gets pts k in time base 1/fps, so a decoder sees exactly T frames in order.
     ``container_format`` picks another muxer (e.g. "matroska", whose streams do not record a frame count).
     """
-    import av
+    with train_imports("av"):
+        import av
 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:

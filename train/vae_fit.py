@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 from stdit.common.files import dir_temp_name, publish_dir
 
+from .extras import train_imports
+
 __all__ = ["DEFAULT_WIDTHS", "fit_vae", "vae_is_complete", "build_autoencoder", "load_frame_pool"]
 
 DEFAULT_WIDTHS = (16, 32, 64, 64)
@@ -52,7 +54,8 @@ def _norm_groups(widths: Sequence[int]) -> int:
 
 def build_autoencoder(widths: Sequence[int] = DEFAULT_WIDTHS, *, seed: int = 0, sample_size: int = 64):
     """A diffusers AutoencoderKL like ``VideoVAE.tiny`` (4 blocks = 8x, 4 latent channels, 0.18215)."""
-    from diffusers import AutoencoderKL
+    with train_imports("diffusers"):
+        from diffusers import AutoencoderKL
 
     from .encoders import OPEN_SORA_SCALING_FACTOR
 
