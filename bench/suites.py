@@ -175,14 +175,16 @@ def _attention_case(op: str, backend: str, shape: VideoShape, size: Size, mode: 
                 skip=_backend_skip(backend, device, mode), tokens=N)  # fmt: skip
 
 
-def kernels_suite(size: Size, device: torch.device, dtype: torch.dtype) -> list[Case]:
+def _every(make, ops, backends, size: Size, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    """make(op, backend, shape, size, mode, dtype, device) for every shape, op, mode and backend."""
     return [
-        _attention_case(op, backend, shape, size, mode, dtype, device)
-        for shape in size.shapes
-        for op in ATTENTION_OPS
-        for mode in MODES
-        for backend in attention_backends(device)
-    ]
+        make(op, backend, shape, size, mode, dtype, device)
+        for shape in size.shapes for op in ops for mode in MODES for backend in backends
+    ]  # fmt: skip
+
+
+def kernels_suite(size: Size, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    return _every(_attention_case, ATTENTION_OPS, attention_backends(device), size, device, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,13 +223,7 @@ def _fused_case(op: str, backend: str, shape: VideoShape, size: Size, mode: str,
 
 
 def fused_suite(size: Size, device: torch.device, dtype: torch.dtype) -> list[Case]:
-    return [
-        _fused_case(op, backend, shape, size, mode, dtype, device)
-        for shape in size.shapes
-        for op in FUSED_OPS
-        for mode in MODES
-        for backend in ("triton", "reference", "torch.compile")
-    ]
+    return _every(_fused_case, FUSED_OPS, ("triton", "reference", "torch.compile"), size, device, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -28,6 +28,17 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
     return cmd_smoke(args.out, args.device, args.kernel, args.jobs, args.probe_timeout)
 
 
+_JSON = (("--json",), dict(action="store_true", help="print JSON instead of a table"))
+
+
+def _command(sub, name: str, func, help: str, *arguments: tuple[tuple[str, ...], dict]) -> None:
+    """A subcommand: its parser, its arguments as (flags, add_argument keywords), its function."""
+    p = sub.add_parser(name, help=help)
+    for flags, kwargs in arguments:
+        p.add_argument(*flags, **kwargs)
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stdit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,32 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parsers(sub)
 
-    p = sub.add_parser("info", help="devices, versions and which attention backends can run here")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_cmd_info)
-
-    p = sub.add_parser(
-        "inspect",
-        help="compile every shipped Triton kernel config ahead of time for sm_90 and sm_80 and report "
-        "registers, spills, shared memory, occupancy and wgmma use (no GPU needed)",
-    )
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--target", action="append", choices=["sm_90", "sm_80"], help="limit to a target (repeatable)")
-    p.add_argument("--kernel", action="append", help="limit to kernels whose name contains this (repeatable)")
-    p.set_defaults(func=_cmd_inspect)
-
-    p = sub.add_parser(
-        "smoke",
-        help="launch every shipped Triton kernel configuration once on a tiny shape against the reference "
+    _command(sub, "info", _cmd_info, "devices, versions and which attention backends can run here", _JSON)
+    _command(
+        sub, "inspect", _cmd_inspect,
+        "compile every shipped Triton kernel config ahead of time for sm_90 and sm_80 and report registers, "
+        "spills, shared memory, occupancy and wgmma use (no GPU needed)",
+        _JSON,
+        (("--target",), dict(action="append", choices=["sm_90", "sm_80"], help="limit to a target (repeatable)")),
+        (("--kernel",), dict(action="append", help="limit to kernels whose name contains this (repeatable)")),
+    )  # fmt: skip
+    _command(
+        sub, "smoke", _cmd_smoke,
+        "launch every shipped Triton kernel configuration once on a tiny shape against the reference "
         "(natively on a GPU; on a CPU under TRITON_INTERPRET=1), one JSON line per configuration",
-    )
-    p.add_argument("--out", default="smoke.jsonl", help="results file (JSON Lines; default: smoke.jsonl)")
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
-    p.add_argument("--kernel", action="append", help="limit to configurations whose name contains this (repeatable)")
-    p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8), help="worker processes at a time")
-    p.add_argument("--probe-timeout", type=float, default=300.0,
-                   help="seconds a worker may go without finishing a probe before it is killed (default 300)")
-    p.set_defaults(func=_cmd_smoke)
+        (("--out",), dict(default="smoke.jsonl", help="results file (JSON Lines; default: smoke.jsonl)")),
+        (("--device",), dict(default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")),
+        (("--kernel",), dict(action="append", help="limit to configurations whose name contains this (repeatable)")),
+        (("--jobs",), dict(type=int, default=min(os.cpu_count() or 1, 8), help="worker processes at a time")),
+        (("--probe-timeout",), dict(type=float, default=300.0,
+                                    help="seconds a worker may go without finishing a probe before it is killed "
+                                    "(default 300)")),
+    )  # fmt: skip
     return parser
 
 
