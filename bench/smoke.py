@@ -52,6 +52,7 @@ SCHEMA = "stdit-smoke/1"
 FP32_TOL = 1e-5
 _RESTART = 3  # a worker's exit status meaning "a probe failed on CUDA: go on in a fresh process"
 _READY = "stdit-smoke-worker: ready"
+_START_TIMEOUT = 300.0  # seconds a worker may take to import torch and triton
 
 # ----------------------------------------------------------------------------------------------------
 # Probes: which API call launches which configuration
@@ -355,14 +356,20 @@ def _run_group(keys: list[str], probes: dict[str, Probe], out: Path, device: tor
         with open(log, "w") as f:
             proc = subprocess.Popen([sys.executable, "-c", _WORKER, "--out", str(out), "--device", str(device),
                                      *remaining], stdout=f, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-        done_before, last = 0, time.monotonic()
+        # A probe's clock starts when the worker says it is ready: importing torch and triton can take
+        # longer than a probe on a loaded machine, and is bounded by its own start-up budget.
+        done_before, last, ready = 0, time.monotonic(), False
         timed_out = False
         while proc.poll() is None:
             time.sleep(0.5)
+            if not ready:
+                ready = _READY in (log.read_text(errors="replace") if log.exists() else "")
+                if ready:
+                    last = time.monotonic()
             done = sum(r["probe"] in remaining for r in read_rows(out))
             if done != done_before:
                 done_before, last = done, time.monotonic()
-            elif time.monotonic() - last > probe_timeout:
+            elif time.monotonic() - last > (probe_timeout if ready else max(probe_timeout, _START_TIMEOUT)):
                 proc.kill()
                 proc.wait()
                 timed_out = True
@@ -373,8 +380,10 @@ def _run_group(keys: list[str], probes: dict[str, Probe], out: Path, device: tor
             continue
         ready = _READY in (log.read_text(errors="replace") if log.exists() else "")
         culprits = remaining if not ready else remaining[:1]  # a worker that never started takes the group
-        if timed_out:
+        if timed_out and ready:
             status, detail = "timeout", f"no result within {probe_timeout:.0f} s; the worker was killed"
+        elif timed_out:
+            status, detail = "error", f"the worker did not start within {max(probe_timeout, _START_TIMEOUT):.0f} s"
         elif not ready:
             status, detail = "error", f"the worker failed to start (exit {proc.returncode}): {_tail(log)}"
         else:

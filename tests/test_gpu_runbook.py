@@ -166,7 +166,7 @@ smoke.probe_rows, smoke.check_probe = faulty_probe_rows, faulty_check_probe
 def test_crash_hang_and_error_cost_only_their_own_configurations(tmp_path):
     out = tmp_path / "smoke.jsonl"
     cmd = [sys.executable, "-m", "stdit", "smoke", "--device", "cpu", "--kernel", "C=144,fp32", "--kernel",
-           "C=1152,fp32", "--jobs", "2", "--probe-timeout", "10", "--out", str(out)]  # fmt: skip
+           "C=1152,fp32", "--jobs", "2", "--probe-timeout", "20", "--out", str(out)]  # fmt: skip
     done = _run(cmd, tmp_path, FAULTS, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
     rows = {}
