@@ -55,6 +55,7 @@ def _default_results(device) -> Path:
 def cmd_bench(args: argparse.Namespace) -> int:
     from stdit.common.dtypes import as_dtype
 
+    from . import results
     from .devices import best_device, check_device
     from .run import run_cases
     from .suites import build_cases
@@ -71,6 +72,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not cases:
         raise ValueError(f"only: no case id contains {args.only!r} (see stdit bench --list)")
     results_path = Path(args.results) if args.results else _default_results(device)
+    retired = results.retire_older_schema(results_path)
+    if retired is not None:
+        print(f"stdit bench: {results_path} was written by an older stdit (another schema); kept as {retired}, "
+              "starting a new file", file=sys.stderr)
     start = time.perf_counter()
     graphs = " with CUDA graphs" if args.cuda_graphs else ""
     print(f"stdit bench: {len(cases)} cases ({args.suite}, size {args.size}) on {device}{graphs} -> {results_path}",

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from stdit.common.files import write_text
 
@@ -118,6 +118,38 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     if not rows and path.stat().st_size and not _has_header(path):
         raise ResultsError(f"{path}: no stdit results header")
     return rows
+
+
+def older_schema(path: str | os.PathLike) -> int | None:
+    """The schema version of a results file written by an older stdit (its header names a version
+    below ours), else None (no file, our schema, or not a results file at all)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with path.open(encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        header = json.loads(first)
+    except json.JSONDecodeError:
+        return None
+    version = header.get("stdit_results") if isinstance(header, dict) else None
+    return version if isinstance(version, int) and version < SCHEMA_VERSION else None
+
+
+def retire_older_schema(path: str | os.PathLike) -> Path | None:
+    """Move a results file of an older schema aside to ``<stem>.schema<N>[.k].jsonl`` (never over an
+    existing file), so a new run starts a file of the current schema and the old rows are kept;
+    returns the new name, or None when there was nothing to move."""
+    path = Path(path)
+    version = older_schema(path)
+    if version is None:
+        return None
+    base = path.with_name(f"{path.stem}.schema{version}{path.suffix}")
+    target, k = base, 1
+    while target.exists():
+        target, k = base.with_name(f"{path.stem}.schema{version}.{k}{path.suffix}"), k + 1
+    path.rename(target)
+    return target
 
 
 def _has_header(path: Path) -> bool:
