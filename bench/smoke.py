@@ -88,11 +88,24 @@ KERNELS = {
     "ln_modulate_bwd": ("layernorm_modulate", ("dx", "dshift", "dscale")),
     "gated_residual_fwd": ("gated_residual", ("out",)),
     "gated_residual_bwd": ("gated_residual", ("dgate", "dy")),
+    # the row-wise backward pass of the q/k-norm (+ RoPE) variants: dq, dk and the gains' gradients
+    "self_attn_qk_bwd": ("temporal", ("dq", "dk", "dq_gain", "dk_gain")),
 }
+# Self-attention builds with Open-Sora 1.2's prologue fused in carry it after their kernel's name
+# ("self_attn_fwd_packed+norm+rope"); their probes call the API with qk_norm (and rope) and also compare
+# the gains' gradients.
+PROLOGUES = ("+norm+rope", "+norm")
 
 
 def _kernel(build: KernelBuild) -> str:
-    return build.name.split("[")[0]
+    """The kernel's name without its prologue suffix ("self_attn_fwd_packed+norm" -> "self_attn_fwd_packed")."""
+    return build.name.split("[")[0].split("+")[0]
+
+
+def _prologue(build: KernelBuild) -> str:
+    """"+norm", "+norm+rope" or "" (see PROLOGUES)."""
+    name = build.name.split("[")[0]
+    return name[len(_kernel(build)):]
 
 
 def _family(build: KernelBuild) -> str:
@@ -122,10 +135,17 @@ def probes_for(builds: Sequence[KernelBuild]) -> tuple[list[Probe], list[KernelB
             continue
         op, outputs = KERNELS[_kernel(b)]
         length = _length(b, op)
+        prologue = _prologue(b)
+        if prologue not in ("", *PROLOGUES):
+            unknown.append(b)
+            continue
+        if prologue and "dq" in outputs:
+            outputs = tuple(dict.fromkeys((*outputs, "dq_gain", "dk_gain")))
+        op += prologue
         dim = b.tags.get("head_dim") or b.tags["channels"]
         dim_name = "D" if "head_dim" in b.tags else "C"
         family, dtype = _family(b), b.tags["dtype"]
-        variant = f"{op}-{'S' if op == 'spatial' else 'L'}={length}" if length else op
+        variant = f"{op}-{'S' if op.startswith('spatial') else 'L'}={length}" if length else op
         key = f"{family}/{variant}/{dim_name}={dim}/{dtype}"
         p = found.setdefault(key, dict(key=key, group=f"{family}/{dim_name}={dim}/{dtype}", op=op,
                                        dtype=as_dtype(dtype), dim=dim, length=length, builds=[]))  # fmt: skip
@@ -202,6 +222,18 @@ def _problem(p: Probe, gen: torch.Generator) -> tuple[Callable, list[torch.Tenso
         return (lambda qkv, b: K.temporal_attention(qkv, 5, backend=b)), [randn(2, 5 * 3, 3, 2, D)], qkv_grads
     if p.op == "spatial":  # 2 frames of S tokens, S longer than a packed tile and not a tile multiple
         return (lambda qkv, b: K.spatial_attention(qkv, 2, backend=b)), [randn(1, 2 * p.length, 3, 2, D)], qkv_grads
+    if p.op.split("+")[0] in ("temporal", "spatial"):  # the same, with q/k RMSNorm gains (and RoPE)
+        op, frames = p.op.split("+")[0], (5 if p.op.startswith("temporal") else 2)
+        rope = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float32) / D) if p.op.endswith("+rope") else None
+        qkv = randn(2, 5 * 3, 3, 2, D) if op == "temporal" else randn(1, 2 * p.length, 3, 2, D)
+        attend = K.temporal_attention if op == "temporal" else K.spatial_attention
+
+        def normed(qkv: torch.Tensor, q_gain: torch.Tensor, k_gain: torch.Tensor, b: str) -> torch.Tensor:
+            theta = None if rope is None else rope.to(qkv.device)
+            return attend(qkv, frames, backend=b, qk_norm=K.QKNorm(q_gain, k_gain), rope=theta)
+
+        return normed, [qkv, 1 + 0.3 * randn(D), 1 + 0.3 * randn(D)], lambda g: {
+            **qkv_grads(g), "dq_gain": g[1], "dk_gain": g[2]}
     if p.op == "cross":  # 70 query tokens, text of L tokens with per-sample lengths L and L // 3
         lens = torch.tensor([p.length, max(1, p.length // 3)])
 

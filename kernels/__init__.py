@@ -15,6 +15,7 @@ from .api import (
     spatial_attention,
     temporal_attention,
 )
+from .qk_norm_rope import QKNorm
 from .fused_ops import gated_residual, layernorm_modulate, reference_gated_residual, reference_layernorm_modulate
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "temporal_attention",
     "full_attention",
     "cross_attention",
+    "QKNorm",
     "BACKENDS",
     "BackendUnavailable",
     "auto_backend",

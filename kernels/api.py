@@ -11,10 +11,22 @@ Layouts (Open-Sora 1.0's ``B (T S) C`` token order, token index t*S + s):
 ``scale`` defaults to D**-0.5. The output has the input's dtype; the softmax accumulates in fp32.
 Every function is differentiable with respect to every floating input.
 
+Open-Sora 1.2 (STDiT3) additions of the self-attention functions, applied to q and k before the
+attention, in this order (qk_norm_rope.py has the exact operations and dtypes):
+
+- ``qk_norm``: :class:`QKNorm` (q_weight (D,), k_weight (D,), eps): per-head RMSNorm of q and k with
+  learned gains (differentiable, on every backend);
+- ``rope``: theta (D/2,) inverse frequencies: interleaved rotary embedding of pair i by the angle
+  p * theta_i, p the token's position within its attended sequence (frame index t for temporal
+  attention, s for spatial, n for full). A constant, e.g. the model's frozen ``rope.freqs``: the one
+  floating input no gradient flows to.
+
+The triton backend fuses both into its kernels; the other backends apply them in PyTorch first.
+
 ``backend``: "auto" (best for the input's device), "triton" (ours), "sdpa" / "sdpa:<flash|efficient|
 cudnn|math>", "flex", "flash_attn", "xformers", "reference" (Open-Sora 1.0's exact eager math). Each
-is a module with ``self_attention(qkv, kind, num_frames, scale)`` (kind "spatial", "temporal" or
-"full") and ``cross_attention(q, kv, kv_lens, scale)`` on validated input, plus the sdpa sub-backend
+is a module with ``self_attention(qkv, kind, num_frames, scale, qk_norm=None, rope=None)`` (kind
+"spatial", "temporal" or "full"; called without the last two when both are None) and ``cross_attention(q, kv, kv_lens, scale)`` on validated input, plus the sdpa sub-backend
 as ``sub``. Whether a backend can run is decided here, by :func:`availability`, and nowhere else: a
 named backend that cannot run raises :class:`BackendUnavailable` saying why; nothing falls back.
 """
@@ -37,6 +49,7 @@ from . import (
     validate,
     xformers_adapter,
 )
+from .qk_norm_rope import QKNorm
 from .validate import BackendUnavailable
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,39 +166,52 @@ def _resolve(backend: str, x: torch.Tensor) -> tuple[_Backend, str | None]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _self_attention(qkv: torch.Tensor, kind: str, num_frames: int, backend: str, scale: float | None) -> torch.Tensor:
+def _self_attention(
+    qkv: torch.Tensor, kind: str, num_frames: int, backend: str, scale: float | None,
+    qk_norm: QKNorm | None, rope: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
     num_frames, scale = validate.check_self(qkv, num_frames, scale)
+    qk_norm, rope = validate.check_qk_norm_rope(qkv, qk_norm, rope)
     impl, sub = _resolve(backend, qkv)
+    extra = {} if qk_norm is None and rope is None else dict(qk_norm=qk_norm, rope=rope)  # old calls unchanged
     if sub is not None:
-        return impl.self_attention(qkv, kind, num_frames, scale, sub=sub)
-    return impl.self_attention(qkv, kind, num_frames, scale)
+        return impl.self_attention(qkv, kind, num_frames, scale, sub=sub, **extra)
+    return impl.self_attention(qkv, kind, num_frames, scale, **extra)
 
 
 def spatial_attention(
-    qkv: torch.Tensor, num_frames: int, *, backend: str = "auto", scale: float | None = None
-) -> torch.Tensor:
+    qkv: torch.Tensor, num_frames: int, *, backend: str = "auto", scale: float | None = None,
+    qk_norm: QKNorm | None = None, rope: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Self-attention among the S tokens of each frame.
 
     qkv (B, T*S, 3, H, D) with T = num_frames -> out (B, T*S, H, D); token t*S + s attends to
-    tokens t*S + s' for all s'.
+    tokens t*S + s' for all s'. ``qk_norm`` / ``rope``: see the module docstring (RoPE positions are
+    s, the index within the frame).
     """
-    return _self_attention(qkv, "spatial", num_frames, backend, scale)
+    return _self_attention(qkv, "spatial", num_frames, backend, scale, qk_norm, rope)
 
 
 def temporal_attention(
-    qkv: torch.Tensor, num_frames: int, *, backend: str = "auto", scale: float | None = None
-) -> torch.Tensor:
+    qkv: torch.Tensor, num_frames: int, *, backend: str = "auto", scale: float | None = None,
+    qk_norm: QKNorm | None = None, rope: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Self-attention among the T tokens at each spatial position.
 
     qkv (B, T*S, 3, H, D) with T = num_frames -> out (B, T*S, H, D); token t*S + s attends to
-    tokens t'*S + s for all t'. No (B S) T C rearrange is needed by the caller.
+    tokens t'*S + s for all t'. No (B S) T C rearrange is needed by the caller. ``qk_norm`` /
+    ``rope``: see the module docstring (RoPE positions are t, the frame index).
     """
-    return _self_attention(qkv, "temporal", num_frames, backend, scale)
+    return _self_attention(qkv, "temporal", num_frames, backend, scale, qk_norm, rope)
 
 
-def full_attention(qkv: torch.Tensor, *, backend: str = "auto", scale: float | None = None) -> torch.Tensor:
-    """Self-attention among all N = T*S tokens: qkv (B, N, 3, H, D) -> out (B, N, H, D)."""
-    return _self_attention(qkv, "full", 1, backend, scale)
+def full_attention(
+    qkv: torch.Tensor, *, backend: str = "auto", scale: float | None = None,
+    qk_norm: QKNorm | None = None, rope: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Self-attention among all N = T*S tokens: qkv (B, N, 3, H, D) -> out (B, N, H, D).
+    ``qk_norm`` / ``rope``: see the module docstring (RoPE positions are n = 0..N-1)."""
+    return _self_attention(qkv, "full", 1, backend, scale, qk_norm, rope)
 
 
 def cross_attention(

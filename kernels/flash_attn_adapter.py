@@ -26,6 +26,8 @@ from types import ModuleType
 
 import torch
 
+from . import qk_norm_rope
+from .qk_norm_rope import QKNorm
 from .reference import from_sequences, to_sequences
 
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -58,9 +60,17 @@ def _check_dtype(name: str, x: torch.Tensor) -> None:
         )
 
 
-def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> torch.Tensor:
-    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full."""
+def self_attention(
+    qkv: torch.Tensor, kind: str, num_frames: int, scale: float,
+    qk_norm: QKNorm | None = None, rope: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full.
+
+    With ``qk_norm`` / ``rope``, q and k are normalised and rotated in PyTorch first (qk_norm_rope.apply).
+    """
     _check_dtype("qkv", qkv)
+    if qk_norm is not None or rope is not None:
+        qkv = qk_norm_rope.apply(qkv, kind, num_frames, qk_norm, rope)
     flash_attn_func = _flash_attn().flash_attn_func
     q, k, v = to_sequences(qkv, kind, num_frames)  # Open-Sora's rearranges (a copy for temporal)
     o = flash_attn_func(q, k, v, softmax_scale=scale)  # (Z, L, H, D)

@@ -29,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from . import qk_norm_rope
+from .qk_norm_rope import QKNorm
 from .validate import BackendUnavailable
 
 
@@ -90,8 +92,16 @@ def _forward_only_check(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(x.detach() for x in inputs)
 
 
-def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> torch.Tensor:
-    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full."""
+def self_attention(
+    qkv: torch.Tensor, kind: str, num_frames: int, scale: float,
+    qk_norm: QKNorm | None = None, rope: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full.
+
+    With ``qk_norm`` / ``rope``, q and k are normalised and rotated in PyTorch first (qk_norm_rope.apply).
+    """
+    if qk_norm is not None or rope is not None:
+        qkv = qk_norm_rope.apply(qkv, kind, num_frames, qk_norm, rope)
     (qkv,) = _forward_only_check(qkv)
     B, N, _, H, D = qkv.shape
     T = num_frames

@@ -11,6 +11,11 @@ Open-Sora 1.0 (v1.0.0, opensora/models/layers/blocks.py) computes
   ``memory_efficient_attention`` with ``BlockDiagonalMask.from_seqlens([N]*B, lens)``. Here the
   block-diagonal attention is evaluated per sample over the packed tokens, with the same math.
 
+With ``qk_norm`` / ``rope`` (Open-Sora 1.2's STDiT3), q and k are normalised per head and then rotated
+in the sequence layout, positions 0..L-1 along each sequence, before the same attention: the
+norm in fp32 rounded to the input dtype, the gain multiply, RoPE in fp32 rounded to the input dtype
+(see qk_norm_rope.py for the exact operations and how rotary-embedding-torch differs in 16-bit).
+
 This is the baseline that the benchmarks call "what Open-Sora does", and the float64 oracle of the
 tests (run it on float64 inputs). It is autograd-differentiable as written. Packing the valid text
 tokens and splitting them per sample need their count on the host, so cross-attention reads kv_lens
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
+
+from .qk_norm_rope import QKNorm, cos_sin, rms_norm, rotate
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -67,9 +74,21 @@ def pack_valid(kv: torch.Tensor, kv_lens: torch.Tensor) -> torch.Tensor:
     return kv[keep]
 
 
-def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> torch.Tensor:
-    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full."""
-    q, k, v = to_sequences(qkv, kind, num_frames)
+def self_attention(
+    qkv: torch.Tensor, kind: str, num_frames: int, scale: float,
+    qk_norm: QKNorm | None = None, rope: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full.
+
+    Open-Sora 1.2's order: q, k = q_norm(q), k_norm(k), then RoPE (positions along each sequence).
+    """
+    q, k, v = to_sequences(qkv, kind, num_frames)  # (Z, L, H, D)
+    if qk_norm is not None:
+        q, k = rms_norm(q, qk_norm.q_weight, qk_norm.eps), rms_norm(k, qk_norm.k_weight, qk_norm.eps)
+    if rope is not None:
+        positions = torch.arange(q.shape[1], device=q.device)  # 0..L-1 along each sequence
+        cos, sin = (c[:, None, :] for c in cos_sin(positions, rope, q.dtype))  # (L, 1, D/2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     return from_sequences(_attention(q, k, v, scale), kind, qkv.shape[0])
 
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import qk_norm_rope
+from .qk_norm_rope import QKNorm
 from .validate import BackendUnavailable
 
 SUB_BACKENDS: dict[str, SDPBackend] = {
@@ -107,9 +109,15 @@ def _sdpa(
 
 
 def self_attention(
-    qkv: torch.Tensor, kind: str, num_frames: int, scale: float, sub: str | None = None
-) -> torch.Tensor:
-    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full."""
+    qkv: torch.Tensor, kind: str, num_frames: int, scale: float, sub: str | None = None,
+    qk_norm: QKNorm | None = None, rope: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full.
+
+    With ``qk_norm`` / ``rope``, q and k are normalised and rotated in PyTorch first (qk_norm_rope.apply).
+    """
+    if qk_norm is not None or rope is not None:
+        qkv = qk_norm_rope.apply(qkv, kind, num_frames, qk_norm, rope)
     B, N, _, H, D = qkv.shape
     T = num_frames
     S = N // T

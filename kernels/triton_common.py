@@ -170,17 +170,35 @@ def load_rows(ptr, rows, valid, offs_d, D: tl.constexpr, UPCAST: tl.constexpr):
     return x
 
 
+# Triton's interpreter casts fp32 to bf16 by truncation; the GPU (and torch) round to nearest even.
+# Truncation is biased, and its bias adds up in long sums (e.g. a gain's gradient over all tokens),
+# so under the interpreter to_dtype rounds to bf16 by hand. Compiled kernels never see this branch.
+_ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(_INTERPRETING)
+
+
+@triton.jit
+def to_dtype(x, DTYPE: tl.constexpr):
+    """x (fp32) rounded to nearest even in DTYPE."""
+    y = x.to(DTYPE)
+    if _ROUND_BF16_BY_HAND:
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16  # round the low 16 bits away, ties to even
+            y = bits.to(tl.float32, bitcast=True).to(DTYPE)  # exact: the value is a bf16 now
+    return y
+
+
 @triton.jit
 def store_rows(ptr, rows, valid, offs_d, D: tl.constexpr, x):
     """Store tile x in ptr's dtype: row r at ptr + rows[r]; masked past D / invalid rows."""
     mask = valid[:, None] & (offs_d[None, :] < D)
-    tl.store(ptr + rows[:, None] + offs_d[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + rows[:, None] + offs_d[None, :], to_dtype(x, ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def dot_operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """Round fp32 probabilities to the input dtype before a tensor-core dot (as FlashAttention does)."""
-    x = x.to(DTYPE)
+    """Round fp32 values to the input dtype before a tensor-core dot (as FlashAttention does)."""
+    x = to_dtype(x, DTYPE)
     if UPCAST:
         x = x.to(tl.float32)
     return x
@@ -269,10 +287,12 @@ class KernelBuild:
 # Pointer arguments of our kernels, and the element type of those that do not follow the input dtype.
 _POINTERS = {
     "QKV", "O", "DO", "DQKV", "Q", "KV", "DQ", "LSE", "DELTA", "DKV", "LENS",  # attention
+    "QW", "KW", "QKW", "COS", "SIN", "PART",  # q/k RMSNorm gains, RoPE tables, partial gain gradients
     "X", "Y", "SHIFT", "SCALE", "GATE", "OUT", "DX", "DY", "DOUT", "MEAN", "RSTD", "DSHIFT", "DSCALE", "DGATE",
 }  # fmt: skip
 _POINTER_DTYPES = {
     "LSE": "fp32", "DELTA": "fp32", "DKV": "fp32", "LENS": "i32",
+    "QW": "fp32", "KW": "fp32", "QKW": "fp32", "COS": "fp32", "SIN": "fp32", "PART": "fp32",
     "MEAN": "fp32", "RSTD": "fp32", "DSHIFT": "fp32", "DSCALE": "fp32", "DGATE": "fp32",
 }  # fmt: skip
 

@@ -13,6 +13,8 @@ import torch
 
 from stdit.common.dtypes import FLOAT_DTYPES
 
+from .qk_norm_rope import QKNorm
+
 _INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
@@ -65,6 +67,47 @@ def check_self(qkv: torch.Tensor, num_frames: object, scale: float | None) -> tu
             "expected qkv of shape (B, T*S, 3, H, D) with T = num_frames"
         )
     return num_frames, _check_scale(scale, D)
+
+
+def check_qk_norm_rope(
+    qkv: torch.Tensor, qk_norm: QKNorm | None, rope: torch.Tensor | None
+) -> tuple[QKNorm | None, torch.Tensor | None]:
+    """qk_norm: None or :class:`QKNorm` with gains (D,) floating on qkv's device and eps a finite float
+    > 0; rope: None or theta (D/2,) floating on qkv's device, D even (a constant: every backend
+    detaches it, as Open-Sora's frozen ``rope.freqs``). Call after :func:`check_self`. Returns
+    (qk_norm with eps a float, rope)."""
+    D = qkv.shape[-1]
+    if qk_norm is not None:
+        if not isinstance(qk_norm, QKNorm):
+            raise TypeError(
+                f"qk_norm: expected stdit.kernels.QKNorm(q_weight, k_weight, eps) or None, got {type(qk_norm).__name__}"
+            )
+        for name, w in (("qk_norm.q_weight", qk_norm.q_weight), ("qk_norm.k_weight", qk_norm.k_weight)):
+            _check_tensor(name, w)
+            if w.shape != (D,):
+                raise ValueError(f"{name}: expected shape ({D},) (the head dim D of qkv), got {tuple(w.shape)}")
+            _check_float(name, w)
+            if w.device != qkv.device:
+                raise ValueError(f"{name}: on device {w.device}, but qkv is on {qkv.device}; expected the same device")
+        eps = qk_norm.eps
+        if isinstance(eps, (torch.Tensor, bool)) or not isinstance(eps, (int, float)):
+            raise TypeError(f"qk_norm.eps: expected a Python float, got {type(eps).__name__}")
+        if not (0.0 < float(eps) < float("inf")):
+            raise ValueError(f"qk_norm.eps: expected a finite float > 0, got {eps}")
+        qk_norm = qk_norm._replace(eps=float(eps))
+    if rope is not None:
+        _check_tensor("rope", rope)
+        if D % 2:
+            raise ValueError(f"rope: rotary embedding needs an even head dim (pairs of features), got D = {D}")
+        if rope.shape != (D // 2,):
+            raise ValueError(
+                f"rope: expected the inverse frequencies theta of shape ({D // 2},) (D/2 for head dim D = {D}), "
+                f"got {tuple(rope.shape)}"
+            )
+        _check_float("rope", rope)
+        if rope.device != qkv.device:
+            raise ValueError(f"rope: on device {rope.device}, but qkv is on {qkv.device}; expected the same device")
+    return qk_norm, rope
 
 
 def check_cross(

@@ -23,6 +23,8 @@ from types import ModuleType
 
 import torch
 
+from . import qk_norm_rope
+from .qk_norm_rope import QKNorm
 from .reference import from_sequences, pack_valid, to_sequences
 
 
@@ -39,9 +41,17 @@ def _xops() -> ModuleType:
     return importlib.import_module("xformers.ops")
 
 
-def self_attention(qkv: torch.Tensor, kind: str, num_frames: int, scale: float) -> torch.Tensor:
-    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full."""
+def self_attention(
+    qkv: torch.Tensor, kind: str, num_frames: int, scale: float,
+    qk_norm: QKNorm | None = None, rope: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """qkv (B, T*S, 3, H, D) -> out (B, T*S, H, D); kind: spatial | temporal | full.
+
+    With ``qk_norm`` / ``rope``, q and k are normalised and rotated in PyTorch first (qk_norm_rope.apply).
+    """
     xops = _xops()
+    if qk_norm is not None or rope is not None:
+        qkv = qk_norm_rope.apply(qkv, kind, num_frames, qk_norm, rope)
     q, k, v = to_sequences(qkv, kind, num_frames)  # Open-Sora's rearranges (a copy for temporal)
     o = xops.memory_efficient_attention(q, k, v, scale=scale)  # (Z, L, H, D)
     return from_sequences(o, kind, qkv.shape[0])
