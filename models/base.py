@@ -35,8 +35,8 @@ class WholeSequence:
     """
 
     def split(self, x: torch.Tensor, grid: tuple[int, int, int], tpe: torch.Tensor):
-        """x (B, T*S, C), grid (T, H', W'), tpe (1, T, C) -> (this process's tokens, their frame
-        count, the temporal table rows of those frames)."""
+        """x (B, T*S, C), grid (T, H', W'), tpe (1, T, C) or None (STDiT3 has no temporal table) ->
+        (this process's tokens, their frame count, the temporal table rows of those frames)."""
         return x, grid[0], tpe
 
     def gather(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -173,21 +173,40 @@ class VideoDiTBase(nn.Module):
     def _check_inputs(self, x, timestep, y, mask, force_drop_ids) -> torch.Tensor:
         """Raise a ValueError/TypeError naming the argument for inputs that do not fit the model;
         returns timestep as a (B,) tensor (a 0-d timestep is broadcast over the batch)."""
+        self._check_video(x)
+        timestep = self._check_timestep(timestep, x)
+        self._check_text(y, mask, x.shape[0])
+        self._check_force_drop_ids(force_drop_ids, x.shape[0])
+        return timestep
+
+    def _check_video(self, x, pad_to_patch: bool = False) -> None:
+        """x must be a floating (B, in_channels, T, H, W) video whose T, H, W are positive multiples
+        of the patch size (with ``pad_to_patch``: positive, the model pads them up)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 5 or not x.is_floating_point():
             got = f"a {x.dim()}-D {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected a floating (B, C={self.in_channels}, T, H, W) latent video, got {got}")
-        B, C = x.shape[:2]
+        C = x.shape[1]
         if C != self.in_channels:
             raise ValueError(f"x: expected {self.in_channels} channels (in_channels), got shape {tuple(x.shape)}")
         for name, size, p in zip("THW", x.shape[2:], self.patch_size):
-            if size % p or size == 0:
+            if size == 0 or (size % p and not pad_to_patch):
                 raise ValueError(f"x: {name} = {size} is not a positive multiple of the patch size {p} ({tuple(x.shape)})")
+
+    @staticmethod
+    def _check_timestep(timestep, x: torch.Tensor) -> torch.Tensor:
+        """timestep: one per sample, (B,), or a 0-d tensor / number broadcast over the batch -> (B,)."""
+        B = x.shape[0]
         if not isinstance(timestep, torch.Tensor):
             timestep = torch.as_tensor(timestep, device=x.device)
         if timestep.dim() == 0:
             timestep = timestep.expand(B)
         if tuple(timestep.shape) != (B,):
             raise ValueError(f"timestep: expected shape ({B},) (one step per sample), got {tuple(timestep.shape)}")
+        return timestep
+
+    def _check_text(self, y, mask, B: int) -> None:
+        """y (B, 1, L, caption_channels) with 1 <= L <= model_max_length; mask None or (B, L) of 0/1
+        with at least one real token per sample (a data-dependent check, skipped while compiling)."""
         cap, L_max = self.y_embedder.y_embedding.shape[1], self.y_embedder.y_embedding.shape[0]
         if not isinstance(y, torch.Tensor) or y.dim() != 4 or y.shape[1] != 1 or y.shape[3] != cap:
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -209,11 +228,13 @@ class VideoDiTBase(nn.Module):
                         "mask: every sample needs at least one real text token (for an unconditional "
                         "sample pass force_drop_ids, which uses the null caption)"
                     )
+
+    @staticmethod
+    def _check_force_drop_ids(force_drop_ids, B: int) -> None:
         if force_drop_ids is not None and (
             not isinstance(force_drop_ids, torch.Tensor) or tuple(force_drop_ids.shape) != (B,)
         ):
             raise ValueError(f"force_drop_ids: expected a ({B},) tensor of 0/1, got {force_drop_ids!r:.80}")
-        return timestep
 
     def _embed(self, x, timestep, y, mask, force_drop_ids):
         """Inputs -> (x (B, T*S, C) patch tokens + spatial pos-emb, t (B, C), t0 (B, 6C), y (B, L, C),

@@ -1,4 +1,4 @@
-"""Analytic cost model of STDiT, full-attention DiT and Latte: FLOPs and minimal HBM bytes.
+"""Analytic cost model of STDiT, full-attention DiT, Latte and STDiT3: FLOPs and minimal HBM bytes.
 
 Arithmetic on shapes and a :class:`~stdit.models.sizes.ModelSize` (XL/2 unless given), so it answers
 "how much work is this?" for any size without building a model; the benchmarks turn it into TFLOP/s
@@ -7,15 +7,16 @@ and % of roofline, the trainer into MFU.
 Conventions (details beside each function):
 - FLOPs: the matmuls that run, 2 per multiply-add, as torch's FlopCounterMode counts them
   (tests/bench/test_executed_flops.py holds every benchmark case to it); elementwise ops (LayerNorm,
-  modulate, residuals, GELU, SiLU, softmax) count 0 FLOPs, only bytes. "fwd+bwd" and "train_step"
+  modulate, residuals, GELU, SiLU, softmax, STDiT3's q/k RMSNorm and RoPE) count 0 FLOPs, only bytes. "fwd+bwd" and "train_step"
   include every gradient training computes, the weights' too. Attention's backward is the backend's
   (``backward``: "recompute" 2.5x forward, "eager" 2x) and cross-attention counts the text keys it
   computes (``kv_lens``); a fused kernel's tile padding is not counted.
 - "Minimal bytes": each op reads each input once and writes each output once at ``elem_bytes`` per
   element (2: bf16), the lower bound of a kernel fused within that op; blocks and models sum their
   ops (fused within an op, not across ops).
-- Not counted: the optimizer step, the loss, the sin-cos tables, per-block (6, C) + t0 additions,
-  caption dropout, unpatchify.
+- Not counted: the optimizer step, the loss, the sin-cos tables (STDiT3's per-input position table
+  and RoPE angles too), per-block (6, C) + t0 additions and STDiT3's per-frame choice of them, the
+  fps embedding's add, caption dropout, unpatchify.
 
 Open-Sora 1.0 reports forward-FLOP ratios full-attention DiT / STDiT of 1.14, 2.13 and 6.37 at
 16x256, 16x512 and 64x512; this model gives 1.1408, 2.1302, 6.3669 for whole models and 1.1408,
@@ -30,19 +31,19 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .sizes import SIZES, ModelSize
+from .sizes import SIZES, STDIT3_SIZES, ModelSize
 
 __all__ = [
     "ATTENTION_BACKWARDS", "ATTENTION_KINDS", "BLOCK_MODELS", "MODELS", "MODEL_MODES", "OPENSORA_SETTINGS",
     "OP_MODES", "Cost", "activation_cost", "attention_cost", "block_cost", "check_size", "gated_residual_cost",
     "layernorm_modulate_cost", "linear_cost", "model_cost", "model_tokens", "opensora_flop_ratios",
-    "stdit_param_count",
+    "qk_norm_rope_cost", "stdit3_param_count", "stdit_param_count",
 ]  # fmt: skip
 
 ATTENTION_KINDS = ("spatial", "temporal", "full", "cross")
 ATTENTION_BACKWARDS = ("recompute", "eager")
-BLOCK_MODELS = ("stdit", "dit", "latte_spatial", "latte_temporal")
-MODELS = ("stdit", "dit", "latte")
+BLOCK_MODELS = ("stdit", "dit", "latte_spatial", "latte_temporal", "stdit3", "stdit3_spatial", "stdit3_temporal")
+MODELS = ("stdit", "dit", "latte", "stdit3")
 OP_MODES = ("fwd", "fwd+bwd")
 MODEL_MODES = ("fwd", "train_step")
 LSE_BYTES = 4  # fp32 logsumexp per query row per head
@@ -264,6 +265,32 @@ def activation_cost(elements: int, mode: str = "fwd", elem_bytes: float = 2) -> 
     return fwd + Cost(0.0, 3.0 * elem_bytes * elements)
 
 
+def qk_norm_rope_cost(
+    tokens: int, channels: int, num_heads: int, mode: str = "fwd", elem_bytes: float = 2
+) -> Cost:
+    """STDiT3's per-head RMSNorm of q and k with learned (D,) gains, and in temporal blocks their
+    rotary embedding after it, over ``tokens`` rows in total of C = ``channels`` = H*D each.
+
+    Elementwise work: 0 FLOPs (mean of squares, rsqrt, gain, rotation), as FlopCounterMode counts
+    it. Bytes of the op on its own, the same with or without RoPE (its angles are made from the
+    positions and the (D/2,) theta, nothing per token is read): forward reads q and k and both
+    gains, writes q and k; backward reads dq, dk, q, k (the
+    statistics are recomputed) and the gains, writes dq, dk and both gain gradients. Our Triton
+    attention fuses it into its loads and its q/k backward pass, so these bytes are what the
+    unfused backends move on top of the attention's own.
+    """
+    _choice("mode", mode, OP_MODES)
+    _positive(tokens=tokens, channels=channels, num_heads=num_heads, elem_bytes=elem_bytes)
+    if channels % num_heads:
+        raise ValueError(f"channels: {channels} is not a multiple of num_heads = {num_heads}")
+    qk = 2 * tokens * channels  # q and k
+    gains = 2 * (channels // num_heads)
+    fwd = Cost(0.0, elem_bytes * (qk + gains + qk))
+    if mode == "fwd":
+        return fwd
+    return fwd + Cost(0.0, elem_bytes * (2 * qk + gains + qk + gains))
+
+
 # ------------------------------------------------------------------------------------------------
 # Blocks
 # ------------------------------------------------------------------------------------------------
@@ -283,6 +310,7 @@ def block_cost(
     mode: str = "fwd",
     attention_backward: str = "recompute",
     elem_bytes: float = 2,
+    x_mask: bool = False,
 ) -> Cost:
     """One transformer block, in the order of stdit.models.
 
@@ -291,12 +319,17 @@ def block_cost(
     on the L text tokens, attention, proj) + residual, norm2 + modulate, fc1, GELU, fc2, gated
     residual. "dit" (a PixArt block): the same with full attention in place of spatial and no
     temporal attention. "latte_spatial" / "latte_temporal": PixArt blocks whose self-attention is
-    spatial / temporal.
+    spatial / temporal. "stdit3_spatial" / "stdit3_temporal": Open-Sora 1.2's blocks, PixArt blocks
+    whose self-attention normalises q and k per head between the qkv projection and the attention
+    (:func:`qk_norm_rope_cost`, with RoPE in the temporal one; 0 FLOPs); "stdit3": one unit of
+    STDiT3's depth, a spatial block then a temporal block.
 
     "fwd+bwd" is a training block's backward: the gradients of its input x, of the text tokens y and
-    the (B, 6C) timestep rows (in a model they come from trainable embedders) and of every weight.
-    ``kv_lens`` and ``attention_backward`` go to :func:`attention_cost` (the text projection runs
-    over all L tokens either way).
+    the (B, 6C) timestep rows (in a model they come from trainable embedders) and of every weight
+    (STDiT3's q/k gains included). ``kv_lens`` and ``attention_backward`` go to
+    :func:`attention_cost` (the text projection runs over all L tokens either way). ``x_mask``
+    (STDiT3 only): an x_mask is given, so the modulation is chosen per frame, B*T rows of (6, C)
+    instead of B (the norms and gated residuals read more rows; FLOPs are the same).
     """
     _choice("model", model, BLOCK_MODELS)
     _choice("mode", mode, OP_MODES)
@@ -306,19 +339,33 @@ def block_cost(
               elem_bytes=elem_bytes)  # fmt: skip
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size: {hidden_size} is not a multiple of num_heads = {num_heads}")
+    stdit3 = model.startswith("stdit3")
+    if x_mask and not stdit3:
+        raise ValueError(f"x_mask: only STDiT3 blocks take a per-frame x_mask, not model {model!r}")
+    if model == "stdit3":
+        kw = dict(hidden_size=hidden_size, num_heads=num_heads, batch=batch, frames=frames,
+                  tokens_per_frame=tokens_per_frame, text_len=text_len, kv_lens=kv_lens, mlp_ratio=mlp_ratio,
+                  mode=mode, attention_backward=attention_backward, elem_bytes=elem_bytes, x_mask=x_mask)  # fmt: skip
+        return block_cost("stdit3_spatial", **kw) + block_cost("stdit3_temporal", **kw)
     C, B, T, S, L = hidden_size, batch, frames, tokens_per_frame, text_len
     N = T * S
     Ch = int(hidden_size * mlp_ratio)  # as the models: int(hidden_size * mlp_ratio)
     kw = dict(mode=mode, elem_bytes=elem_bytes)
     geo = dict(batch=B, frames=T, tokens_per_frame=S, num_heads=num_heads, head_dim=C // num_heads, text_len=L,
                backward=attention_backward, **kw)  # fmt: skip
+    # R rows of modulation (shift, scale, gate), each over N*B/R tokens: per sample, or per frame with x_mask
+    R, per_row = (B * T, S) if x_mask else (B, N)
 
     def self_attn(kind: str) -> Cost:
-        return linear_cost(B * N, C, 3 * C, **kw) + attention_cost(kind, **geo) + linear_cost(B * N, C, C, **kw)
+        qk = qk_norm_rope_cost(B * N, C, num_heads, **kw) if stdit3 else Cost()
+        return linear_cost(B * N, C, 3 * C, **kw) + qk + attention_cost(kind, **geo) + linear_cost(B * N, C, C, **kw)
 
-    cost = layernorm_modulate_cost(N, C, B, **kw)
-    first = {"stdit": "spatial", "dit": "full", "latte_spatial": "spatial", "latte_temporal": "temporal"}[model]
-    cost += self_attn(first) + gated_residual_cost(N, C, B, **kw)
+    first = {
+        "stdit": "spatial", "dit": "full", "latte_spatial": "spatial", "latte_temporal": "temporal",
+        "stdit3_spatial": "spatial", "stdit3_temporal": "temporal",
+    }[model]  # fmt: skip
+    cost = layernorm_modulate_cost(per_row, C, R, **kw)
+    cost += self_attn(first) + gated_residual_cost(per_row, C, R, **kw)
     if model == "stdit":
         cost += self_attn("temporal") + gated_residual_cost(N, C, B, **kw)
     cost += (
@@ -329,11 +376,11 @@ def block_cost(
         + gated_residual_cost(N, C, B, gated=False, **kw)
     )
     cost += (
-        layernorm_modulate_cost(N, C, B, **kw)
+        layernorm_modulate_cost(per_row, C, R, **kw)
         + linear_cost(B * N, C, Ch, **kw)
         + activation_cost(B * N * Ch, **kw)
         + linear_cost(B * N, Ch, C, **kw)
-        + gated_residual_cost(N, C, B, **kw)
+        + gated_residual_cost(per_row, C, R, **kw)
     )
     return cost
 
@@ -386,21 +433,34 @@ def model_cost(
     attention_backward: str = "recompute",
     elem_bytes: float = 2,
     blocks_only: bool = False,
+    x_mask: bool = False,
 ) -> Cost:
     """A whole model's forward ("fwd") or training step ("train_step": forward + backward of
     everything, plus one more forward of the blocks when ``checkpoint``, as per-block activation
     checkpointing recomputes it) for ``batch`` samples.
 
-    model: "stdit", "dit" or "latte" (variant 1: PixArt blocks with spatial self-attention in even
-    blocks and temporal in odd ones). size: a ModelSize (default SIZES["XL/2"]); text_len defaults to
-    its model_max_length, every text token counted (a mask of ones). Video: frames, height, width in
-    pixels, or latent=(T, H, W). ``attention_backward``: see :func:`attention_cost`; the default is
-    what "auto" runs (ours on CUDA, SDPA's fused kernels elsewhere). ``blocks_only`` leaves out the
-    embedders and the final layer.
+    model: "stdit", "dit", "latte" (variant 1: PixArt blocks with spatial self-attention in even
+    blocks and temporal in odd ones) or "stdit3" (Open-Sora 1.2: ``depth`` spatial + temporal block
+    pairs, see :func:`block_cost`). size: a ModelSize (default XL/2: SIZES["XL/2"], or
+    STDIT3_SIZES["XL/2"] with its 300 text tokens for "stdit3"); text_len defaults to its
+    model_max_length, every text token counted (a mask of ones). Video: frames, height, width in
+    pixels (the SD VAE: 8x spatial, no temporal compression; for another VAE give the latent), or
+    latent=(T, H, W). ``attention_backward``: see :func:`attention_cost`; the default is what "auto"
+    runs (ours on CUDA, SDPA's fused kernels elsewhere). ``blocks_only`` leaves out the embedders and
+    the final layer. ``x_mask`` (STDiT3 only): an x_mask is passed (conditioning frames), so the
+    timestep embedder and t_block run a second time on timestep 0, every block modulates per frame
+    and the final layer normalises and modulates a second time (as the model does whenever it gets
+    an x_mask, whatever its values).
+
+    STDiT3's embedders: the patch embedding, one 2D position-table add, the timestep MLP and the fps
+    MLP (both 256 -> C -> C on B rows; the fps MLP's input is a sinusoid, so no input gradient),
+    t_block, the caption MLP; its final layer is STDiT's (plus the x_mask pass).
     """
     _choice("model", model, MODELS)
     _choice("mode", mode, (*MODEL_MODES, "fwd+bwd"))
-    size = check_size(size)
+    if x_mask and model != "stdit3":
+        raise ValueError(f"x_mask: only STDiT3 takes a per-frame x_mask, not model {model!r}")
+    size = check_size(STDIT3_SIZES["XL/2"] if size is None and model == "stdit3" else size)
     text_len = size.model_max_length if text_len is None else text_len
     _positive(depth=size.depth, batch=batch, text_len=text_len, elem_bytes=elem_bytes)
     C, B, L = size.hidden_size, batch, text_len
@@ -414,6 +474,8 @@ def model_cost(
     def blocks(block_mode: str) -> Cost:
         if model in ("stdit", "dit"):
             return size.depth * block_cost(model, mode=block_mode, **bkw)
+        if model == "stdit3":
+            return size.depth * block_cost("stdit3", mode=block_mode, x_mask=x_mask, **bkw)
         n_spatial = (size.depth + 1) // 2  # even blocks spatial, odd temporal
         return n_spatial * block_cost("latte_spatial", mode=block_mode, **bkw) + (
             size.depth - n_spatial
@@ -430,18 +492,39 @@ def model_cost(
     cost += linear_cost(B * N, size.in_channels * p, C, needs_input_grad=False, **kw)
     # fixed position tables: spatial + temporal adds of N*C values each (DiT/Latte add both to the
     # input; STDiT adds the spatial one to the input and the temporal one to block 0's temporal
-    # input); no backward (the tables are fixed, the gradient passes through)
-    cost += 2 * Cost(0.0, elem_bytes * 2 * B * N * C)
-    # timestep MLP 256 -> C -> C (SiLU) and t_block SiLU + Linear(C, 6C), on B rows
-    cost += linear_cost(B, TIMESTEP_FREQ_DIM, C, needs_input_grad=False, **kw)
-    cost += activation_cost(B * C, **kw) + linear_cost(B, C, C, **kw)
-    cost += activation_cost(B * C, **kw) + linear_cost(B, C, 6 * C, **kw)
+    # input; STDiT3 adds its per-input spatial table only); no backward (the tables are fixed, the
+    # gradient passes through)
+    cost += (1 if model == "stdit3" else 2) * Cost(0.0, elem_bytes * 2 * B * N * C)
+
+    def timestep_mlp() -> Cost:  # 256-d sinusoid -> Linear -> SiLU -> Linear, on B rows
+        first = linear_cost(B, TIMESTEP_FREQ_DIM, C, needs_input_grad=False, **kw)
+        return first + activation_cost(B * C, **kw) + linear_cost(B, C, C, **kw)
+
+    def t_block() -> Cost:  # SiLU + Linear(C, 6C), on B rows
+        return activation_cost(B * C, **kw) + linear_cost(B, C, 6 * C, **kw)
+
+    cost += timestep_mlp() + t_block()
+    if model == "stdit3":
+        cost += timestep_mlp()  # the fps embedder
+        if x_mask:
+            cost += timestep_mlp() + t_block()  # timestep 0 for the conditioning frames
     # caption MLP caption_channels -> C -> C (GELU) over the L text tokens of each sample
     cost += linear_cost(B * L, size.caption_channels, C, needs_input_grad=False, **kw)
     cost += activation_cost(B * L * C, **kw) + linear_cost(B * L, C, C, **kw)
     # final layer: LN + modulate, Linear(C, prod(patch) * C_out)
     cost += layernorm_modulate_cost(N, C, B, **kw) + linear_cost(B * N, C, p * size.out_channels, **kw)
+    if x_mask:
+        # timestep 0's LN + modulate, then a per-frame choice between the two (reads both, writes one;
+        # its backward reads the gradient and writes one for each)
+        cost += layernorm_modulate_cost(N, C, B, **kw) + _select_cost(B * N * C, **kw)
     return cost
+
+
+def _select_cost(elements: int, mode: str = "fwd", elem_bytes: float = 2) -> Cost:
+    """torch.where between two tensors of ``elements`` values: 0 FLOPs; forward reads both and writes
+    one, backward reads the gradient and writes one for each input."""
+    fwd = Cost(0.0, 3.0 * elem_bytes * elements)
+    return fwd if mode == "fwd" else fwd + Cost(0.0, 3.0 * elem_bytes * elements)
 
 
 def stdit_param_count(size: ModelSize | None = None) -> int:
@@ -465,6 +548,33 @@ def stdit_param_count(size: ModelSize | None = None) -> int:
     y_emb = s.caption_channels * C + C + C * C + C
     final = 2 * C + C * p * s.out_channels + p * s.out_channels
     return int(s.depth * block + embed + t_emb + t_block + y_emb + final)
+
+
+def stdit3_param_count(size: ModelSize | None = None, *, trainable: bool = False) -> int:
+    """Parameters of STDiT3 at ``size`` (default STDIT3_SIZES["XL/2"]: 1,207,643,972), as
+    count_parameters of the built model counts them.
+
+    2 * depth blocks (spatial and temporal alike) of 16*C^2 + 19*C + 2*D at mlp_ratio 4: self
+    attention (qkv + proj, 4C^2 + 4C), the q and k RMSNorm gains (D each), cross attention (q, kv,
+    proj: 4C^2 + 4C), MLP (C -> rC -> C), the (6, C) scale-shift table. Plus the patch embedding,
+    timestep and fps MLPs (256 -> C -> C each), t_block (C -> 6C), caption MLP (caption -> C -> C),
+    final (2, C) table and Linear(C, prod(patch) * out_channels), and the rotary table ``rope.freqs``
+    (D/2), a parameter that requires no grad; ``trainable=True`` leaves it out. Buffers (the null
+    caption embedding) are not parameters.
+    """
+    s = STDIT3_SIZES["XL/2"] if size is None else check_size(size)
+    C, D = s.hidden_size, s.head_dim
+    Ch = int(C * s.mlp_ratio)
+    p = math.prod(s.patch_size)
+    attn = 4 * C * C + 4 * C
+    block = 2 * attn + 2 * D + (C * Ch + Ch + Ch * C + C) + 6 * C
+    embed = s.in_channels * p * C + C
+    t_emb = TIMESTEP_FREQ_DIM * C + C + C * C + C  # the fps embedder has the same shapes
+    t_block = 6 * C * C + 6 * C
+    y_emb = s.caption_channels * C + C + C * C + C
+    final = 2 * C + C * p * s.out_channels + p * s.out_channels
+    rope = 0 if trainable else D // 2
+    return int(2 * s.depth * block + embed + 2 * t_emb + t_block + y_emb + final + rope)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,10 +16,12 @@ from stdit.models.costs import (
     model_cost,
     model_tokens,
     opensora_flop_ratios,
+    qk_norm_rope_cost,
+    stdit3_param_count,
     stdit_param_count,
 )
 from stdit.models import from_preset
-from stdit.models.sizes import SIZES, preset_names, split_preset
+from stdit.models.sizes import SIZES, STDIT3_SIZES, preset_names, split_preset
 
 C, H, D, DEPTH, L, CH, CAP = 1152, 16, 72, 28, 120, 4608, 4096
 XL2_PARAMS = 759_620_768
@@ -168,6 +170,95 @@ def test_linear_flops_match_model_parameters():
     # are biases and the scale-shift table, 1.0e-3 of the weights
     w_block = sum(p.numel() for p in blk.parameters())
     assert w_block == pytest.approx(per_token + per_text, rel=0.01)
+
+
+# ------------------------------------------------------------------------------------------------
+# STDiT3 (Open-Sora 1.2)
+# ------------------------------------------------------------------------------------------------
+
+XL2_STDIT3_PARAMS = 1_207_643_972  # Open-Sora 1.2's own count (tests/data/opensora_v12/stdit3_xl2_keys.json)
+
+
+@pytest.mark.parametrize("name", list(STDIT3_SIZES))
+def test_stdit3_param_count_against_meta_models(name):
+    from stdit.models import count_parameters
+
+    with torch.device("meta"):
+        model = from_preset(f"STDiT3-{name}")
+    size = STDIT3_SIZES[name]
+    assert stdit3_param_count(size) == count_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert stdit3_param_count(size, trainable=True) == trainable == count_parameters(model) - size.head_dim // 2
+
+
+def test_stdit3_param_count_is_open_soras():
+    assert stdit3_param_count() == stdit3_param_count(STDIT3_SIZES["XL/2"]) == XL2_STDIT3_PARAMS
+    assert stdit3_param_count(STDIT3_SIZES["tiny"]) == 6_256_868  # the golden model (36 of them rope.freqs)
+
+
+def _stdit3_hand_flops(T: int, S: int, x_mask: bool = False) -> float:
+    """Forward FLOPs of STDiT3-XL/2 (300 text tokens) for one sample, written out: 2 * depth PixArt
+    blocks (spatial, temporal), the embedders with the fps MLP, and timestep 0's MLPs with x_mask."""
+    N, L3 = T * S, 300
+    per_token = 4 * C * C + 2 * C * C + 2 * C * CH  # qkv + proj, q_linear + proj, fc1 + fc2 (MACs)
+    kv_text = 2 * C * C * L3
+    spatial = 2 * (per_token * N + kv_text) + 4 * H * D * (T * S * S + N * L3)
+    temporal = 2 * (per_token * N + kv_text) + 4 * H * D * (S * T * T + N * L3)
+    t_mlp = 2 * (256 * C + C * C)  # timestep (and fps) MLP, one row
+    embed = 2 * (N * 4 * 4 * C) + 2 * t_mlp + 2 * C * 6 * C + 2 * L3 * (CAP * C + C * C)
+    if x_mask:
+        embed += t_mlp + 2 * C * 6 * C  # timestep 0
+    return DEPTH * (spatial + temporal) + embed + 2 * N * C * (4 * 8)
+
+
+def test_stdit3_forward_flops_by_hand():
+    for T, S in ((16, 256), (15, 1024)):
+        lat = (T, 2 * int(S**0.5), 2 * int(S**0.5))
+        assert model_cost("stdit3", latent=lat).flops == _stdit3_hand_flops(T, S)
+        assert model_cost("stdit3", latent=lat, x_mask=True).flops == _stdit3_hand_flops(T, S, x_mask=True)
+    # the default size is STDiT3-XL/2 with its 300 text tokens
+    assert model_cost("stdit3", latent=(16, 32, 32)) == model_cost("stdit3", size=STDIT3_SIZES["XL/2"], latent=(16, 32, 32), text_len=300)
+    # an STDiT3 unit of depth is a Latte spatial + temporal block pair in FLOPs; the q/k norm adds bytes only
+    kw = dict(hidden_size=C, num_heads=H, batch=2, frames=16, tokens_per_frame=256, text_len=300, mode="fwd+bwd")
+    unit, sp, tp = block_cost("stdit3", **kw), block_cost("latte_spatial", **kw), block_cost("latte_temporal", **kw)
+    assert unit.flops == sp.flops + tp.flops
+    qk = qk_norm_rope_cost(2 * 16 * 256, C, H, mode="fwd+bwd")
+    assert unit.bytes == sp.bytes + tp.bytes + 2 * qk.bytes
+
+
+def test_stdit3_training_and_options():
+    v = dict(latent=(16, 32, 32), batch=2)
+    fwd = model_cost("stdit3", **v)
+    step = model_cost("stdit3", mode="train_step", **v)
+    assert 3.0 < step.flops / fwd.flops < 3.5  # linears 3x, attention 3.5x
+    ckpt = model_cost("stdit3", mode="train_step", checkpoint=True, **v)
+    assert ckpt.flops - step.flops == model_cost("stdit3", blocks_only=True, **v).flops
+    eager = model_cost("stdit3", mode="train_step", attention_backward="eager", **v)
+    attn = sum(
+        attention_cost(k, batch=2, frames=16, tokens_per_frame=256, num_heads=H, head_dim=D, text_len=300).flops
+        for k in ("spatial", "temporal", "cross", "cross")
+    )
+    assert step.flops - eager.flops == DEPTH * 0.5 * attn
+    # x_mask: per-frame modulation rows and the final layer's second norm move bytes, not FLOPs, in the blocks
+    kw = dict(hidden_size=C, num_heads=H, batch=2, frames=16, tokens_per_frame=256, text_len=300)
+    assert block_cost("stdit3", x_mask=True, **kw).flops == block_cost("stdit3", **kw).flops
+    assert block_cost("stdit3", x_mask=True, **kw).bytes > block_cost("stdit3", **kw).bytes
+    masked = model_cost("stdit3", mode="train_step", x_mask=True, **v)
+    # timestep 0's MLP and t_block, forward and backward (no input gradient into the 256-d sinusoid)
+    assert masked.flops - step.flops == 2 * 2 * (2 * 256 * C + 3 * C * C + 3 * C * 6 * C)
+    with pytest.raises(ValueError, match="^x_mask: only STDiT3"):
+        model_cost("stdit", x_mask=True, **v)
+    with pytest.raises(ValueError, match="^x_mask: only STDiT3"):
+        block_cost("latte_spatial", x_mask=True, **kw)
+
+
+def test_qk_norm_rope_cost():
+    c = qk_norm_rope_cost(10, 16, 2)  # q and k: 2 x 10 x 16 values, gains 2 x 8
+    assert c.flops == 0 and c.bytes == 2 * (2 * 160 + 16 + 2 * 160)
+    fb = qk_norm_rope_cost(10, 16, 2, mode="fwd+bwd", elem_bytes=4)
+    assert fb.flops == 0 and fb.bytes == 4 * (2 * 320 + 16) + 4 * (2 * 320 + 16 + 320 + 16)
+    with pytest.raises(ValueError, match="^channels: 16 is not a multiple of num_heads = 3"):
+        qk_norm_rope_cost(10, 16, 3)
 
 
 # ------------------------------------------------------------------------------------------------
