@@ -650,3 +650,26 @@ def test_real_model_sampler(golden, prefix):
         wrong = RFlow(**dict(golden.sample_kwargs, use_timestep_transform=False)).sample(model.model, io["sample_z"],
                                                                                           **kwargs)  # fmt: skip
         assert (wrong - io["sample_out"]).abs().max() > 100 * golden.tol["sampler_latents"]["atol"]
+
+
+def test_overshoot_quirk_and_its_switch():
+    """float32 maps t = K a few ulp above K at some sizes (24 x 32 pixels, one frame): kept by default
+    as Open-Sora computes it, which makes the first conditioned step treat every frame as kept; with
+    overshoot_quirk=False the schedule is clamped to [0, K] and the first step generates them."""
+    kw = dict(height=torch.tensor([24.0]), width=torch.tensor([32.0]), num_frames=torch.tensor([1.0]))
+    quirk = RFlow(use_timestep_transform=True, num_sampling_steps=3).timesteps(1, kw)
+    fixed = RFlow(use_timestep_transform=True, num_sampling_steps=3, overshoot_quirk=False).timesteps(1, kw)
+    assert quirk[0].item() > 1000.0 and fixed[0].item() == 1000.0
+    assert all(torch.equal(a, b) for a, b in zip(quirk[1:], fixed[1:]))  # only the overshoot changes
+    seen = []
+
+    def model(x, t, x_mask=None, **kwargs):
+        seen.append(x_mask[0].tolist())
+        return torch.zeros(x.shape[0], 8, *x.shape[2:])
+
+    z, y = torch.randn(1, 4, 2, 2, 2), torch.zeros(1, 1, 2, 3)
+    for overshoot, first in ((True, [False, False]), (False, [True, True])):
+        seen.clear()
+        rf = RFlow(use_timestep_transform=True, num_sampling_steps=3, overshoot_quirk=overshoot)
+        rf.sample(model, z, y=y, null_y=torch.zeros(2, 3), model_kwargs=kw, cond_mask=torch.ones(1, 2))
+        assert seen[0] == first
