@@ -1,5 +1,11 @@
-"""The parts of a training stage, built from its config: device, seeds, encoders, model, optimizer,
-and the model's initial weights (``[stage] init_from``)."""
+"""The parts of a training stage, built from its config: device, seeds, encoders, model, diffusion,
+optimizer, and the model's initial weights (``[stage] init_from``).
+
+Two model families train here: STDiT (Open-Sora 1.0: fixed position tables, so one input size per
+stage; ``attn_temp`` temporal attention inside each block) and STDiT3 (Open-Sora 1.2: positions from
+each input, so buckets of any shape; separate ``temporal_blocks``). What touches family-specific
+modules (zero_temporal, freeze, PixArt initialisation) says which family it serves and refuses the other
+by name."""
 
 from __future__ import annotations
 
@@ -47,20 +53,97 @@ def build_encoders(cfg: StageConfig, device: torch.device):
     return vae.to(device), text.to(device)
 
 
+STDIT3_FREEZE = {"not_temporal": "only_train_temporal", "y_embedder": "freeze_y_embedder"}
+
+
+def model_family(preset: str) -> str:
+    """The family of a preset name: "STDiT" for "STDiT-tiny", "STDiT3" for "STDiT3-XL/2" (ConfigError if unknown)."""
+    from stdit.models.sizes import split_preset
+
+    try:
+        return split_preset(preset)[0]
+    except ValueError as e:
+        raise ConfigError(f"[model] preset: {e}") from None
+
+
 def build_model(cfg: StageConfig, caption_channels: int, device: torch.device):
+    """The stage's model: ``[model] preset`` with the text encoder's width, the stage's text length and the
+    model table's options. STDiT gets the stage's latent input size (its position tables are fixed);
+    STDiT3 takes any size per forward, and ``freeze`` maps to its own switches (``STDIT3_FREEZE``)."""
     from stdit.models import from_preset
 
     m, d = cfg.model, cfg.data
-    H, W = d.image_size
+    family = model_family(m.preset)
     overrides = dict(
-        input_size=(d.num_frames, H // 8, W // 8), caption_channels=caption_channels,
-        model_max_length=cfg.encoders.model_max_length, class_dropout_prob=m.class_dropout_prob,
-        attention_backend=m.attention_backend, fused_ops=m.fused_ops, checkpoint=m.checkpoint,
+        caption_channels=caption_channels, model_max_length=cfg.encoders.model_max_length,
+        class_dropout_prob=m.class_dropout_prob, attention_backend=m.attention_backend, fused_ops=m.fused_ops,
+        checkpoint=m.checkpoint,
     )  # fmt: skip
+    if family == "STDiT3":
+        unused = [k for k in ("space_scale", "time_scale") if getattr(m, k) is not None]
+        if unused:
+            raise ConfigError(f"[model] {', '.join(unused)}: STDiT's fixed position tables; STDiT3 scales its positions "
+                              "by each input's pixel size (drop the key)")
+        if m.freeze is not None:
+            if m.freeze not in STDIT3_FREEZE:
+                raise ConfigError(f"[model] freeze: STDiT3 takes one of {list(STDIT3_FREEZE)}, got {m.freeze!r}")
+            overrides[STDIT3_FREEZE[m.freeze]] = True
+        return from_preset(m.preset, **overrides).to(device)
+    if d.buckets:
+        raise ConfigError(f"[data.buckets] need a model that takes any input size (STDiT3-...); {m.preset} has "
+                          "fixed position tables of one size")
+    H, W = d.image_size
+    overrides["input_size"] = (d.num_frames, H // 8, W // 8)
     for key in ("space_scale", "time_scale", "freeze"):
         if getattr(m, key) is not None:
             overrides[key] = getattr(m, key)
     return from_preset(m.preset, **overrides).to(device)
+
+
+def build_diffusion(cfg: StageConfig):
+    """``[diffusion] kind``: Open-Sora 1.0's IDDPM (stdit.train.diffusion) or Open-Sora 1.2's rectified flow
+    (stdit.train.rflow) with the table's settings."""
+    f = cfg.diffusion
+    if f.kind == "rflow":
+        from .rflow import RFlow
+
+        return RFlow(num_sampling_steps=f.num_sampling_steps, cfg_scale=f.cfg_scale,
+                     use_timestep_transform=f.use_timestep_transform, transform_scale=f.transform_scale,
+                     sample_method=f.sample_method)  # fmt: skip
+    from .diffusion import IDDPM
+
+    return IDDPM()
+
+
+def temporal_parameter_names(model) -> list[str]:
+    """Names of the parameters of the temporal attention a PixArt-alpha image model lacks: STDiT's
+    ``attn_temp`` (frozen at zero in an image stage). Empty for STDiT3, which trains images and videos
+    together and has no image-only stage."""
+    if getattr(model, "family", "STDiT") != "STDiT":
+        return []
+    return [name for name, _ in model.named_parameters() if ".attn_temp." in name]
+
+
+@torch.no_grad()
+def zero_temporal_output(model) -> str:
+    """Make the temporal part a no-op so that a video model starts as the image model applied per frame:
+    STDiT zeroes ``attn_temp.proj`` in every block; STDiT3 zeroes its temporal blocks' attention,
+    cross-attention and MLP output projections (weights and biases: each branch then adds 0, so a
+    temporal block is the identity), Open-Sora 1.2's zero-initialised layers. Returns what it did."""
+    family = getattr(model, "family", "STDiT")
+    if family == "STDiT3":
+        for block in model.temporal_blocks:
+            for lin in (block.attn.proj, block.cross_attn.proj, block.mlp.fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        return "temporal blocks' output projections zeroed"
+    if family != "STDiT":
+        raise ConfigError(f"[stage] zero_temporal: {family} has no temporal attention to zero (STDiT / STDiT3 only)")
+    for block in getattr(model, "blocks", []):
+        if hasattr(block, "attn_temp"):
+            block.attn_temp.proj.weight.zero_()
+            block.attn_temp.proj.bias.zero_()
+    return "temporal attention output zeroed"
 
 
 def load_pixart_into_stdit(model, state_dict: dict) -> None:
@@ -97,6 +180,9 @@ def init_from_previous(model, source: str, zero_temporal: bool) -> str:
     video model starts as the image model applied per frame.
     """
     if source.startswith("pixart:"):
+        if getattr(model, "family", "STDiT") != "STDiT":
+            raise ConfigError(f"[stage] init_from = 'pixart:...' maps PixArt-alpha into STDiT (Open-Sora 1.0); "
+                              f"{model.family} is not supported: start it from a previous stage's run instead")
         path = Path(source.removeprefix("pixart:"))
         if not path.is_file():
             raise FileNotFoundError(f"init_from: no PixArt-alpha checkpoint at {path}")
@@ -123,12 +209,7 @@ def init_from_previous(model, source: str, zero_temporal: bool) -> str:
         model.load_state_dict(keep, strict=False)  # position tables keep this stage's sizes
         what = f"EMA weights of {ckpt}"
     if zero_temporal:
-        with torch.no_grad():
-            for block in getattr(model, "blocks", []):
-                if hasattr(block, "attn_temp"):
-                    block.attn_temp.proj.weight.zero_()
-                    block.attn_temp.proj.bias.zero_()
-        what += "; temporal attention output zeroed"
+        what += "; " + zero_temporal_output(model)
     return what
 
 

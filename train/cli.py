@@ -11,12 +11,17 @@ import sys
 def add_train_parsers(sub) -> None:
     p = sub.add_parser("train", help="run training stages from TOML configs (several --config: a chain)")
     p.add_argument("--config", action="append", required=True, help="stage TOML file (repeat to chain stages in order)")
+    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", dest="overrides",
+                   help="override a config key in every stage, the value a TOML literal (repeatable): "
+                   "--set optim.lr=1e-4 --set data.batch_size=4")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("prepare", help="encode a stage's videos and captions once into latent / text-embedding shards "
                        "(train from them with [data] cached = DIR), or split videos at shot boundaries")
     p.add_argument("--config", help="stage TOML whose [data] csv, frames, size and [encoders] are used")
+    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", dest="overrides",
+                   help="override a config key, as for `train` (repeatable)")
     p.add_argument("--out", required=True, help="output folder (shards + index.json; re-running resumes)")
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard (default 64)")
     p.add_argument("--split-scenes", nargs="+", metavar="VIDEO", help="instead: split these videos into clips at shot "
@@ -25,17 +30,28 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("sample", help="text -> video (mp4, GIF fallback) from a training checkpoint")
+    p = sub.add_parser("sample", help="text -> video (mp4, GIF fallback) from a training checkpoint: STDiT with "
+                       "IDDPM, STDiT3 with rectified flow (any size, image-to-video with --cond-image)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory (its latest)")
     p.add_argument("--prompt", required=True, help="the caption")
     p.add_argument("--out", default="sample.mp4", help="output video file (.mp4 or .gif)")
-    p.add_argument("--steps", type=int, default=100, help="respaced IDDPM steps (default 100, as Open-Sora)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 100 respaced IDDPM steps for "
+                   "STDiT, as Open-Sora 1.0; 30 rectified-flow steps for STDiT3, as Open-Sora 1.2)")
     p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (default 7.0)")
     p.add_argument("--guide-channels", type=int, default=None,
-                   help="guide only the first N latent channels (Open-Sora used 3); default: all")
+                   help="STDiT: guide only the first N latent channels (Open-Sora used 3); default: all")
     p.add_argument("--frames", type=int, default=None, help="frames to generate (default: the stage's)")
+    p.add_argument("--height", type=int, default=None, help="STDiT3: video height in pixels, a multiple of 8 "
+                   "(default: the stage's image_size)")
+    p.add_argument("--width", type=int, default=None, help="STDiT3: video width in pixels, a multiple of 8 "
+                   "(default: the stage's image_size)")
+    p.add_argument("--cond-image", default=None, metavar="PATH", help="STDiT3: a PNG/JPEG the video starts from "
+                   "(scaled and centre-cropped to the output size, kept as its first frame)")
+    p.add_argument("--no-timestep-transform", action="store_true",
+                   help="STDiT3: plain linear rectified-flow schedule instead of Open-Sora 1.2's size-aware one")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--fps", type=int, default=None,
+                   help="frame rate of the video (and STDiT3's fps input); default 8 for STDiT, 24 for STDiT3")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--sheet", default=None, help="also write the frames side by side to this PNG")
@@ -73,7 +89,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise ValueError("config: `stdit prepare` needs --config STAGE.toml (or --split-scenes VIDEO ...)")
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     if not cfg.data.csv:
         raise ValueError(f"config: {args.config} has no [data] csv to encode")
     vae, text = build_encoders(cfg, resolve_device(cfg.run.device))
@@ -85,7 +101,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train_chain
 
-    for summary in train_chain(args.config, progress=not args.quiet):
+    for summary in train_chain(args.config, progress=not args.quiet, overrides=args.overrides):
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary, from rank 0
             print(json.dumps(summary))
     return 0
@@ -96,8 +112,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     out = sample_video(
         args.checkpoint, args.prompt, args.out, steps=args.steps, cfg_scale=args.cfg_scale,
-        guide_channels=args.guide_channels, num_frames=args.frames, seed=args.seed, fps=args.fps,
-        device=args.device, progress=not args.quiet, sheet=args.sheet,
+        guide_channels=args.guide_channels, num_frames=args.frames, height=args.height, width=args.width,
+        cond_image=args.cond_image, timestep_transform=not args.no_timestep_transform, seed=args.seed,
+        fps=args.fps, device=args.device, progress=not args.quiet, sheet=args.sheet,
     )  # fmt: skip
     print(out)
     if args.sheet:

@@ -5,9 +5,13 @@ optionally the video's frame count ``num_frames``, with a header naming the colu
 headerless ``path,text[,num_frames]`` as Open-Sora 1.0's ``DatasetFromCSV`` read it.
 
 ``VideoTextDataset[i]`` decodes one sample (PyAV for videos, Pillow for images) into dict(video, text,
-path, index, num_frames), ``video`` float32 (3, T, H, W) in [-1, 1]: T = ``num_frames`` frames taken
+path, index, num_frames, fps), ``video`` float32 (3, T, H, W) in [-1, 1]: T = ``num_frames`` frames taken
 every ``frame_interval`` frames from a random start (``sample_frame_indices``), or T = 1 for an image
-(PixArt-style image training), scaled and centre-cropped to ``image_size`` (``resize_center_crop``).
+(PixArt-style image training), scaled and centre-cropped to ``image_size`` (``resize_center_crop``);
+``fps`` is the clip's frame rate, the video's over ``frame_interval`` (``IMAGE_FPS`` for images), as
+Open-Sora 1.2 feeds STDiT3. ``VideoTextDataset[(i, T, H, W)]`` decodes sample i at that shape instead: a
+bucket's (stdit.train.buckets, whose sampler hands such items over); ``media_size(i)`` gives a sample's
+own frame count and size (the CSV's ``num_frames``, ``height``, ``width`` columns, else probed).
 Randomness is a function of (seed, epoch, index) only, never of the worker or the call order. A missing,
 truncated or corrupt file never stops a run: it is skipped with a ``BadSampleWarning`` and counted
 (``collate_skip_bad``, ``count_skipped``).
@@ -23,9 +27,9 @@ import csv
 import os
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,20 +40,24 @@ from .extras import train_imports
 
 __all__ = [
     "IMAGE_EXTS",
+    "IMAGE_FPS",
     "BadSampleWarning",
     "CsvSample",
-    "read_csv",
-    "sample_frame_indices",
-    "center_crop_box",
-    "resize_center_crop",
+    "ResumableBatchSampler",
     "VideoTextDataset",
+    "center_crop_box",
     "collate_skip_bad",
     "count_skipped",
-    "ResumableBatchSampler",
     "make_dataloader",
+    "probe_media",
+    "read_csv",
+    "resize_center_crop",
+    "sample_frame_indices",
 ]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_FPS = 120.0  # Open-Sora 1.2's frame rate of an image sample (its fps embedding input)
+DEFAULT_FPS = 24.0  # a video whose container gives no rate (Open-Sora 1.2's default)
 
 # Tags keep the per-sample and the sampler random streams apart (numpy SeedSequence entropy).
 _TAG_SAMPLE = 0x5A3F1
@@ -65,6 +73,8 @@ class CsvSample:
     path: str  # resolved (absolute if root was)
     text: str
     num_frames: int | None  # the CSV's hint, None when absent / not a positive int
+    height: int | None = None  # the CSV's height / width columns (Open-Sora 1.2's), None when absent
+    width: int | None = None
 
     @property
     def is_image(self) -> bool:
@@ -90,7 +100,8 @@ def _parse_frames(cell: str | None) -> int | None:
 
 def read_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[CsvSample]:
     """Parse an Open-Sora CSV: a header row naming the columns in any order (recognised by a cell that
-    reads ``path``; ``path``, ``text`` (or ``caption``), optional ``num_frames``; other columns ignored),
+    reads ``path``; ``path``, ``text`` (or ``caption``), optional ``num_frames``, ``height``, ``width``; other
+    columns ignored),
     or headerless ``path,text[,num_frames]`` rows (what Open-Sora 1.0's ``csv.reader`` took: ``row[0]``
     path, ``row[1]`` caption). Captions containing commas must be quoted (standard CSV). Relative paths
     resolve against ``root`` (default: the CSV's folder). ``num_frames`` is only a hint, for containers
@@ -114,6 +125,7 @@ def read_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None = None)
             raise ValueError(f"csv_path: {str(csv_path)!r} has a header {rows[0]!r} without a 'text' column; "
                              "expected columns path,text[,num_frames]")
         ip, it, inf = cols["path"], cols[text_key], cols.get("num_frames")
+        ih, iw = cols.get("height"), cols.get("width")
         body = rows[1:]
         start_line = 2
     else:
@@ -121,6 +133,7 @@ def read_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None = None)
             raise ValueError(f"csv_path: {str(csv_path)!r} row 1 is {rows[0]!r}; expected a header with "
                              "path and text columns or headerless rows path,text[,num_frames]")
         ip, it, inf = 0, 1, 2
+        ih = iw = None
         body = rows
         start_line = 1
     out = []
@@ -132,8 +145,8 @@ def read_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None = None)
         if not p:
             raise ValueError(f"csv_path: {str(csv_path)!r} row {ln} has an empty path")
         path = p if os.path.isabs(p) else str(root_dir / p)
-        nf = _parse_frames(row[inf]) if inf is not None and inf < len(row) else None
-        out.append(CsvSample(path=path, text=row[it].strip(), num_frames=nf))
+        nf, h, w = (_parse_frames(row[i]) if i is not None and i < len(row) else None for i in (inf, ih, iw))
+        out.append(CsvSample(path=path, text=row[it].strip(), num_frames=nf, height=h, width=w))
     if not out:
         raise ValueError(f"csv_path: {str(csv_path)!r} has a header but no data rows")
     return out
@@ -205,6 +218,31 @@ def _check_pos_int(name: str, value) -> int:
     return int(value)
 
 
+def probe_media(path: str | os.PathLike) -> tuple[int, int, int, float]:
+    """(frames, height, width, fps) of an image (1 frame, ``IMAGE_FPS``) or a video (its stream's frame count,
+    else its packets counted; its average rate, else ``DEFAULT_FPS``), read from the headers. Raises on an
+    unreadable file."""
+    path = str(path)
+    if is_image_path(path):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            w, h = im.size
+        return 1, h, w, IMAGE_FPS
+    with train_imports("av"):
+        import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        total, h, w = stream.frames, stream.codec_context.height, stream.codec_context.width
+        rate = stream.average_rate or stream.guessed_rate
+    if not total:
+        total = VideoTextDataset._count_frames(path)
+    return int(total), int(h), int(w), float(rate) if rate else DEFAULT_FPS
+
+
 class _ShortRead(Exception):
     def __init__(self, decoded: int):
         super().__init__(f"stream ended after {decoded} frames")
@@ -244,6 +282,7 @@ class VideoTextDataset(Dataset):
         self.samples = read_csv(csv_path, root)
         self.epoch = 0
         self.bad_files: list[tuple[str, str]] = []  # (path, error) -- this process only
+        self._sizes: dict[int, tuple[int, int, int] | None] = {}
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -265,12 +304,38 @@ class VideoTextDataset(Dataset):
     def group_keys(self) -> list[int]:
         return [self.group_key(i) for i in range(len(self))]
 
+    def media_size(self, index: int) -> tuple[int, int, int] | None:
+        """(frames, height, width) of sample ``index`` as stored: the CSV's num_frames / height / width when
+        it has all three (images: 1 frame), else read from the file's headers (``probe_media``, once per
+        sample); None for a file that cannot be read (warned about once, like a bad sample)."""
+        index = int(index)
+        if index not in self._sizes:
+            s = self.samples[index]
+            frames = 1 if s.is_image else s.num_frames
+            if frames and s.height and s.width:
+                self._sizes[index] = (frames, s.height, s.width)
+            else:
+                try:
+                    total, h, w, _ = probe_media(s.path)
+                    self._sizes[index] = (1 if s.is_image else total, h, w)
+                except Exception as e:  # noqa: BLE001 -- an unreadable file is left out, never fatal
+                    self._sizes[index] = None
+                    warnings.warn(f"VideoTextDataset: leaving out sample {index} ({s.path}): {type(e).__name__}: {e}",
+                                  BadSampleWarning, stacklevel=2)
+        return self._sizes[index]
+
     def rng(self, index: int) -> np.random.Generator:
         """The random stream of sample ``index`` in the current epoch."""
         return np.random.default_rng([_TAG_SAMPLE, self.seed, self.epoch, int(index)])
 
     # -- loading ---------------------------------------------------------------------------------
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int, int, int]):
+        num_frames, size = self.num_frames, self.image_size
+        if isinstance(index, (tuple, list)):  # (index, T, H, W): a bucket's shape
+            if len(index) != 4:
+                raise ValueError(f"index: expected an int or (index, T, H, W), got {index!r}")
+            index, num_frames, h, w = (int(v) for v in index)
+            size = (h, w)
         index = int(index)
         if index < 0:
             index += len(self)
@@ -282,10 +347,11 @@ class VideoTextDataset(Dataset):
             if not os.path.exists(s.path):
                 raise FileNotFoundError(f"no such file: {s.path}")
             if s.is_image:
-                frames = self._load_image(s.path)
+                frames, fps = self._load_image(s.path), IMAGE_FPS
             else:
-                frames = self._load_video(s.path, s.num_frames, rng)
-            video = self._to_tensor(frames)
+                frames, fps = self._load_video(s.path, s.num_frames, rng, num_frames)
+                fps = float(fps // self.frame_interval)  # Open-Sora 1.2's clip rate (integer division)
+            video = self._to_tensor(frames, size)
             if self.transform is not None:
                 tseed = int(rng.integers(0, 2**63 - 1))
                 with torch.random.fork_rng(devices=[]):
@@ -297,7 +363,8 @@ class VideoTextDataset(Dataset):
             warnings.warn(f"VideoTextDataset: skipping sample {index} ({s.path}): {msg}", BadSampleWarning,
                           stacklevel=2)
             return None
-        return {"video": video, "text": s.text, "path": s.path, "index": index, "num_frames": video.shape[1]}
+        return {"video": video, "text": s.text, "path": s.path, "index": index, "num_frames": video.shape[1],
+                "fps": fps}
 
     @staticmethod
     def _load_image(path: str) -> np.ndarray:
@@ -308,24 +375,29 @@ class VideoTextDataset(Dataset):
             arr = np.array(im.convert("RGB"))  # writable copy
         return arr[None]  # (1, h, w, 3)
 
-    def _load_video(self, path: str, hint: int | None, rng: np.random.Generator) -> np.ndarray:
+    def _load_video(self, path: str, hint: int | None, rng: np.random.Generator,
+                    num_frames: int) -> tuple[np.ndarray, float]:
+        """``num_frames`` frames (T, h, w, 3) uint8 and the video's frame rate."""
         with train_imports("av"):
             import av
 
         with av.open(path) as container:
             if not container.streams.video:
                 raise ValueError("no video stream")
-            total = container.streams.video[0].frames or hint or 0
+            stream = container.streams.video[0]
+            total = stream.frames or hint or 0
+            rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else DEFAULT_FPS
         if total <= 0:  # container does not say and the CSV does not either: count packets
             total = self._count_frames(path)
-        idx = sample_frame_indices(total, self.num_frames, self.frame_interval, rng)
+        idx = sample_frame_indices(total, num_frames, self.frame_interval, rng)
         try:
-            return self._decode(path, idx)
+            return self._decode(path, idx), fps
         except _ShortRead as e:  # metadata promised more frames than the file holds (e.g. cut short)
             if e.decoded < 1:
                 raise RuntimeError("no decodable video frames") from None
-            idx = sample_frame_indices(e.decoded, self.num_frames, self.frame_interval, rng)
-            return self._decode(path, idx)
+            idx = sample_frame_indices(e.decoded, num_frames, self.frame_interval, rng)
+            return self._decode(path, idx), fps
 
     @staticmethod
     def _count_frames(path: str) -> int:
@@ -362,17 +434,19 @@ class VideoTextDataset(Dataset):
             raise _ShortRead(k + 1)
         return np.stack([got[i] for i in indices])
 
-    def _to_tensor(self, frames: np.ndarray) -> torch.Tensor:
-        """(T, h, w, 3) uint8 -> (3, T, H, W) float32 in [-1, 1]. The crop is cut in uint8 and the float
-        resize runs a few frames at a time, so a 1080p clip never exists as a full-size float tensor."""
+    def _to_tensor(self, frames: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(T, h, w, 3) uint8 -> (3, T, H, W) float32 in [-1, 1], (H, W) = ``size`` (default image_size). The
+        crop is cut in uint8 and the float resize runs a few frames at a time, so a 1080p clip never exists
+        as a full-size float tensor."""
+        size = tuple(size or self.image_size)
         t, h, w, _ = frames.shape
-        top, left, ch, cw = center_crop_box(h, w, self.image_size)
+        top, left, ch, cw = center_crop_box(h, w, size)
         crop = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + ch, left:left + cw]))
-        out = torch.empty((t, 3) + self.image_size, dtype=torch.float32)
+        out = torch.empty((t, 3) + size, dtype=torch.float32)
         step = max(1, (4 * 1024 * 1024) // max(1, ch * cw * 3))  # ~16 MB of float32 per chunk
         for i in range(0, t, step):
             x = crop[i:i + step].permute(0, 3, 1, 2).float()
-            out[i:i + step] = _resize(x, self.image_size)
+            out[i:i + step] = _resize(x, size)
         out.div_(127.5).sub_(1.0).clamp_(-1.0, 1.0)
         return out.permute(1, 0, 2, 3).contiguous()
 
@@ -381,7 +455,7 @@ def collate_skip_bad(batch: list):
     """Drop ``None`` samples (bad files), stack the rest; ``None`` if nothing is left (skip that batch).
 
     Returns dict(video=(B, 3, T, H, W), text=list, path=list, index=LongTensor(B), num_frames=T,
-    skipped=#bad samples dropped, dropped_mixed=#good samples dropped because their T differed), with
+    fps=(B,) float32 (when the samples have one), skipped=#bad samples dropped, dropped_mixed=#good samples dropped because their T differed), with
     ``latents`` and the other tensors of a cached sample in place of ``video``. Samples of one batch must
     share T: given a mixed batch anyway (a hand-made DataLoader; ``make_dataloader`` never makes one) it
     keeps the most common T and warns; it never stacks unequal T.
@@ -411,6 +485,8 @@ def collate_skip_bad(batch: list):
     )
     if "index" in good[0]:
         out["index"] = torch.tensor([b["index"] for b in good], dtype=torch.long)
+    if "fps" in good[0] and not torch.is_tensor(good[0]["fps"]):
+        out["fps"] = torch.tensor([float(b["fps"]) for b in good], dtype=torch.float32)
     return out
 
 
@@ -512,7 +588,7 @@ class _RankSlice(Sampler[list[int]]):
     """Every rank walks the same global batches (batch_size x world) and keeps its strided share,
     so data-parallel ranks never see the same sample and only decode their own."""
 
-    def __init__(self, inner: "ResumableBatchSampler", rank: int, world: int):
+    def __init__(self, inner: ResumableBatchSampler, rank: int, world: int):
         self.inner, self.rank, self.world = inner, rank, world
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -237,10 +237,11 @@ def _check_resumable(cfg: StageConfig, ckpt: Path) -> None:
         stored = json.loads((ckpt / "meta.json").read_text())["extra"]["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # not a `stdit train` checkpoint: loading it reports what is wrong with it
-    now = cfg.to_dict()
-    keys = (("model", "preset"), ("data", "num_frames"), ("data", "image_size"), ("encoders", "model_max_length"))
-    diff = [f"[{t}] {k} {stored.get(t, {}).get(k)!r} there, {now[t][k]!r} here" for t, k in keys
-            if stored.get(t, {}).get(k) != now[t][k]]
+    now, default = cfg.to_dict(), StageConfig().to_dict()  # a key a run predates had its default value
+    keys = (("model", "preset"), ("data", "num_frames"), ("data", "image_size"), ("encoders", "model_max_length"),
+            ("diffusion", "kind"), ("data", "buckets"), ("data", "aspect_ratios"))  # fmt: skip
+    then = {(t, k): stored.get(t, {}).get(k, default[t][k]) for t, k in keys}
+    diff = [f"[{t}] {k} {then[t, k]!r} there, {now[t][k]!r} here" for t, k in keys if then[t, k] != now[t][k]]
     if diff:
         raise ConfigError(f"{cfg.source}: [run] out_dir {ckpt.parent.parent} holds a run of another configuration "
                           f"({'; '.join(diff)}); delete it or choose another out_dir")

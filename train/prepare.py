@@ -11,10 +11,15 @@ Layout of the folder:
   (n, 4, T, h, w) float32 (the diffusion target x0: small, so kept exact), ``y`` (n, 1, L, C) bfloat16 by
   default (T5 features dominate the disk, 1.9 MB per sample in fp32; bf16 halves that and keeps fp32's
   exponent range) and ``mask`` (n, L) int64; the safetensors metadata key ``stdit`` holds a JSON record of
-  the shard: its number, its samples' ``paths`` and ``texts``, shapes, encoders and settings;
+  the shard: its number, its samples' ``paths``, ``texts`` and ``fps`` (the clips' frame rates), shapes,
+  encoders and settings, and the ``bucket`` (stdit.train.buckets) its samples were encoded at, if any;
 * ``index.json``: format and version, the shard list (file, count, first sample number, shapes), the
   sample and skip counts, encoders, dtypes and the ``source`` the samples came from. Written last: its
   presence means the preparation finished.
+
+With ``[data.buckets]``, ``prepare_stage`` draws each sample's bucket once (the draws of epoch 0) and
+encodes it at that shape, bucket after bucket, so every shard holds one bucket; training from the cache
+batches by those buckets (the bucket of a cached sample is fixed, as its crop is).
 
 Every file is written under a temporary name and renamed into place (``stdit.common.files``), so a file
 with a final name is complete; an interrupted preparation resumes (see ``prepare_dataset``).
@@ -28,8 +33,9 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -79,10 +85,12 @@ def _read_shard_meta(path: Path) -> dict | None:
 class _Shard:
     """Samples of one shard while it is being assembled."""
 
-    def __init__(self, k: int, first: int, shape: tuple[int, ...], existing: dict | None):
+    def __init__(self, k: int, first: int, shape: tuple[int, ...], existing: dict | None, bucket: dict | None = None):
         self.k = k
         self.first = first
         self.shape = shape  # video (3, T, H, W)
+        self.bucket = bucket  # the bucket label its samples were encoded at (None: no buckets)
+        self.fps: list[float | None] = []
         self.existing = existing  # metadata of a complete shard on disk we can reuse, else None
         self.paths: list[str] = []
         self.texts: list[str] = []
@@ -111,8 +119,8 @@ def prepare_dataset(
     text_dtype: torch.dtype = torch.bfloat16,
     source: dict | None = None,
 ) -> Path:
-    """Encode ``samples`` (dicts with ``video`` (3, T, H, W) in [-1, 1], ``text``, ``path``; None = bad file,
-    skipped and counted) with ``vae`` (``VideoVAE``) and ``text_encoder`` (``TextEncoder``) into shards under
+    """Encode ``samples`` (dicts with ``video`` (3, T, H, W) in [-1, 1], ``text``, ``path``, optionally ``fps``
+    and ``bucket`` (a JSON-able label); None = bad file, skipped and counted) with ``vae`` (``VideoVAE``) and ``text_encoder`` (``TextEncoder``) into shards under
     ``out_dir``; returns the path of ``index.json``.
 
     ``encode_batch_size`` samples go through the encoders together (the VAE further micro-batches frames).
@@ -121,7 +129,7 @@ def prepare_dataset(
     records the CSV, the data settings and the VAE weights' digest there).
 
     Shards are deterministic by sample order: the valid samples are cut into consecutive runs of
-    ``shard_size``, and a run also ends early where the video shape (T, H, W) changes, because one shard's
+    ``shard_size``, and a run also ends early where the video shape (T, H, W) or the bucket changes, because one shard's
     samples are stacked into one tensor (a stream mixing images and videos gives more, smaller shards;
     sort it by shape to avoid that). Posterior samples are drawn from a generator seeded per shard, so
     the same stream always gives the same tensors, resumed or not.
@@ -154,12 +162,13 @@ def prepare_dataset(
     reused = 0
     current: _Shard | None = None
 
-    def open_shard(first: int, shape: tuple[int, ...]) -> _Shard:
+    def open_shard(first: int, shape: tuple[int, ...], bucket: dict | None) -> _Shard:
         k = len(shards)
         existing = _read_shard_meta(out / shard_name(k))
-        if existing is not None and (existing.get("encoders") != encoders or existing.get("settings") != settings):
-            existing = None  # made with other encoders/settings: encode again and overwrite
-        sh = _Shard(k, first, shape, existing)
+        if existing is not None and (existing.get("encoders") != encoders or existing.get("settings") != settings
+                                     or existing.get("bucket") != bucket):
+            existing = None  # made with other encoders/settings/bucket: encode again and overwrite
+        sh = _Shard(k, first, shape, existing, bucket)
         if existing is None:
             sh.generator = torch.Generator(device=vae.device).manual_seed(int(seed) * 1_000_003 + k)
         return sh
@@ -202,18 +211,21 @@ def prepare_dataset(
                 "first": sh.first,
                 "paths": sh.paths,
                 "texts": sh.texts,
+                "fps": sh.fps,
                 "video_shape": list(sh.shape),
                 "latent_shape": list(latents.shape[1:]),
                 "y_shape": list(y.shape[1:]),
                 "mask_shape": list(mask.shape[1:]),
                 "encoders": encoders,
                 "settings": settings,
+                **({"bucket": sh.bucket} if sh.bucket is not None else {}),
             }
             with atomic_path(out / name) as tmp:
                 save_file({"latents": latents.contiguous(), "y": y.contiguous(), "mask": mask.contiguous()},
                           str(tmp), metadata={_META_KEY: json.dumps(info), "format": "pt"})
         shards.append({"file": name, "count": len(sh.paths), "first": sh.first,
-                       **{key: info[key] for key in ("video_shape", "latent_shape", "y_shape", "mask_shape")}})
+                       **{key: info[key] for key in ("video_shape", "latent_shape", "y_shape", "mask_shape", "bucket")
+                          if key in info}})  # fmt: skip
 
     bar = None
     if progress:
@@ -230,12 +242,12 @@ def prepare_dataset(
                 shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
                 raise ValueError(f"sample {path!r}: video must be a (3, T, H, W) tensor, got {shape}")
             text = "" if text is None else str(text)
-            shape = tuple(video.shape)
-            if current is not None and (len(current) >= shard_size or shape != current.shape):
+            shape, bucket = tuple(video.shape), s.get("bucket")
+            if current is not None and (len(current) >= shard_size or shape != current.shape or bucket != current.bucket):
                 close_shard(current)
                 current = None
             if current is None:
-                current = open_shard(num_samples, shape)
+                current = open_shard(num_samples, shape, bucket)
             if current.existing is not None:
                 check_existing(current, path, shape)
             else:
@@ -245,6 +257,7 @@ def prepare_dataset(
                     flush_pending(current)
             current.paths.append(path)
             current.texts.append(text)
+            current.fps.append(None if s.get("fps") is None else float(s["fps"]))
             num_samples += 1
             if bar is not None:
                 bar.set_postfix(shards=len(shards), skipped=num_skipped, reused=reused)
@@ -283,6 +296,7 @@ def stage_source(cfg) -> dict:
     csv_path = Path(d.csv).resolve()
     st = csv_path.stat()
     vae = e.vae
+    buckets = {"buckets": d.buckets, "aspect_ratios": list(d.aspect_ratios)} if d.buckets else {}
     if e.vae != "tiny":
         weights = [p for p in sorted(Path(e.vae).glob("diffusion_pytorch_model*")) if p.is_file()]
         digest = hashlib.sha256()
@@ -293,7 +307,7 @@ def stage_source(cfg) -> dict:
         vae = f"{Path(e.vae).resolve()} sha256:{digest.hexdigest()[:16]}"
     return {"csv": str(csv_path), "csv_bytes": st.st_size, "csv_mtime_ns": st.st_mtime_ns,
             "num_frames": d.num_frames, "frame_interval": d.frame_interval, "image_size": list(d.image_size),
-            "seed": cfg.run.seed, "vae": vae, "text": e.text, "model_max_length": e.model_max_length}
+            "seed": cfg.run.seed, "vae": vae, "text": e.text, "model_max_length": e.model_max_length, **buckets}
 
 
 def prepare_stage(cfg, out_dir: str | os.PathLike, vae, text_encoder, *, shard_size: int = 64,
@@ -310,16 +324,43 @@ def prepare_stage(cfg, out_dir: str | os.PathLike, vae, text_encoder, *, shard_s
                                image_size=tuple(d.image_size), seed=cfg.run.seed)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        return prepare_dataset((dataset[i] for i in range(len(dataset))), out_dir, vae=vae, text_encoder=text_encoder,
-                               shard_size=shard_size, progress=progress, seed=cfg.run.seed,
-                               source=stage_source(cfg))  # fmt: skip
+        if d.buckets:
+            samples = _bucketed_samples(cfg, dataset)
+        else:
+            samples = (dataset[i] for i in range(len(dataset)))
+        return prepare_dataset(samples, out_dir, vae=vae, text_encoder=text_encoder, shard_size=shard_size,
+                               progress=progress, seed=cfg.run.seed, source=stage_source(cfg))  # fmt: skip
+
+
+def _bucketed_samples(cfg, dataset) -> Iterable[dict | None]:
+    """The dataset's samples at their buckets (the draws of epoch 0), bucket after bucket (largest first),
+    each tagged with its bucket's label; samples that fit no bucket are left out, unreadable ones are None."""
+    from .buckets import BucketConfig
+
+    d = cfg.data
+    config = BucketConfig(d.buckets, d.aspect_ratios)
+    chosen = []
+    for i in range(len(dataset)):
+        size = dataset.media_size(i)
+        if size is None:
+            yield None
+            continue
+        b = config.assign(*size, frame_interval=d.frame_interval, seed=cfg.run.seed, epoch=0, index=i)
+        if b is not None:
+            chosen.append((b, i))
+    for b, i in sorted(chosen, key=lambda bi: (-bi[0].height * bi[0].width, -bi[0].num_frames, bi[0], bi[1])):
+        sample = dataset[(i, b.num_frames, b.height, b.width)]
+        if sample is not None:
+            sample["bucket"] = b.label()
+        yield sample
 
 
 def check_cache_matches(cfg, out_dir: str | os.PathLike, vae, text_encoder) -> None:
     """Raise ValueError unless ``out_dir``'s finished preparation holds what the stage would encode now:
     the same CSV file (path, size, modification time), frames, frame interval, size, seed, VAE weights and
-    text encoder, and latents of (T, H/8, W/8) with T = 1 (images) or the stage's frame count. (A cache
-    from an older version without that record is checked on encoders and shapes only.)"""
+    text encoder, and latents of (T, H/8, W/8) with T = 1 (images) or the stage's frame count, or, with
+    buckets, of a bucket of the stage's at its shape. (A cache from an older version without that record is
+    checked on encoders and shapes only.)"""
     index = json.loads((Path(out_dir) / INDEX_NAME).read_text(encoding="utf-8"))
     d = cfg.data
     want_hw = [d.image_size[0] // 8, d.image_size[1] // 8]
@@ -331,7 +372,17 @@ def check_cache_matches(cfg, out_dir: str | os.PathLike, vae, text_encoder) -> N
     encoders = {"vae": vae.describe(), "text_encoder": text_encoder.describe()}
     if index.get("encoders") != encoders:
         problems.append("other encoders")
-    for spec in index.get("shards", []):
+    if d.buckets:
+        from .buckets import Bucket, BucketConfig
+
+        allowed = set(BucketConfig(d.buckets, d.aspect_ratios).buckets())
+        for spec in index.get("shards", []):
+            b = Bucket.from_label(spec["bucket"]) if "bucket" in spec else None
+            shape = spec.get("latent_shape", [])
+            if b not in allowed or shape[1:] != [b.num_frames, b.height // 8, b.width // 8]:
+                problems.append(f"a shard of bucket {spec.get('bucket')} with latents {shape} (not one of [data.buckets])")
+                break
+    for spec in [] if d.buckets else index.get("shards", []):
         shape = spec.get("latent_shape", [])
         if len(shape) != 4 or shape[1] not in (1, d.num_frames) or shape[2:] != want_hw:
             problems.append(f"latents of shape {shape} (the stage encodes (4, {d.num_frames} or 1, {want_hw[0]}, "
@@ -343,7 +394,8 @@ def check_cache_matches(cfg, out_dir: str | os.PathLike, vae, text_encoder) -> N
 
 
 class CachedLatentDataset(Dataset):
-    """Samples of a ``prepare_dataset`` output: dict(latents (4, T, h, w), y (1, L, C), mask (L,), text, path).
+    """Samples of a ``prepare_dataset`` output: dict(latents (4, T, h, w), y (1, L, C), mask (L,), text, path,
+    and fps when the cache recorded it).
 
     ``latents`` and ``y`` are cast to ``dtype`` (float32 by default; pass the model's dtype), ``mask`` is int64.
     Shards are opened lazily (memory-mapped; one handle per shard and process) and read one sample at a time.
@@ -449,6 +501,14 @@ class CachedLatentDataset(Dataset):
         self._meta[k] = info
         return info
 
+    def bucket(self, i: int):
+        """The ``stdit.train.buckets.Bucket`` sample i was encoded at (from index.json), None without buckets."""
+        from .buckets import Bucket
+
+        k, _ = self.locate(int(i))
+        label = self.shards[k].get("bucket")
+        return None if label is None else Bucket.from_label(label)
+
     def group_key(self, i: int) -> int:
         """The frame count T of sample i (from index.json, no shard read): batches never mix T."""
         k, _ = self.locate(int(i))
@@ -475,10 +535,12 @@ class CachedLatentDataset(Dataset):
             mask = h.get_slice("mask")[j : j + 1][0]
         except Exception as e:
             raise ValueError(f"shard {self._shard_file(k)} could not be read: {e}") from e
+        fps = info.get("fps", [None] * (j + 1))[j]
         return {
             "latents": latents.to(self.dtype),
             "y": y.to(self.dtype),
             "mask": mask.long(),
             "text": info["texts"][j],
             "path": info["paths"][j],
+            **({"fps": fps} if fps is not None else {}),
         }

@@ -1,16 +1,31 @@
-"""`stdit sample`: text -> video from a training checkpoint.
+"""`stdit sample`: text -> video (and image -> video) from a training checkpoint.
 
 The checkpoint's meta.json carries its stage configuration, so the same encoders (a local VAE / T5,
 or the seeded "tiny" ones of the demo) and model are rebuilt; the EMA weights are used when present
-(Open-Sora samples with EMA weights). IDDPM with respaced steps (100 by default) and classifier-free
-guidance (scale 7.0, all latent channels guided by default; ``guide_channels=3`` is Open-Sora's
-quirk) produces latents, the VAE decodes them per frame, and the frames are written as an mp4
-(H.264 through PyAV) or, when the file name ends in .gif or no mp4 encoder is available, a GIF.
+(Open-Sora samples with EMA weights). The model family decides the sampler:
+
+- STDiT (Open-Sora 1.0): IDDPM with respaced steps (100 by default) and classifier-free guidance
+  (scale 7.0, all latent channels guided by default; ``guide_channels=3`` is Open-Sora's quirk), at
+  the stage's frame count and size.
+- STDiT3 (Open-Sora 1.2): rectified flow as Open-Sora 1.2's inference config runs it (30 Euler steps,
+  guidance 7.0, the resolution- and length-aware timestep transform), at any frame count and any
+  size in multiples of 8 pixels; the model gets the pixel ``height`` / ``width``, ``num_frames``,
+  ``ar`` = height / width and ``fps`` (120 for a single frame, Open-Sora 1.2's image rate) as its
+  inference passes them. ``cond_image`` conditions on a picture as Open-Sora 1.2's reference image
+  with mask strategy "0" does: the image, scaled to cover the output and centre-cropped, is encoded
+  by the stage's VAE into latent frame 0, which stays fixed (cond_mask 0) while the other frames
+  (cond_mask 1) are generated; the model sees it through ``x_mask`` as a conditioning frame.
+
+The VAE decodes the latents per frame, and the frames are written as an mp4 (H.264 through PyAV)
+or, when the file name ends in .gif or no mp4 encoder is available, a GIF.
+
+Dimension alphabet: B batch, C latent channels, T frames, H, W pixel height and width.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -23,8 +38,15 @@ from stdit.common.files import atomic_path
 from .build import build_encoders, build_model, resolve_device
 from .checkpoint import checkpoint_weights, latest_checkpoint
 from .config import from_dict
+from .data import IMAGE_FPS, resize_center_crop
 from .diffusion import IDDPM
+from .rflow import RFlow
 from .synthetic import write_mp4
+
+IDDPM_STEPS = 100  # Open-Sora 1.0's respaced sampling steps
+RFLOW_STEPS = 30  # Open-Sora 1.2's inference config (num_sampling_steps)
+STDIT_FPS = 8  # the frame rate an STDiT sample is written at
+STDIT3_FPS = 24  # Open-Sora 1.2's inference fps (the model's fps input and the written video's rate)
 
 
 def load_for_sampling(checkpoint: str | Path, device: torch.device):
@@ -74,44 +96,177 @@ def sample_video(
     prompt: str,
     out: str | Path,
     *,
-    steps: int = 100,
+    steps: int | None = None,
     cfg_scale: float = 7.0,
     guide_channels: int | None = None,
     num_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    cond_image: str | Path | None = None,
+    timestep_transform: bool = True,
     seed: int = 0,
-    fps: int = 8,
+    fps: int | None = None,
     device: str = "auto",
     progress: bool = True,
     sheet: str | Path | None = None,
 ) -> Path:
     """Generate one video for ``prompt`` and write it to ``out``; returns the written path.
 
-    ``sheet``: also write the frames side by side as one PNG (a contact sheet: the whole clip at a glance).
+    steps: sampling steps; None: 100 respaced IDDPM steps (STDiT), 30 rectified-flow steps (STDiT3).
+    num_frames: frames to generate (None: the stage's [data] num_frames, or its largest bucket's);
+        the VAE keeps the frame count.
+    height, width: the video's size in pixels, multiples of 8 (STDiT3 only; None: the stage's
+        [data] image_size, or its largest bucket's at the aspect ratio closest to 1). The latent is
+        (T, height/8, width/8).
+    cond_image: STDiT3 only: a PNG/JPEG the video starts from (its first latent frame; see the module
+        docstring). Needs num_frames >= 2.
+    guide_channels: STDiT (IDDPM) only. timestep_transform: STDiT3 only (False: the plain linear schedule).
+    fps: frame rate of the written video and, for STDiT3, the model's fps input (None: 8 for STDiT, 24 for STDiT3).
+    sheet: also write the frames side by side as one PNG (a contact sheet: the whole clip at a glance).
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt: expected a non-empty caption")
-    if steps < 1 or steps > 1000:
-        raise ValueError(f"steps: expected 1..1000 sampling steps, got {steps}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000):
+        raise ValueError(f"steps: expected 1..1000 sampling steps, got {steps!r}")
+    for name, value in (("num_frames", num_frames), ("height", height), ("width", width), ("fps", fps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and value % 8:
+            raise ValueError(f"{name}: expected a multiple of 8 pixels (the VAE's downsampling), got {value}")
+    if cond_image is not None and not Path(cond_image).is_file():
+        raise FileNotFoundError(f"cond_image: no image file at {cond_image}")
     if sheet is not None and Path(sheet).suffix.lower() != ".png":  # before minutes of sampling
         raise ValueError(f"sheet: expected a .png path, got {str(sheet)!r}")
     dev = resolve_device(device)
     cfg, model, vae, text, ckpt = load_for_sampling(checkpoint, dev)
+    family = getattr(model, "family", "STDiT")
     T = num_frames or cfg.data.num_frames
-    H, W = cfg.data.image_size
-    y, mask = text.encode([prompt])
     gen = torch.Generator(device=dev).manual_seed(seed)
-    diffusion = IDDPM(timestep_respacing=str(steps))
-    print(f"sampling {T}x{H}x{W} from {ckpt} ({steps} steps, cfg {cfg_scale})", file=sys.stderr)
+    y, mask = text.encode([prompt])
+    y, mask = y.to(dev), mask.to(dev)
+    if family == "STDiT3":
+        if guide_channels is not None:
+            raise ValueError("guide_channels: IDDPM's partial guidance (STDiT); rectified flow guides the velocity, "
+                             f"drop it for {cfg.model.preset}")
+        T0, H0, W0 = _stage_shape(cfg)
+        T = num_frames or T0
+        H, W = height or H0, width or W0
+        fps = fps or STDIT3_FPS
+        steps = steps or RFLOW_STEPS
+        print(f"sampling {T}x{H}x{W} from {ckpt} (rectified flow, {steps} steps, cfg {cfg_scale}"
+              f"{', conditioned on ' + str(cond_image) if cond_image else ''})", file=sys.stderr)
+        with torch.no_grad():
+            latents = sample_stdit3_latents(
+                model, vae, y, mask, num_frames=T, height=H, width=W, fps=fps, steps=steps, cfg_scale=cfg_scale,
+                cond_image=cond_image, timestep_transform=timestep_transform, generator=gen, progress=progress,
+            )  # fmt: skip
+    else:
+        unsupported = [k for k, v in (("height", height), ("width", width), ("cond_image", cond_image)) if v is not None]
+        if unsupported or not timestep_transform:
+            names = ", ".join(unsupported + ([] if timestep_transform else ["timestep_transform"]))
+            raise ValueError(f"{names}: STDiT3 sampling options; {cfg.model.preset} samples with IDDPM at the stage's "
+                             f"size {cfg.data.image_size[0]}x{cfg.data.image_size[1]}")
+        H, W = cfg.data.image_size
+        fps = fps or STDIT_FPS
+        steps = steps or IDDPM_STEPS
+        diffusion = IDDPM(timestep_respacing=str(steps))
+        print(f"sampling {T}x{H}x{W} from {ckpt} ({steps} steps, cfg {cfg_scale})", file=sys.stderr)
+        with torch.no_grad():
+            latents = diffusion.sample(
+                model, (1, 4, T, H // 8, W // 8), {"y": y, "mask": mask}, cfg_scale=cfg_scale,
+                guide_channels=guide_channels, progress=progress, generator=gen, device=dev,
+            )  # fmt: skip
     with torch.no_grad():
-        latents = diffusion.sample(
-            model, (1, 4, T, H // 8, W // 8), dict(y=y.to(dev), mask=mask.to(dev)), cfg_scale=cfg_scale,
-            guide_channels=guide_channels, progress=progress, generator=gen, device=dev,
-        )  # fmt: skip
         video = vae.decode(latents)  # (1, 3, T, H, W) in [-1, 1]
     frames = ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     if sheet is not None:
         write_sheet(frames, sheet)
     return write_video(frames, out, fps)
+
+
+def sample_stdit3_latents(
+    model: torch.nn.Module,
+    vae,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_frames: int,
+    height: int,
+    width: int,
+    fps: float,
+    steps: int = RFLOW_STEPS,
+    cfg_scale: float = 7.0,
+    cond_image: str | Path | None = None,
+    timestep_transform: bool = True,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Rectified-flow sampling of one STDiT3 video: latents (1, C, T, height/8, width/8) float32.
+
+    y (1, 1, L, Ct) caption features and mask (1, L) from the stage's text encoder. The starting noise
+    and the per-step noise come from ``generator``. Open-Sora 1.2's timestep transform counts frames as
+    its VAE compresses them (17 -> 5) and gives 2..16 frames a factor 0 (every t -> 0, NaN at t = 1000);
+    ours keeps the frame count, so such clips take the image factor 1 instead (``nan_quirk=False``).
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames: expected at least 1 frame, got {num_frames}")
+    for name, value in (("height", height), ("width", width)):
+        if value < 8 or value % 8:
+            raise ValueError(f"{name}: expected a positive multiple of 8 pixels (the VAE's downsampling), got {value}")
+    if cond_image is not None and num_frames < 2:
+        raise ValueError(f"cond_image: the image becomes frame 0, so at least 2 frames are needed; got num_frames = "
+                         f"{num_frames}")
+    device = y.device
+    shape = (1, model.in_channels, num_frames, height // 8, width // 8)
+    z = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+    def per_sample(v: float) -> torch.Tensor:
+        return torch.full((1,), float(v), device=device)
+
+    model_kwargs = {
+        "height": per_sample(height), "width": per_sample(width), "num_frames": per_sample(num_frames),
+        "ar": per_sample(height / width), "fps": per_sample(IMAGE_FPS if num_frames == 1 else fps),
+    }  # fmt: skip
+    cond_mask = None
+    if cond_image is not None:
+        picture = load_cond_image(cond_image, (height, width)).to(device)  # (1, 3, 1, H, W)
+        z[:, :, :1] = vae.encode(picture, sample=False).float()  # the posterior mean: a fixed frame 0
+        cond_mask = torch.ones(1, num_frames, device=device)
+        cond_mask[:, 0] = 0.0  # frame 0 kept, the others generated
+    rf = RFlow(num_sampling_steps=steps, cfg_scale=cfg_scale, use_timestep_transform=timestep_transform,
+               nan_quirk=False, overshoot_quirk=False)  # fmt: skip
+    return rf.sample(model, z, y=y, mask=mask, model_kwargs=model_kwargs, cond_mask=cond_mask, progress=progress,
+                     generator=generator)  # fmt: skip
+
+
+def _stage_shape(cfg) -> tuple[int, int, int]:
+    """The (frames, height, width) a stage trained at: its [data] num_frames and image_size, or for a
+    bucketed stage its largest bucket (first resolution and frame count) at the aspect ratio closest to 1."""
+    if not cfg.data.buckets:
+        return cfg.data.num_frames, cfg.data.image_size[0], cfg.data.image_size[1]
+    from .buckets import BucketConfig
+
+    buckets = BucketConfig(cfg.data.buckets, cfg.data.aspect_ratios).buckets()
+    first = buckets[0]
+    square = min((b for b in buckets if (b.resolution, b.num_frames) == (first.resolution, first.num_frames)),
+                 key=lambda b: abs(math.log(b.aspect_ratio)))  # fmt: skip
+    return square.shape
+
+
+def load_cond_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """A picture file -> (1, 3, 1, H, W) float32 in [-1, 1]: scaled to cover size = (H, W) keeping its
+    aspect, centre-cropped (the training data's transform, Open-Sora's "resize_crop")."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            rgb = np.array(im.convert("RGB"))  # (h, w, 3) uint8
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cond_image: {path} is not an image Pillow can read (PNG, JPEG, ...): {e}") from None
+    frames = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()  # (1, 3, h, w) in [0, 255]
+    picture = resize_center_crop(frames, size).div(127.5).sub(1.0).clamp(-1.0, 1.0)
+    return picture.permute(1, 0, 2, 3)[None].contiguous()  # (1, 3, 1, H, W)
 
 
 def write_sheet(frames: np.ndarray, out: str | Path) -> Path:

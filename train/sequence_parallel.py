@@ -1,4 +1,4 @@
-"""Sequence parallelism for STDiT over a process group, exactly equivalent to one device.
+"""Sequence parallelism for STDiT and STDiT3 over a process group, exactly equivalent to one device.
 
 :class:`SequenceParallelSTDiT` never copies the model's code. It sets the model's token layout
 (``model.sequence``: which tokens this rank holds, and how the output is gathered) and hooks the
@@ -17,6 +17,18 @@ the same parameters and gets the same full inputs.
 - ``"ulysses_generic"``: the same plus the pair around the temporal core, as DeepSpeed-Ulysses
   applied to every attention does (the DSP paper's baseline). Four all-to-alls per block, 8C.
 
+"Block" is a unit of depth: an STDiT block (spatial and temporal attention inside), or an STDiT3
+pair ``spatial_blocks[i]``, ``temporal_blocks[i]``; the exchanges are the same. For STDiT3 the hooked
+modules are the temporal blocks' ``attn`` (dsp) and the spatial (and temporal) blocks' ``attn.core``
+(ulysses); what else differs is per frame and stays local:
+- the per-frame conditioning ``x_mask`` (B, T) follows the frames: the model hands it to
+  ``model.sequence.split`` as its per-frame table, and a frame shard gets its own frames' rows;
+- RoPE rotates by frame index inside temporal attention, which always sees all T frames in order
+  (dsp moves to position shards before it, Ulysses keeps every frame), so positions stay 0..T-1;
+- q/k RMSNorm gains are per head dim, the same for every head, so a rank holding H/sp heads
+  applies them unchanged (their gradients add up over ranks as every other parameter's);
+- inputs padded up to the patch (STDiT3 takes any size) are split on the padded patch grid.
+
 T or S need not divide by sp: shards are contiguous and uneven (:func:`split_sizes`), every exchange
 is one ``all_to_all_single`` with per-rank split sizes, and nothing is padded. Why the per-rank
 gradients add up (not average) to the single-device gradient is explained at :meth:`sync_grads`.
@@ -29,9 +41,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
-__all__ = ["SequenceParallelSTDiT", "ShardInfo", "comm_bytes_per_block", "split_sizes", "MODES"]
+__all__ = ["MODES", "SequenceParallelSTDiT", "ShardInfo", "comm_bytes_per_block", "split_sizes"]
 
 MODES = ("dsp", "ulysses", "ulysses_generic")
 
@@ -64,9 +76,11 @@ def comm_bytes_per_block(
     - dsp: to position shards sends B*T_r*(S - S_r)*C, back to frame shards B*(T - T_r)*S_r*C;
     - ulysses, around spatial attention: qkv sends B*T*S_r*3C*(sp-1)/sp, the output B*T*(S - S_r)*C/sp;
     - ulysses_generic: that twice (spatial and temporal attention).
-    The self chunk of an all-to-all is a local copy and not counted. ``rank=None`` averages over
-    ranks, which is every rank's amount when T and S divide by sp: dsp 2*B*T*S*C*(sp-1)/sp^2,
-    ulysses 2x and ulysses_generic 4x that. The backward moves the same amount again.
+    A block is one unit of depth: an STDiT block or an STDiT3 spatial + temporal block pair (T and S
+    on the patch grid, padded sizes for STDiT3). The self chunk of an all-to-all is a local copy and
+    not counted. ``rank=None`` averages over ranks, which is every rank's amount when T and S divide
+    by sp: dsp 2*B*T*S*C*(sp-1)/sp^2, ulysses 2x and ulysses_generic 4x that. The backward moves the
+    same amount again.
     """
     _check_mode(mode)
     T, S, C, B = frames, tokens_per_frame, hidden, batch
@@ -186,7 +200,7 @@ class _Plan:
 
 
 class _ShardedSequence:
-    """``model.sequence`` under sequence parallelism (the interface of stdit.models.stdit.WholeSequence).
+    """``model.sequence`` under sequence parallelism (the interface of stdit.models.base.WholeSequence).
 
     ``split`` records the current forward's plan and the hooks read it. An activation-checkpointed
     block recomputes in the backward, possibly after a forward of another shape: checkpoint_contexts
@@ -210,14 +224,18 @@ class _ShardedSequence:
         s0 = sum(plan.Ss[:r])
         return slice(0, plan.T), slice(s0, s0 + plan.Ss[r])
 
-    def split(self, x: torch.Tensor, grid: tuple[int, int, int], tpe: torch.Tensor):
+    def split(self, x: torch.Tensor, grid: tuple[int, int, int], per_frame: torch.Tensor | None):
+        """x (B, T*S, C) -> (this rank's tokens (B, T_r*S_r, C), T_r, per_frame[:, this rank's frames]).
+
+        ``per_frame``: a tensor whose dim 1 runs over the T frames (STDiT's temporal table (1, T, C),
+        STDiT3's x_mask (B, T)) or None; its rows follow the frames the rank holds."""
         self.plan = plan = self.plan_for(grid)
         if plan.replicated:  # e.g. images (T = 1) in a video stage: see _ScaleGrad in gather
-            return x, plan.T, tpe
+            return x, plan.T, per_frame
         frames, tokens = self.shard_slices(plan)
         B, _, C = x.shape
         x = x.view(B, plan.T, plan.S, C)[:, frames, tokens]  # the backward is zero outside this shard
-        return x.reshape(B, -1, C), x.shape[1], tpe[:, frames]
+        return x.reshape(B, -1, C), x.shape[1], None if per_frame is None else per_frame[:, frames]
 
     def gather(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         plan = self._current(grid)
@@ -304,21 +322,37 @@ class _ShardedSequence:
 # ------------------------------------------------------------------------------------------------
 
 
+def _attention_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(spatial, temporal) self-attention modules, one of each per unit of depth: STDiT's
+    ``blocks[i].attn`` / ``blocks[i].attn_temp``, STDiT3's ``spatial_blocks[i].attn`` /
+    ``temporal_blocks[i].attn``. Each has a parameter-free ``core`` between its projections."""
+    if hasattr(model, "spatial_blocks") and hasattr(model, "temporal_blocks"):
+        return [b.attn for b in model.spatial_blocks], [b.attn for b in model.temporal_blocks]
+    if hasattr(model, "blocks") and all(hasattr(b, "attn_temp") for b in model.blocks):
+        return [b.attn for b in model.blocks], [b.attn_temp for b in model.blocks]
+    raise TypeError(
+        f"model: sequence parallelism takes STDiT (blocks with attn / attn_temp) or STDiT3 (spatial_blocks / "
+        f"temporal_blocks), got {type(model).__name__}"
+    )
+
+
 class SequenceParallelSTDiT(nn.Module):
-    """Sequence-parallel forward of an STDiT (parameters replicated over the ranks of ``group``).
+    """Sequence-parallel forward of an STDiT or STDiT3 (parameters replicated over the ranks of ``group``).
 
     Args:
-        model: the STDiT (same parameters on every rank, e.g. same seed or broadcast). It is changed
-            in place: its token layout is set and its attention modules are hooked.
+        model: the STDiT or STDiT3 (same parameters on every rank, e.g. same seed or broadcast). It is
+            changed in place: its token layout is set and its attention modules are hooked.
         group: the sp process group (None: the default group).
         mode: "dsp", "ulysses" or "ulysses_generic" (see the module docstring).
 
-    ``forward(x, timestep, y, mask=None, force_drop_ids=None, gather_output=True)`` takes the full
-    inputs (identical on every rank) and returns the full output (B, out_C, T, H, W) float32, or with
-    ``gather_output=False`` a pair (this rank's final-layer tokens, :class:`ShardInfo`). After
-    ``loss.backward()`` on every rank, :meth:`sync_grads` gives every rank the single-device gradients.
-    ``comm_stats``: bytes sent to other ranks by the all-to-alls (forward, including recomputation
-    under activation checkpointing; backward) and by the output gather.
+    ``forward(x, timestep, *args, gather_output=True, **kwargs)`` takes the model's own arguments
+    (full inputs, identical on every rank: STDiT's ``y, mask, force_drop_ids``, STDiT3's ``y, mask,
+    x_mask, fps, height, width, ...``) and returns the full output (B, out_C, T, H, W) float32, or
+    with ``gather_output=False`` a pair (this rank's final-layer tokens (B, T_r, S_r, P),
+    :class:`ShardInfo`). After ``loss.backward()`` on every rank, :meth:`sync_grads` gives every rank
+    the single-device gradients. ``comm_stats``: bytes sent to other ranks by the all-to-alls
+    (forward, including recomputation under activation checkpointing; backward) and by the output
+    gather.
     """
 
     def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None, mode: str = "dsp"):
@@ -326,6 +360,7 @@ class SequenceParallelSTDiT(nn.Module):
         _check_mode(mode)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("SequenceParallelSTDiT needs an initialised torch.distributed process group")
+        spatial, temporal = _attention_modules(model)
         self.model, self.group, self.mode = model, group, mode
         self.sp, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if mode != "dsp" and model.num_heads % self.sp:
@@ -337,28 +372,32 @@ class SequenceParallelSTDiT(nn.Module):
         self.reset_comm_stats()
         self.layout = _ShardedSequence(group, mode, self.sp, self.rank, self.comm_stats)
         model.sequence = self.layout
-        for block in model.blocks:
-            if mode == "dsp":
-                block.attn_temp.register_forward_pre_hook(self.layout.dsp_in, with_kwargs=True)
-                block.attn_temp.register_forward_hook(self.layout.dsp_out)
-            else:
-                cores = (block.attn.core, block.attn_temp.core) if mode == "ulysses_generic" else (block.attn.core,)
-                for core in cores:
-                    core.register_forward_pre_hook(self.layout.ulysses_in, with_kwargs=True)
-                    core.register_forward_hook(self.layout.ulysses_out)
+        if mode == "dsp":
+            for attn in temporal:
+                attn.register_forward_pre_hook(self.layout.dsp_in, with_kwargs=True)
+                attn.register_forward_hook(self.layout.dsp_out)
+        else:
+            for attn in spatial + (temporal if mode == "ulysses_generic" else []):
+                attn.core.register_forward_pre_hook(self.layout.ulysses_in, with_kwargs=True)
+                attn.core.register_forward_hook(self.layout.ulysses_out)
 
     @property
     def blocks(self) -> nn.ModuleList:
-        """The model's blocks (data parallelism shards them one by one)."""
+        """The model's blocks (data parallelism shards them one by one): STDiT's ``blocks``, STDiT3's
+        spatial and temporal blocks in the order they run."""
+        if hasattr(self.model, "spatial_blocks"):
+            pairs = zip(self.model.spatial_blocks, self.model.temporal_blocks)
+            return nn.ModuleList([block for pair in pairs for block in pair])
         return self.model.blocks
 
     def reset_comm_stats(self) -> None:
         self.comm_stats.update(forward_bytes=0, backward_bytes=0, forward_calls=0, gather_bytes=0)
 
-    def forward(self, x, timestep, y, mask=None, force_drop_ids=None, gather_output: bool = True):
+    def forward(self, x, timestep, *args, gather_output: bool = True, **kwargs):
         if gather_output:
-            return self.model(x, timestep, y, mask, force_drop_ids)
-        grid = tuple(n // p for n, p in zip(x.shape[2:], self.model.patch_size))
+            return self.model(x, timestep, *args, **kwargs)
+        # the patch grid of the (for STDiT3: padded) input
+        grid = tuple(-(-n // p) for n, p in zip(x.shape[2:], self.model.patch_size))
         if self.layout.plan_for(grid).replicated:
             T, S = grid[0], grid[1] * grid[2]
             raise ValueError(
@@ -366,7 +405,9 @@ class SequenceParallelSTDiT(nn.Module):
                 f"over sp = {self.sp} ranks without an empty shard (needs "
                 f"{'frames >= sp and ' if self.mode == 'dsp' else ''}positions >= sp)"
             )
-        tokens, grid = self.model.forward_tokens(x, timestep, y, mask, force_drop_ids)
+        for key in ("ar", "num_frames"):  # forward() accepts and ignores them (STDiT3); forward_tokens does not
+            kwargs.pop(key, None)
+        tokens, grid = self.model.forward_tokens(x, timestep, *args, **kwargs)
         frames, positions = self.layout.shard_slices(self.layout.plan)
         B = tokens.shape[0]
         shard = tokens.view(B, frames.stop - frames.start, positions.stop - positions.start, -1)

@@ -4,10 +4,15 @@
 and the model (stdit.train.build), the batches (stdit.train.batches) and the engine for the launch
 (stdit.train.engines: one process, torch.distributed or ColossalAI), which resumes from
 ``run.out_dir``'s newest checkpoint, so a killed run continues the same loss trajectory, or starts
-from ``stage.init_from``. An image stage (num_frames = 1) freezes the temporal attention at its zero
-initialisation (PixArt-alpha has none), so that the next, video stage starts as the image model.
+from ``stage.init_from``. An STDiT image stage (num_frames = 1) freezes the temporal attention at its
+zero initialisation (PixArt-alpha has none), so that the next, video stage starts as the image model.
 
-Training: the IDDPM loss (stdit.train.diffusion) at uniformly drawn timesteps, AdamW (fused on
+Training: ``[diffusion] kind`` = "iddpm" (STDiT, Open-Sora 1.0): the IDDPM loss (stdit.train.diffusion)
+at uniformly drawn timesteps; "rflow" (STDiT3, Open-Sora 1.2): the rectified-flow loss
+(stdit.train.rflow), which draws (and transforms) t itself, with random conditioning frames
+(``mask_ratios``, stdit.train.masks: the same mask is STDiT3's x_mask and the loss's frame mask, drawn
+from a generator seeded by the run's seed and the step, so a resumed run draws the same) and STDiT3's
+size conditioning (``model_kwargs``: fps, pixel height / width, frames, aspect ratio). AdamW (fused on
 CUDA; apex FusedAdam when asked for), gradient-norm clipping, EMA, bf16 autocast on GPU. It logs
 loss, samples/s, tokens/s, model TFLOP/s and MFU (cost-model FLOPs over the datasheet peak, on
 GPUs), memory to ``out_dir/log.csv`` with a progress bar, checkpoints every
@@ -29,20 +34,77 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from stdit.common.files import atomic_path
+from stdit.common.files import atomic_path, write_json
 from stdit.common.peaks import peak_flops
 from stdit.models.costs import model_cost
 
-from .batches import BatchSource
-from .build import build_encoders, build_model, resolve_device, seed_everything
+from .batches import Batch, BatchSource
+from .build import build_diffusion, build_encoders, build_model, resolve_device, seed_everything
+from .build import temporal_parameter_names
 from .config import ConfigError, StageConfig, load_config
-from .diffusion import IDDPM
+from .data import DEFAULT_FPS
 from .engines import make_engine
+from .masks import MaskGenerator
+from .rflow import RFlow
 
+RESOLVED_CONFIG = "config.resolved.json"  # `stdit train --config` reads it back
 LOG_COLUMNS = (
     "step", "epoch", "loss", "mse", "vb", "grad_norm", "samples_per_s", "tokens_per_s", "tflops_per_s", "mfu_pct",
     "mem_mb", "skipped",
 )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the model and the diffusion are called with
+# ----------------------------------------------------------------------------------------------------
+
+
+def model_kwargs(family: str, batch: Batch, x_mask: torch.Tensor | None = None) -> dict:
+    """The keywords the model gets with a batch: text features ``y`` (B, 1, L, C) and their ``mask`` (B, L);
+    for STDiT3 also, as Open-Sora 1.2's train.py passes them, ``x_mask`` (B, T) bool (True = generated frame;
+    None: all generated), ``fps`` (B,), ``height`` and ``width`` (B,) in pixels of the video, ``num_frames``
+    (B,) and ``ar`` (B,) = height / width, all float (the last two feed only the timestep transform)."""
+    kwargs = dict(y=batch.y, mask=batch.mask)
+    if family != "STDiT3":
+        return kwargs
+    B, device = batch.latents.shape[0], batch.latents.device
+    T, H, W = batch.pixel_size
+
+    def full(v: float) -> torch.Tensor:
+        return torch.full((B,), float(v), device=device)
+
+    fps = batch.fps if batch.fps is not None else full(DEFAULT_FPS)
+    kwargs.update(x_mask=x_mask, fps=fps, height=full(H), width=full(W), num_frames=full(T), ar=full(H / W))
+    return kwargs
+
+
+def diffusion_losses(diffusion, net, family: str, batch: Batch, *, t=None, noise=None,
+                     x_mask: torch.Tensor | None = None) -> dict:
+    """One batch's loss terms through the stage's diffusion: IDDPM at timesteps ``t`` (B,) int (drawn
+    uniformly when None); rectified flow at ``t`` (B,) float (drawn and transformed by RFlow when None),
+    with ``x_mask`` as the model's conditioning mask and the loss's frame mask."""
+    x0 = batch.latents
+    kwargs = model_kwargs(family, batch, x_mask)
+    if isinstance(diffusion, RFlow):
+        return diffusion.training_losses(net, x0, kwargs, noise=noise, mask=x_mask,
+                                         t=None if t is None else t.float())  # fmt: skip
+    if t is None:
+        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+    return diffusion.training_losses(net, x0, t, model_kwargs=kwargs, noise=noise)
+
+
+def mask_generator_for(cfg: StageConfig, seed: int):
+    """The stage's conditioning-mask draw: (step, batch, frames) -> (B, T) bool or None (no mask_ratios).
+    Each step draws from its own generator seeded by (seed, step): resuming needs no saved state."""
+    if not cfg.diffusion.mask_ratios:
+        return lambda step, batch, frames, device: None
+    gen = MaskGenerator(cfg.diffusion.mask_ratios)
+
+    def draw(step: int, batch: int, frames: int, device) -> torch.Tensor:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+        return gen.get_masks(batch, frames, g, device=device)
+
+    return draw
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -51,7 +113,7 @@ LOG_COLUMNS = (
 
 
 class FixedEval:
-    """The IDDPM loss on fixed batches, fixed timesteps and fixed noise.
+    """The diffusion loss on fixed batches, fixed timesteps and fixed noise (no conditioning frames).
 
     The per-step training loss depends mostly on which timestep was drawn, so its trend over a short
     run is noise. This scores the same ``n`` batches (the first batches of epoch 0) at timesteps
@@ -59,8 +121,8 @@ class FixedEval:
     weights. RNG states are forked: evaluating never changes the training run's random stream.
     """
 
-    def __init__(self, source: BatchSource, n: int, diffusion, seed: int):
-        self.batches = []
+    def __init__(self, source: BatchSource, n: int, diffusion, seed: int, family: str = "STDiT"):
+        self.batches, self.family = [], family
         if n <= 0:
             return
         saved = (source.epoch, source.batches_in_epoch)
@@ -88,14 +150,15 @@ class FixedEval:
         loss = mse = 0.0
         with torch.random.fork_rng(devices=[]):
             for batch, t, noise in self.batches:
-                terms = self.diffusion.training_losses(
-                    model, batch.latents, t, model_kwargs=dict(y=batch.y, mask=batch.mask), noise=noise
-                )
+                terms = diffusion_losses(self.diffusion, model, self.family, batch, t=t, noise=noise)
                 loss += terms["loss"].mean().item()
-                mse += terms["mse"].mean().item()
+                mse += terms["mse"].mean().item() if "mse" in terms else math.nan
         model.train(was_training)
         n = len(self.batches)
-        return {"eval_loss": loss / n, "eval_mse": mse / n}
+        scores = {"eval_loss": loss / n}
+        if not math.isnan(mse):  # rectified flow's loss is its MSE: no separate column
+            scores["eval_mse"] = mse / n
+        return scores
 
 
 EVAL_COLUMNS = ("step", "eval_loss", "eval_mse", "ema_loss", "ema_mse")
@@ -141,14 +204,19 @@ def _truncate_log(path: Path, step: int, columns: tuple[str, ...] = LOG_COLUMNS)
         w.writerows(rows)
 
 
-def step_flops(model, latent: tuple[int, int, int], samples: int) -> float:
+def step_flops(model, latent: tuple[int, int, int], samples: int, x_mask: bool = False) -> float:
     """Model FLOPs of one training step on ``samples`` clips of ``latent`` (T, H, W), as the cost model
     counts them (forward and backward of every layer, plus the recomputed forward of checkpointed
-    blocks): the numerator of MFU."""
-    cost = model_cost(
-        model.family.lower(), size=model.size, latent=latent, batch=samples, mode="train_step",
-        checkpoint=model.checkpoint,
-    )  # fmt: skip
+    blocks): the numerator of MFU. ``x_mask``: the step gave STDiT3 a conditioning mask (it then
+    embeds timestep 0 as well). NaN for a family the cost model has no formula for (the log leaves
+    TFLOP/s and MFU blank then)."""
+    try:
+        cost = model_cost(
+            model.family.lower(), size=model.size, latent=latent, batch=samples, mode="train_step",
+            checkpoint=model.checkpoint, **({"x_mask": True} if x_mask else {}),
+        )  # fmt: skip
+    except (ValueError, KeyError, NotImplementedError):  # a family the cost model does not count (yet)
+        return math.nan
     return cost.flops
 
 
@@ -169,11 +237,14 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
 
     vae, text = build_encoders(cfg, device)
     model = build_model(cfg, text.hidden_size, device)
-    if cfg.data.num_frames == 1:  # image stage (PixArt-alpha has no temporal attention): keep it at zero
+    family = model.family
+    if cfg.data.num_frames == 1 and not cfg.data.buckets:  # STDiT image stage: keep temporal attention at zero
+        frozen = set(temporal_parameter_names(model))
         for name, p in model.named_parameters():
-            if ".attn_temp." in name:
+            if name in frozen:
                 p.requires_grad_(False)
-    diffusion = IDDPM()
+    diffusion = build_diffusion(cfg)
+    draw_masks = mask_generator_for(cfg, seed)
     source = BatchSource(cfg, vae, text, device, dp_rank=engine.dp_rank, dp=engine.dp, progress=progress)
     start = engine.start(model, out)
     step = start.step
@@ -185,8 +256,9 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         _truncate_log(log_path, step)
         _truncate_log(eval_path, step, EVAL_COLUMNS)
         print(f"[{cfg.stage.name}] {start.note}; training to step {r.steps} on {engine.describe()}", file=sys.stderr)
+        write_json(out / RESOLVED_CONFIG, cfg.to_dict())  # after overrides and defaults: what this run trains with
 
-    evaluator = FixedEval(source, r.eval_batches if engine.evaluates else 0, diffusion, seed=r.seed)
+    evaluator = FixedEval(source, r.eval_batches if engine.evaluates else 0, diffusion, seed=r.seed, family=family)
     evals, ema_evals = [], []
 
     def evaluate(at: int) -> None:
@@ -200,7 +272,7 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
             shadow_model = copy.deepcopy(engine.model)
             engine.ema.copy_to(shadow_model)
             ema_scores = evaluator(shadow_model)
-        scores.update(ema_loss=ema_scores["eval_loss"], ema_mse=ema_scores["eval_mse"])
+        scores.update(ema_loss=ema_scores["eval_loss"], **({"ema_mse": ema_scores["eval_mse"]} if "eval_mse" in ema_scores else {}))
         evals.append(scores["eval_loss"])
         ema_evals.append(scores["ema_loss"])
         _append_log(eval_path, {"step": at, **{k: f"{v:.6f}" for k, v in scores.items()}}, EVAL_COLUMNS)
@@ -218,9 +290,9 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
     while step < r.steps and (max_steps is None or done_here < max_steps):
         batch = next(batches)
         x0 = batch.latents
-        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=device)
+        x_mask = draw_masks(step, x0.shape[0], x0.shape[2], device)
         with autocast:
-            terms = diffusion.training_losses(engine.net, x0, t, model_kwargs=dict(y=batch.y, mask=batch.mask))
+            terms = diffusion_losses(diffusion, engine.net, family, batch, x_mask=x_mask)
         loss = terms["loss"].mean()
         grad_norm = engine.step(loss, lr_at(step, cfg.optim, r.steps))
         step += 1
@@ -228,8 +300,8 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
         losses.append(loss.item())
         samples = x0.shape[0] * engine.dp  # the global batch
         window["samples"] += samples
-        window["tokens"] += samples * math.prod(n // p for n, p in zip(x0.shape[2:], model.patch_size))
-        window["flops"] += step_flops(model, tuple(x0.shape[2:]), samples)
+        window["tokens"] += samples * math.prod(-(-n // p) for n, p in zip(x0.shape[2:], model.patch_size))
+        window["flops"] += step_flops(model, tuple(x0.shape[2:]), samples, x_mask=x_mask is not None)
         window["skipped"] += batch.skipped
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -238,11 +310,13 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
             dt = max(now - t_last, 1e-9)
             mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
             _append_log(log_path, dict(
-                step=step, epoch=source.epoch, loss=f"{losses[-1]:.6f}", mse=f"{terms['mse'].mean().item():.6f}",
-                vb=f"{terms['vb'].mean().item():.6f}", grad_norm=f"{float(grad_norm):.4f}",
+                step=step, epoch=source.epoch, loss=f"{losses[-1]:.6f}",
+                mse=f"{terms['mse'].mean().item():.6f}" if "mse" in terms else "",
+                vb=f"{terms['vb'].mean().item():.6f}" if "vb" in terms else "", grad_norm=f"{float(grad_norm):.4f}",
                 samples_per_s=f"{window['samples'] / dt:.3f}", tokens_per_s=f"{window['tokens'] / dt:.1f}",
-                tflops_per_s=f"{window['flops'] / dt / 1e12:.4g}",
-                mfu_pct=f"{100 * window['flops'] / dt / (peak * engine.world):.3g}" if peak else "",
+                tflops_per_s=f"{window['flops'] / dt / 1e12:.4g}" if not math.isnan(window["flops"]) else "",
+                mfu_pct=f"{100 * window['flops'] / dt / (peak * engine.world):.3g}"
+                if peak and not math.isnan(window["flops"]) else "",
                 mem_mb=f"{mem:.0f}" if mem is not None else "", skipped=window["skipped"],
             ))  # fmt: skip
             t_last, window = now, {"samples": 0, "tokens": 0, "flops": 0.0, "skipped": 0}
@@ -264,9 +338,10 @@ def train_stage(cfg: StageConfig | str | Path, *, progress: bool = True, max_ste
     }  # fmt: skip
 
 
-def train_chain(configs: list[str | Path], *, progress: bool = True) -> list[dict]:
-    """Run stages in order; a stage whose ``init_from`` is "previous" starts from the one before."""
-    loaded = [load_config(c) for c in configs]
+def train_chain(configs: list[str | Path], *, progress: bool = True, overrides: list[str] | tuple[str, ...] = ()) -> list[dict]:
+    """Run stages in order; a stage whose ``init_from`` is "previous" starts from the one before.
+    ``overrides`` (``table.key=value``, the command line's ``--set``) apply to every stage."""
+    loaded = [load_config(c, overrides) for c in configs]
     summaries = []
     for i, cfg in enumerate(loaded):
         if cfg.stage.init_from == "previous":

@@ -4,7 +4,8 @@ Usage: python -m torch.distributed.run --standalone --nproc_per_node=2 sp_worker
 
 For each mode (dsp, ulysses, ulysses_generic) and each shape, compares SequenceParallelSTDiT
 against the single-process STDiT on the same inputs (float64): forward output, parameter gradients
-after sync_grads, and the parameters after 3 AdamW steps. Rank 0 writes the max abs diffs (max over
+after sync_grads, and the parameters after 3 AdamW steps; then the same for STDiT3 (x_mask, fps,
+pixel size, an input padded up to the patch, q/k gains). Rank 0 writes the max abs diffs (max over
 ranks) and the counted all-to-all bytes and calls to OUT.json.
 """
 
@@ -17,7 +18,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from stdit.models import stdit_from_preset
+from stdit.models import from_preset, stdit_from_preset
 from stdit.train.sequence_parallel import MODES, SequenceParallelSTDiT, comm_bytes_per_block
 
 DTYPE = torch.float64
@@ -160,6 +161,129 @@ def check_interleaved(mode: str, res: dict) -> None:
     res[f"{mode}/interleaved"] = {"grad_diff": allmax(gdiff), "grad_scale": max(p.grad.abs().max().item() for p in ref.parameters())}
 
 
+# ------------------------------------------------------------------------------------------------
+# STDiT3
+# ------------------------------------------------------------------------------------------------
+
+SHAPES3 = {  # name: (T, H, W) of the latent; patch (1, 2, 2)
+    "odd_frames": (5, 8, 8),  # T=5, S=16: frame shards 3 + 2
+    "uneven_S_padded": (4, 5, 10),  # H padded to 6: S=3*5=15, position shards 8 + 7
+}
+
+
+def make_model3(checkpoint: bool = False) -> torch.nn.Module:
+    """Two spatial + two temporal blocks, 2 heads of 24; every parameter random (q/k gains near 1)."""
+    torch.manual_seed(0)
+    m = from_preset(
+        "STDiT3-mini", hidden_size=48, num_heads=2, depth=2, caption_channels=16, model_max_length=8,
+        class_dropout_prob=0.0, attention_backend="reference", checkpoint=checkpoint,
+    ).to(DTYPE)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name != "rope.freqs":
+                r = torch.randn(p.shape, generator=g, dtype=DTYPE) * 0.1
+                p.copy_(1 + 3 * r if name.endswith(("q_norm.weight", "k_norm.weight")) else r)
+    return m
+
+
+def make_inputs3(shape, seed: int, x_mask: bool = True):
+    """(args, kwargs) as Open-Sora 1.2's trainer calls STDiT3, and loss weights on the output."""
+    g = torch.Generator().manual_seed(seed)
+    T, H, W = shape
+    B, L = 2, 8
+    x = torch.randn(B, 4, T, H, W, generator=g, dtype=DTYPE)
+    y = torch.randn(B, 1, L, 16, generator=g, dtype=DTYPE)
+    mask = torch.zeros(B, L, dtype=torch.int64)
+    mask[0, :8] = 1
+    mask[1, :3] = 1
+    kw = {
+        "mask": mask, "fps": torch.tensor([24.0, 8.0]), "height": torch.full((B,), 8.0 * H),
+        "width": torch.full((B,), 8.0 * W), "num_frames": torch.full((B,), 17.0 * T), "ar": torch.full((B,), H / W),
+    }  # fmt: skip
+    if x_mask:
+        xm = torch.ones(B, T, dtype=torch.bool)
+        xm[0, 0] = False  # a conditioning first frame (on rank 0 under frame shards)
+        xm[1, -2:] = False  # conditioning last frames (on rank 1)
+        kw["x_mask"] = xm
+    w = torch.randn(B, 8, T, H, W, generator=g, dtype=torch.float32)
+    return (x, torch.tensor([10.0, 700.0]), y), kw, w
+
+
+def check_stdit3(mode: str, name: str, res: dict, checkpoint: bool = False, x_mask: bool = True) -> None:
+    """SequenceParallelSTDiT over STDiT3 against the untouched model: output, every gradient (the q/k
+    gains' reported apart), this rank's tokens without gathering, and the counted bytes."""
+    shape = SHAPES3[name]
+    ref = make_model3(checkpoint)
+    sp_model = copy.deepcopy(ref)
+    wrapper = SequenceParallelSTDiT(sp_model, mode=mode)
+    ref.train()
+    wrapper.train()
+    args, kw, w = make_inputs3(shape, seed=5, x_mask=x_mask)
+
+    out_ref = ref(*args, **kw)
+    loss_fn(out_ref, w).backward()
+    wrapper.reset_comm_stats()
+    out = wrapper(*args, **kw)
+    fwd_bytes, fwd_calls = wrapper.comm_stats["forward_bytes"], wrapper.comm_stats["forward_calls"]
+    loss_fn(out, w).backward()
+    wrapper.sync_grads()
+
+    gdiff = gscale = qk_diff = qk_scale = 0.0
+    for (pname, p_ref), p in zip(ref.named_parameters(), sp_model.parameters()):
+        if p_ref.grad is None:
+            continue
+        d, s = maxdiff(p_ref.grad, p.grad), p_ref.grad.abs().max().item()
+        gdiff, gscale = max(gdiff, d), max(gscale, s)
+        if pname.endswith(("q_norm.weight", "k_norm.weight")):
+            qk_diff, qk_scale = max(qk_diff, d), max(qk_scale, s)
+
+    with torch.no_grad():
+        shard, info = wrapper(*args, gather_output=False, **kw)
+        tokens_kw = {k: v for k, v in kw.items() if k not in ("ar", "num_frames")}
+        ref_tok, grid = ref.forward_tokens(*args, **tokens_kw)
+        ref_tok = ref_tok.reshape(args[0].shape[0], grid[0], grid[1] * grid[2], -1)[:, info.frames, info.tokens]
+        shard_diff = maxdiff(shard, ref_tok)
+
+    B = args[0].shape[0]
+    T, Sg = info.grid[0], info.grid[1] * info.grid[2]
+    r, sp = dist.get_rank(), dist.get_world_size()
+    counted = torch.tensor([fwd_bytes], dtype=torch.float64)
+    dist.all_reduce(counted)
+    formula = {"batch": B, "frames": T, "tokens_per_frame": Sg, "hidden": ref.hidden_size, "sp": sp, "elem_bytes": 8}
+    res[f"stdit3/{mode}/{name}" + ("/checkpoint" if checkpoint else "") + ("" if x_mask else "/no_x_mask")] = {
+        "out_diff": allmax(maxdiff(out, out_ref)),
+        "out_scale": out_ref.abs().max().item(),
+        "grad_diff": allmax(gdiff),
+        "grad_scale": gscale,
+        "qk_grad_diff": allmax(qk_diff),
+        "qk_grad_scale": qk_scale,
+        "shard_diff": allmax(shard_diff),
+        "shard_scale": ref_tok.abs().max().item(),
+        "bytes_per_block_rank": allmax(abs(fwd_bytes / ref.depth - comm_bytes_per_block(mode, rank=r, **formula))),
+        "bytes_per_block_counted_avg": counted.item() / sp / ref.depth,
+        "bytes_per_block_formula_avg": comm_bytes_per_block(mode, **formula),
+        "calls_per_block": fwd_calls / ref.depth,
+    }
+
+
+def check_stdit3_single_frame(res: dict) -> None:
+    """One frame (an image) cannot be split over 2 frame shards: DSP replicates, x_mask and all."""
+    model = make_model3()
+    w = SequenceParallelSTDiT(model, mode="dsp")
+    args, kw, _ = make_inputs3((1, 4, 6), seed=6)
+    kw["x_mask"][0, 0] = False
+    ref = make_model3()
+    w(*args, **kw).square().mean().backward()
+    w.sync_grads()
+    ref(*args, **kw).square().mean().backward()
+    with torch.no_grad():
+        res["stdit3/dsp/single_frame_diff"] = float((w(*args, **kw) - ref(*args, **kw)).abs().max())
+    res["stdit3/dsp/single_frame_grad_diff"] = max(
+        maxdiff(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()) if q.grad is not None
+    )
+
+
 def shape_name(shape) -> str:
     return next(k for k, v in SHAPES.items() if v == shape)
 
@@ -199,6 +323,11 @@ def main() -> None:
     res["dsp_single_frame_fallback_grad_diff"] = max(
         float((p.grad - q.grad).abs().max()) for p, q in zip(model.parameters(), ref.parameters()) if q.grad is not None
     )
+    for mode in MODES:
+        check_stdit3(mode, "odd_frames", res, checkpoint=True)
+        check_stdit3(mode, "uneven_S_padded", res)
+    check_stdit3("dsp", "odd_frames", res, x_mask=False)
+    check_stdit3_single_frame(res)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(res, f, indent=1)

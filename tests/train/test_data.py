@@ -435,3 +435,36 @@ def test_bad_arguments_name_the_argument(synth, tmp_path):
         make_dataloader(ds, 2, num_workers=-1)
     with pytest.raises(ValueError, match="epoch"):
         ds.set_epoch(-1)
+
+
+# ----------------------------------------------------------------------------------------------- buckets
+def test_media_size_from_csv_columns_or_headers_and_bucket_items(ramp, tmp_path):
+    """media_size: the CSV's num_frames / height / width (Open-Sora 1.2's columns) when all are there, else
+    the file's headers; dataset[(i, T, H, W)] decodes sample i at that shape with the clip's frame rate
+    (the video's over frame_interval); images are 1 frame at 120 fps."""
+    from PIL import Image
+    from stdit.train.data import IMAGE_FPS, probe_media
+
+    assert probe_media(ramp.parent / "ramp.mp4") == (RAMP_T, 48, 64, 8.0)
+    Image.fromarray(np.zeros((20, 36, 3), np.uint8)).save(tmp_path / "im.png")
+    (tmp_path / "ramp.mp4").symlink_to(ramp.parent / "ramp.mp4")
+    csv_path = _write_csv(tmp_path / "c.csv", [("ramp.mp4", "a", "40", "480", "640"), ("ramp.mp4", "b", "", "", ""),
+                                               ("im.png", "c", "", "", ""), ("missing.mp4", "d", "", "", "")],
+                          header=["path", "text", "num_frames", "height", "width"])  # fmt: skip
+    assert read_csv(csv_path)[0].height == 480 and read_csv(csv_path)[1].height is None
+    ds = VideoTextDataset(csv_path, num_frames=4, frame_interval=3, image_size=(16, 16))
+    assert ds.media_size(0) == (40, 480, 640)  # the CSV's word (not probed)
+    assert ds.media_size(1) == (RAMP_T, 48, 64) and ds.media_size(2) == (1, 20, 36)
+    with pytest.warns(BadSampleWarning, match="leaving out sample 3"):
+        assert ds.media_size(3) is None
+    item = ds[(1, 6, 32, 48)]
+    assert item["video"].shape == (3, 6, 32, 48) and item["fps"] == 8.0 // 3
+    ids = _frame_ids(item["video"])
+    np.testing.assert_allclose(ids, ids[0] + 3 * np.arange(6), atol=0.5)  # 6 frames every 3rd
+    assert ds[1]["video"].shape == (3, 4, 16, 16)  # a plain index keeps the stage's shape
+    image = ds[(2, 1, 16, 32)]
+    assert image["video"].shape == (3, 1, 16, 32) and image["fps"] == IMAGE_FPS
+    batch = collate_skip_bad([ds[(1, 2, 16, 16)], ds[(0, 2, 16, 16)]])
+    assert torch.equal(batch["fps"], torch.tensor([2.0, 2.0]))
+    with pytest.raises(ValueError, match=r"index: expected an int or \(index, T, H, W\)"):
+        ds[(1, 2)]

@@ -356,3 +356,155 @@ def test_engines_resume_from_the_newest_checkpoint_they_read(tmp_path):
     save_distributed(out / DCP.subdir, 4, model)
     assert one._newest(out).kind is DCP and torch_dist._newest(out)[:3] == (DCP, out / "dcp" / "step-000000004", True)
     assert cai._newest(out).kind is SINGLE  # ColossalAI reads no distributed checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------
+# Open-Sora 1.2: STDiT3 + rectified flow + buckets + conditioning masks
+# ----------------------------------------------------------------------------------------------------
+
+V12_BUCKETS = {"32px": {"1": [1.0, 2], "4": [[1.0, 0.5], 2], "2": [1.0, 3]}}
+
+
+def _cfg12(data, out, **over):
+    raw = {
+        "stage": {"name": "v12"},
+        "model": {"preset": "STDiT3-mini", "attention_backend": "reference"},
+        "data": {"csv": str(data), "frame_interval": 2, "buckets": V12_BUCKETS, "aspect_ratios": [0.5, 1.0]},
+        "encoders": {"model_max_length": 16},
+        "diffusion": {"kind": "rflow", "sample_method": "logit-normal",
+                      "mask_ratios": {"random": 0.3, "image_head": 0.3, "quarter_tail": 0.2}},
+        "optim": {"lr": 1e-3, "ema_decay": 0.9},
+        "run": {"out_dir": str(out), "steps": 6, "seed": 3, "log_every": 1, "ckpt_every": 2},
+    }  # fmt: skip
+    for key, value in over.items():
+        table, _, name = key.partition("__")
+        raw[table][name] = value
+    return from_dict(raw)
+
+
+def test_stdit3_rflow_buckets_masks_train_and_resume_bitwise(data, tmp_path, monkeypatch):
+    """A tiny STDiT3 + rectified-flow stage over bucketed data with conditioning masks trains, changes the
+    weights, crosses an epoch, and a run killed after step 3 resumes to the same losses and weights. The
+    model sees Open-Sora 1.2's keywords: x_mask = the loss's frame mask, fps, pixel height / width."""
+    from stdit.models.stdit3 import STDiT3
+    from stdit.train.rflow import RFlow
+
+    seen = []
+    forward, losses = STDiT3.forward, RFlow.training_losses
+
+    def spy_forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None, **kw):
+        if self.training:
+            seen.append(dict(shape=tuple(x.shape), x_mask=None if x_mask is None else x_mask.clone(), fps=fps.clone(),
+                             height=height.clone(), width=width.clone(), ar=kw["ar"].clone(),
+                             num_frames=kw["num_frames"].clone()))  # fmt: skip
+        return forward(self, x, timestep, y, mask, x_mask, fps, height, width, **kw)
+
+    def spy_losses(self, model, x_start, model_kwargs=None, noise=None, mask=None, weights=None, t=None):
+        if model.training:
+            seen.append(dict(loss_mask=None if mask is None else mask.clone()))
+        return losses(self, model, x_start, model_kwargs, noise, mask, weights, t)
+
+    monkeypatch.setattr(STDiT3, "forward", spy_forward)
+    monkeypatch.setattr(RFlow, "training_losses", spy_losses)
+    full = train_stage(_cfg12(data, tmp_path / "full"), progress=False)
+    calls = [(seen[i], seen[i + 1]) for i in range(0, len(seen), 2)]
+    assert len(calls) == 6
+    shapes = {c["shape"][2:] for _, c in calls}
+    assert len(shapes) >= 2  # several buckets: images (T = 1) and clips of 2 or 4 frames
+    masked = 0
+    for loss_call, model_call in calls:
+        B, T = model_call["shape"][0], model_call["shape"][2]
+        assert B == {1: 2, 4: 2, 2: 3}[T]  # each bucket's own batch size
+        assert model_call["x_mask"].shape == (B, T) and torch.equal(model_call["x_mask"], loss_call["loss_mask"])
+        masked += int((~model_call["x_mask"]).any())
+        H, W = model_call["shape"][3] * 8, model_call["shape"][4] * 8  # latents are 1/8 of the pixels
+        assert torch.equal(model_call["height"], torch.full((B,), float(H)))
+        assert torch.equal(model_call["width"], torch.full((B,), float(W)))
+        assert torch.equal(model_call["ar"], torch.full((B,), H / W))
+        assert torch.equal(model_call["num_frames"], torch.full((B,), float(T)))
+        # synthetic videos are 8 fps, taken every 2nd frame -> 4; images carry Open-Sora 1.2's 120
+        assert torch.equal(model_call["fps"], torch.full((B,), 120.0 if T == 1 else 4.0))
+    assert masked >= 1  # some batch conditioned on given frames
+    rows = _log(tmp_path / "full")
+    assert [r["mse"] for r in rows] == [""] * 6 and {r["epoch"] for r in rows} >= {"0", "1"}
+    assert full["eval_last"] < full["eval_first"]  # it learns (fixed-batch loss)
+
+    part = train_stage(_cfg12(data, tmp_path / "part"), progress=False, max_steps=3)
+    assert part["step"] == 3
+    rest = train_stage(_cfg12(data, tmp_path / "part"), progress=False)
+    assert rest["init"].startswith("resumed from") and rest["step"] == 6
+    assert [r["loss"] for r in _log(tmp_path / "part")] == [r["loss"] for r in rows]
+    assert (tmp_path / "part" / "eval.csv").read_text() == (tmp_path / "full" / "eval.csv").read_text()
+    _assert_same_weights(_weights(tmp_path / "part"), _weights(tmp_path / "full"))
+    saved = load_config(tmp_path / "full" / "config.resolved.json")
+    assert saved.diffusion.kind == "rflow" and saved.data.buckets == V12_BUCKETS
+
+
+def test_stdit3_stage_from_a_bucketed_cache(data, tmp_path):
+    """[data] cache with buckets: encoded once per bucket shape, then trained from; the cache's buckets decide
+    the shapes and batch sizes."""
+    from stdit.train.prepare import CachedLatentDataset
+
+    cfg = _cfg12(data, tmp_path / "run", data__cache=str(tmp_path / "cache"), run__steps=3)
+    summary = train_stage(cfg, progress=False)
+    assert summary["step"] == 3
+    cache = CachedLatentDataset(tmp_path / "cache")
+    assert len({cache.bucket(i) for i in range(len(cache))}) >= 2
+    again = train_stage(_cfg12(data, tmp_path / "run2", data__cache=str(tmp_path / "cache"), run__steps=3),
+                        progress=False)  # fmt: skip
+    assert again["step"] == 3 and [r["loss"] for r in _log(tmp_path / "run")] == [r["loss"] for r in _log(tmp_path / "run2")]
+
+
+class _Skip(torch.nn.Module):
+    """A block that returns its input tokens (called as the model calls a block: tokens first)."""
+
+    def forward(self, x, *args):
+        return x
+
+
+def test_family_specific_options_are_refused_or_mapped_for_stdit3(data, tmp_path):
+    """zero_temporal makes STDiT3's temporal blocks the identity (the model equals its spatial blocks run
+    alone); PixArt initialisation and STDiT-only options are refused with the reason."""
+    from stdit.models import from_preset
+    from stdit.train.build import zero_temporal_output
+    from stdit.train.config import ConfigError
+
+    torch.manual_seed(0)
+    model = from_preset("STDiT3-mini", caption_channels=16, model_max_length=4).eval()
+    for name, p in model.named_parameters():  # no zero-initialised layer left: temporal blocks change the output
+        if name != "rope.freqs":
+            torch.nn.init.normal_(p, std=0.2)
+    x, t, y = torch.randn(2, 4, 3, 4, 4), torch.tensor([10.0, 500.0]), torch.randn(2, 1, 4, 16)
+    kw = dict(fps=torch.full((2,), 8.0), height=torch.full((2,), 32.0), width=torch.full((2,), 32.0))
+    with torch.no_grad():
+        before = model(x, t, y, **kw)
+        assert "temporal blocks" in zero_temporal_output(model)
+        after = model(x, t, y, **kw)
+        model.temporal_blocks = torch.nn.ModuleList(_Skip() for _ in model.temporal_blocks)
+        spatial_only = model(x, t, y, **kw)
+    assert (before - after).abs().max() > 1e-3 and torch.allclose(after, spatial_only, atol=1e-6)
+
+    with pytest.raises(ConfigError, match=r"pixart:...' maps PixArt-alpha into STDiT \(Open-Sora 1.0\); STDiT3"):
+        init_from_previous(from_preset("STDiT3-mini"), "pixart:x.pth", False)
+    with pytest.raises(ConfigError, match=r"\[model\] space_scale: STDiT's fixed position tables"):
+        build_model(_cfg12(data, tmp_path / "a", model__space_scale=0.5), 16, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"\[model\] freeze: STDiT3 takes one of \['not_temporal', 'y_embedder'\]"):
+        build_model(_cfg12(data, tmp_path / "a", model__freeze="text"), 16, torch.device("cpu"))
+    m = build_model(_cfg12(data, tmp_path / "a", model__freeze="not_temporal"), 16, torch.device("cpu"))
+    assert {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad} == {"temporal_blocks"}
+
+
+def test_demo_v12_configs_are_valid_and_chained():
+    """configs/demo_v12: STDiT3 + rectified flow, images then videos in buckets of several shapes with
+    conditioning masks, stage 2 starting from stage 1's run."""
+    from stdit.train.buckets import BucketConfig
+
+    root = Path(__file__).resolve().parents[2]
+    cfgs = [load_config(root / "configs" / "demo_v12" / f"stage{i}.toml") for i in (1, 2)]
+    assert all(c.model.preset == "STDiT3-demo" and c.diffusion.kind == "rflow" for c in cfgs)
+    assert cfgs[1].stage.init_from == cfgs[0].run.out_dir and cfgs[1].stage.zero_temporal
+    assert cfgs[1].diffusion.mask_ratios and not cfgs[0].diffusion.mask_ratios
+    for c, frames in zip(cfgs, ({1}, {4, 8})):
+        shapes = {b.shape for b in BucketConfig(c.data.buckets, c.data.aspect_ratios).buckets() if b.aspect_ratio == 1.0}
+        assert len(shapes) >= 2 and {t for t, _, _ in shapes} == frames
+    assert len({c.data.cache for c in cfgs}) == 2
