@@ -1,6 +1,7 @@
 """Benchmark results as numbers: speedups of ours over each peer, geometric means, the fastest
 backend per op, the correctness checks of the cases not timed, the STDiT-vs-DiT table of the models
-suite and the headline summary, from the long-format rows of stdit.bench.results. The figures
+suite (the STDiT3 model rows compare implementations of one model, like the blocks, and are analysed
+with them) and the headline summary, from the long-format rows of stdit.bench.results. The figures
 (stdit.bench.figures) and the README (stdit.bench.markdown) are drawn from these.
 
 Conventions
@@ -11,7 +12,9 @@ Conventions
                 measurements of a stand-in, not results: they stay out of every speedup, mean and
                 fastest-backend pick.
     speedup     peer median / fastest ``ours`` median for the same (device, suite, op, shape, mode,
-                dtype); > 1 means ours is faster. Geometric means are taken over those groups.
+                dtype); > 1 means ours is faster. Geometric means are taken over those groups, per
+                family in the blocks and models suites (the op: stdit_block, stdit3_block, STDiT3),
+                whose ``opensora`` peers are different programs (Open-Sora 1.0's, 1.2's).
     models      DiT (and Latte) time per train step / STDiT time per train step at the same device,
                 backend, frames, resolution, batch and dtype.
     roofline    ``lower_bound_ms`` is the cost model's predicted lower bound on the row's device,
@@ -34,8 +37,9 @@ from stdit.models.costs import opensora_flop_ratios
 
 from . import results
 
-SUITE_ORDER = ("kernels", "fused", "blocks", "train", "parallel")  # report order (models have their own section)
-MODEL_OPS = ("STDiT", "DiT", "Latte")
+SUITE_ORDER = ("kernels", "fused", "blocks", "models", "train", "parallel")  # report order
+MODEL_OPS = ("STDiT", "DiT", "Latte")  # the models suite's model-vs-model rows (their own section)
+FAMILY_SUITES = ("blocks", "models")  # suites whose ops are model families: speedups are summarised per op
 PEER_ORDER = (  # column order of the peers in tables and figures (others follow, sorted)
     "sdpa", "sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "sdpa:math", "flex", "flash_attn", "xformers",
     "reference", "torch.compile", "opensora", "opensora+compile",
@@ -106,6 +110,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
         dims = d["dims"] if isinstance(d["dims"], dict) else {}
         d["stand_in"] = str(dims.get("stand_in") or "")
         d["check"] = d["check"] if isinstance(d["check"], dict) else None
+        d["family"] = d["op"] if d["suite"] in FAMILY_SUITES else ""
         _derive(d)
         recs.append(d)
     df = pd.DataFrame.from_records(recs)
@@ -170,8 +175,15 @@ def sorted_peers(peers: Iterable[str]) -> list[str]:
     return known + sorted(peers - set(known))
 
 
+def comparison_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows that compare implementations of one op: all but the models suite's STDiT / DiT / Latte
+    rows (those compare models, in ``model_table``); the STDiT3 model rows stay."""
+    return df[~((df["suite"] == "models") & df["op"].isin(MODEL_OPS))]
+
+
 def suites_of(df: pd.DataFrame) -> list[str]:
-    present = [s for s in dict.fromkeys(df["suite"]) if s != "models"]
+    """The suites with comparison rows, in report order."""
+    present = list(dict.fromkeys(comparison_rows(df)["suite"]))
     return [s for s in SUITE_ORDER if s in present] + sorted(s for s in present if s not in SUITE_ORDER)
 
 
@@ -197,16 +209,19 @@ def resolution_of(v) -> float:
 
 GROUP_KEY = ["device", "suite", "op", "shape", "mode", "dtype"]
 # The Open-Sora 1.0 path per suite: its exact eager math (rearrange copies, fp32 softmax, unfused).
-OPENSORA_BASELINE = {"kernels": "reference", "fused": "reference", "blocks": "opensora"}
-FASTEST_SUITES = ("kernels", "fused", "blocks")  # suites whose backends are alternatives for one op
+# Blocks and STDiT3 models: "opensora" is Open-Sora 1.0's path for stdit_block, 1.2's for stdit3_block / STDiT3.
+OPENSORA_BASELINE = {"kernels": "reference", "fused": "reference", "blocks": "opensora", "models": "opensora"}
+FASTEST_SUITES = ("kernels", "fused", "blocks", "models")  # suites whose backends are alternatives for one op
 
 
 def speedups(df: pd.DataFrame, *, stand_in: bool = False) -> pd.DataFrame:
     """One record per (group, peer) where the group has an ok ours row: the fastest ours backend and
     median, the peer's median and the speedup (NaN if the peer did not run ok). Peers that are not
-    available on the device are left out. ``stand_in``: the stand-in rows instead of the others."""
+    available on the device are left out. ``stand_in``: the stand-in rows instead of the others.
+    Only ``comparison_rows``; each record also carries its ``family``."""
     out = []
-    rows = df[(df["suite"] != "models") & ((df["stand_in"] != "") == stand_in) & (df["kind"] != "not available")]
+    df = comparison_rows(df)
+    rows = df[((df["stand_in"] != "") == stand_in) & (df["kind"] != "not available")]
     for key, g in rows.groupby(GROUP_KEY, sort=False, dropna=False):
         ours = g[g["ours"] & g["ok"] & (g["median_ms"] > 0)]
         if ours.empty:
@@ -216,21 +231,24 @@ def speedups(df: pd.DataFrame, *, stand_in: bool = False) -> pd.DataFrame:
             pok = p[p["ok"] & (p["median_ms"] > 0)]
             pm = pok["median_ms"].min() if not pok.empty else math.nan
             out.append({
-                **dict(zip(GROUP_KEY, key)), "ours_backend": best["backend"], "ours_ms": best["median_ms"],
+                **dict(zip(GROUP_KEY, key)), "family": best["family"], "ours_backend": best["backend"], "ours_ms": best["median_ms"],
                 "peer": peer, "peer_ms": pm, "speedup": pm / best["median_ms"] if best["median_ms"] > 0 else math.nan,
             })  # fmt: skip
-    cols = [*GROUP_KEY, "ours_backend", "ours_ms", "peer", "peer_ms", "speedup"]
+    cols = [*GROUP_KEY, "family", "ours_backend", "ours_ms", "peer", "peer_ms", "speedup"]
     return pd.DataFrame(out, columns=cols)
 
 
 def geomeans(sp: pd.DataFrame) -> list[dict]:
+    """Geometric-mean speedup of ours per (device, suite, family, peer): {device, suite, family ('' outside
+    FAMILY_SUITES), peer, geomean, n}."""
     out = []
     ok = sp[sp["speedup"].notna()]
-    for (device, suite, peer), g in ok.groupby(["device", "suite", "peer"], sort=False):
-        out.append({"device": device, "suite": suite, "peer": peer, "geomean": geomean(g["speedup"]), "n": len(g)})
+    for (device, suite, family, peer), g in ok.groupby(["device", "suite", "family", "peer"], sort=False):
+        out.append({"device": device, "suite": suite, "family": family, "peer": peer,
+                    "geomean": geomean(g["speedup"]), "n": len(g)})  # fmt: skip
     order = {s: i for i, s in enumerate(SUITE_ORDER)}
     peers = {p: i for i, p in enumerate(sorted_peers(ok["peer"]))}
-    out.sort(key=lambda d: (d["device"], order.get(d["suite"], 99), d["suite"], peers[d["peer"]]))
+    out.sort(key=lambda d: (d["device"], order.get(d["suite"], 99), d["suite"], d["family"], peers[d["peer"]]))
     return out
 
 
@@ -240,6 +258,7 @@ def fastest_backends(df: pd.DataFrame) -> list[dict]:
     group. Each record: ``backend``, ``ours``, ``n`` shapes, ``wins`` (shapes where it was fastest),
     ``runner_up`` and ``margin`` (runner-up geomean / best), ``vs_opensora`` (Open-Sora's path
     geomean / best; NaN without that baseline)."""
+    df = comparison_rows(df)
     ok = df[df["ok"] & (df["median_ms"] > 0) & df["suite"].isin(FASTEST_SUITES) & (df["stand_in"] == "")]
     out = []
     for (device, suite, op, mode, dtype), g in ok.groupby(["device", "suite", "op", "mode", "dtype"], sort=False):
@@ -397,7 +416,8 @@ def summary_of(df: pd.DataFrame, pub: list[dict]) -> dict:
     checks.update(rows=int(ct["n"].sum()), max_err=_opt(ct["max_err"].max()), tol=_opt(ct["tol"].min()),
                   bad=[f"{r.suite}/{r.op}/{r.backend}/{r.mode}/{r.dtype}" for r in bad.itertuples()])  # fmt: skip
     frames, pts = _model_points(df)
-    ours = df[df["ours"] & (df["suite"] != "models") & (df["stand_in"] == "")]
+    cmp = comparison_rows(df)
+    ours = cmp[cmp["ours"] & (cmp["stand_in"] == "")]
     failed = df[df["kind"] == "failed"]
     return {
         "devices": distinct(df, "device"),

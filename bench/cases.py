@@ -15,6 +15,12 @@ batch. Sizes (``SIZES``):
 - ``quick`` (the main job on any device; CPU-sized): the same head dim 72, fewer heads and smaller
   videos, the STDiT-tiny model.
 - ``tiny``  (tests, pytest bench/ smoke runs): the smallest shapes that still exercise every path.
+
+STDiT3 (Open-Sora 1.2) rows use the same shapes, read as latent frames x pixels, so they sit beside
+the STDiT rows (Open-Sora 1.2's own VAE also compresses time, so a clip of its has about 4x the
+frames of its latent): its blocks at the same widths with ``text_len3`` text tokens (T5's 300 at
+``full``), its models at ``model3`` (STDiT3-XL/2 at ``full``, STDiT3-tiny at STDiT-tiny's widths at
+``quick``, STDiT3-mini at ``tiny``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 from stdit.common.dtypes import short_name
 from stdit.models.costs import Cost
 from stdit.models.sizes import SIZES as MODEL_SIZES
-from stdit.models.sizes import ModelSize
+from stdit.models.sizes import STDIT3_SIZES, ModelSize
 
 __all__ = ["Case", "SIZES", "Size", "VideoShape"]
 
@@ -68,8 +74,11 @@ class Size:
     shapes: tuple[VideoShape, ...]  # kernels, fused and blocks suites
     model: ModelSize  # models, train and parallel suites
     model_sweep: tuple[VideoShape, ...]  # models suite: frame sweep
+    model3: ModelSize  # models suite: the STDiT3 (Open-Sora 1.2) model
+    text_len3: int  # blocks suite: STDiT3 blocks' text tokens
     compile_shapes: tuple[str, ...] | None = None  # shapes with compiled block variants (None: all)
     train_shapes: tuple[VideoShape, ...] = ()  # train / parallel suites (default: the first of shapes)
+    model_compile_shapes: tuple[str, ...] = ()  # model_sweep shapes with a compiled STDiT3 train step
 
 
 _XL2 = MODEL_SIZES["XL/2"]
@@ -80,20 +89,27 @@ SIZES: dict[str, Size] = {
         model=_XL2,
         model_sweep=tuple(VideoShape(f, 256, 1) for f in (16, 32, 64, 128))
         + tuple(VideoShape(f, 512, 1) for f in (16, 32, 64)),
+        model3=STDIT3_SIZES["XL/2"], text_len3=STDIT3_SIZES["XL/2"].model_max_length,
         compile_shapes=("16x512x512",),  # Inductor takes ~0.5-1 min per block variant and mode
+        model_compile_shapes=("16x256x256",),  # ... and minutes for a 56-block train step
     ),  # fmt: skip
     "quick": Size(
         "quick", 288, 4, 32,
         shapes=(VideoShape(8, 128, 2), VideoShape(16, 128, 2), VideoShape(16, 256, 1)),
         model=MODEL_SIZES["tiny"].replace(caption_channels=64, model_max_length=16),
         model_sweep=tuple(VideoShape(f, 128, 1) for f in (4, 8, 16, 32)),
+        # STDiT3-tiny at STDiT-tiny's widths (C 144, 2 heads): the same per-block work as the STDiT row
+        model3=STDIT3_SIZES["tiny"].replace(hidden_size=144, num_heads=2, caption_channels=64, model_max_length=16),
+        text_len3=32,
         train_shapes=(VideoShape(8, 64, 2),),
+        model_compile_shapes=("8x128x128",),  # one compiled train step (~1 min of Inductor on 2 cores)
     ),  # fmt: skip
     "tiny": Size(
         "tiny", 144, 2, 8,
         shapes=(VideoShape(4, 64, 1),),
         model=MODEL_SIZES["mini"].replace(model_max_length=8),
         model_sweep=(VideoShape(2, 64, 1), VideoShape(4, 64, 1)),
+        model3=STDIT3_SIZES["mini"].replace(model_max_length=8), text_len3=8,
         compile_shapes=(),
         train_shapes=(VideoShape(2, 32, 1),),
     ),  # fmt: skip

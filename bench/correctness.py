@@ -3,8 +3,8 @@
 Interpreted Triton is not a performance measurement, so the runner does not time those cases; it
 checks them. Each runs once on inputs made from the case's fields (suite, op, backend, dims, mode,
 dtype) and is compared with Open-Sora's math on float64 copies of the same inputs: the `reference`
-attention backend, the reference fused ops, or for a block the same block with reference attention
-and unfused norms. Error = max |ours - oracle| / max(1, max |oracle|) over the output and, for
+attention backend, the reference fused ops, or for a block (STDiT's, or STDiT3's spatial + temporal
+pair) and an STDiT3 model the same module with reference attention and unfused norms. Error = max |ours - oracle| / max(1, max |oracle|) over the output and, for
 fwd+bwd, every gradient (inputs and parameters), as the kernel tests measure it. fp32 passes below
 FP32_TOL; fp16 / bf16 below 2 x the reference backend's own error in that dtype + eps (the kernel
 tests' criterion, FlashAttention's).
@@ -12,7 +12,8 @@ tests' criterion, FlashAttention's).
 The interpreter needs about 115 s for the four attentions' fwd and fwd+bwd at the quick size's
 smallest shape (B2 T8 S64 H4 D72) and about 1 s each at the caps below, so every check runs at the
 case's dims capped by CAPS (head dim, dtype and mode kept); cases whose capped specs coincide share
-one run. It shows that the shipped kernels run and agree here; the kernel tests (tests/kernels)
+one run (an STDiT3 model at one block pair, a 4x4 patch grid and C = H x D; its output and every
+gradient are compared, the case's loss aside). It shows that the shipped kernels run and agree here; the kernel tests (tests/kernels)
 cover odd shapes and the multi-tile paths.
 
 Triton interprets kernels only when TRITON_INTERPRET=1 was set at import, so the checks run in a
@@ -40,10 +41,13 @@ from .cases import Case
 
 __all__ = ["CAPS", "FP32_TOL", "check_cases", "check_spec", "run_spec", "wants_check"]
 
-CHECKED_SUITES = ("kernels", "fused", "blocks")
+CHECKED_SUITES = ("kernels", "fused", "blocks", "models")
+CHECKED_MODELS = ("STDiT3",)  # the models suite's rows that compare implementations of one model
 # Largest dims a check runs at: B > 1 keeps per-sample text lengths and modulation different, S and
-# N are not tile multiples, L = 8 with lengths 8 and 6 masks padded keys.
+# N are not tile multiples, L = 8 with lengths 8 and 6 masks padded keys. A model's frames are a
+# square patch grid: S <= 16 (4x4), one block pair, captions 16 wide.
 CAPS = dict(B=2, T=4, S=24, N=96, H=2, L=8)
+MODEL_CAPS = dict(S=16, depth=1, caption_channels=16)
 # About 10x the largest fp32 error measured over every check of the quick and tiny sizes: 8.2e-7
 # (a block's fwd+bwd, gradients included; attention and fused ops stay below 5.5e-7).
 FP32_TOL = 8e-6
@@ -51,25 +55,32 @@ TIMEOUT_S = 300  # per check; the slowest (the first compiled block, Inductor's 
 
 
 def wants_check(case: Case) -> bool:
-    """Whether the runner checks this case: not timed (interpreted Triton) and in a checked suite."""
+    """Whether the runner checks this case: not timed (interpreted Triton) and in a checked suite
+    (of the models suite, the STDiT3 rows)."""
+    if case.suite == "models" and case.op not in CHECKED_MODELS:
+        return False
     return bool(case.skip and case.skip.startswith("not timed") and case.suite in CHECKED_SUITES)
 
 
 def check_spec(case: Case) -> dict:
-    """What the worker runs for a case: its fields with the dims capped (see CAPS)."""
+    """What the worker runs for a case: its fields with the dims capped (see CAPS, MODEL_CAPS)."""
     d = dict(case.dims)
     for k, cap in CAPS.items():
         if k in d:
             d[k] = min(int(d[k]), cap)
+    if case.suite == "models":
+        side = min(int(round(case.dims["S"] ** 0.5)), int(MODEL_CAPS["S"] ** 0.5))  # a square patch grid
+        d.update(S=side * side, depth=MODEL_CAPS["depth"], caption_channels=MODEL_CAPS["caption_channels"])
+        d.pop("checkpoint", None)  # recomputation changes no value
     if "T" in d and "S" in d:
         d["N"] = d["T"] * d["S"]
-    if case.suite == "blocks":
+    if case.suite in ("blocks", "models"):
         d["C"] = d["H"] * d["D"]
     spec = dict(suite=case.suite, op=case.op, backend=case.backend, mode=case.mode, dtype=case.dtype_name, dims=d)
-    if case.suite == "blocks":
-        from .suites import BLOCK_VARIANTS
+    if case.suite in ("blocks", "models"):
+        from .suites import variant
 
-        attention, fused, compiled, _ = BLOCK_VARIANTS[case.backend]
+        attention, fused, compiled, _ = variant(case.op, case.backend)
         spec.update(attention=attention, fused=fused, compiled=compiled)
     return spec
 
@@ -123,39 +134,93 @@ def _fused(spec: dict, gen: torch.Generator):
 
 
 def _block(spec: dict, gen: torch.Generator):
-    """float64 inputs (and the block's parameters) and ``run(backend, *inputs)`` for a block case:
-    backend "reference" runs Open-Sora's path (reference attention, unfused norms), anything else
-    the spec's attention backend and fused ops (compiled if the case is)."""
+    """float64 inputs (and the block's parameters) and ``run(backend, *inputs)`` for a block case
+    (STDiT's block, or STDiT3's spatial + temporal pair): backend "reference" runs Open-Sora's path
+    (reference attention, unfused norms), anything else the spec's attention backend and fused ops
+    (compiled if the case is)."""
     from stdit.models.stdit import STDiTBlock
+
+    from .suites import STDiT3Unit, init_stdit3_unit
 
     d = spec["dims"]
     B, T, S, C, H, L = d["B"], d["T"], d["S"], d["C"], d["H"], d["L"]
-    block = STDiTBlock(C, H).double()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0.0, 0.02, generator=gen)
+    stdit3 = spec["op"] == "stdit3_block"
+    if stdit3:
+        block = init_stdit3_unit(STDiT3Unit(C, H).double(), gen)
+    else:
+        block = STDiTBlock(C, H).double()
+        with torch.no_grad():
+            for p in block.parameters():
+                p.normal_(0.0, 0.02, generator=gen)
     names = [n for n, _ in block.named_parameters()]
     lens = _lens(B, L)
     inputs = [torch.randn(B, T * S, C, generator=gen, dtype=torch.float64),
               torch.randn(B, L, C, generator=gen, dtype=torch.float64),
-              torch.randn(B, 6 * C, generator=gen, dtype=torch.float64) * 0.1,
-              torch.randn(1, T, C, generator=gen, dtype=torch.float64) * 0.1,
-              *[p.detach() for p in block.parameters()]]  # fmt: skip
+              torch.randn(B, 6 * C, generator=gen, dtype=torch.float64) * 0.1]  # fmt: skip
+    if not stdit3:
+        inputs.append(torch.randn(1, T, C, generator=gen, dtype=torch.float64) * 0.1)  # the temporal table
+    n_in = len(inputs)
+    inputs += [p.detach() for p in block.parameters()]
     call = torch.func.functional_call
     if spec["compiled"]:
         torch._dynamo.reset()  # compile for this spec's shapes, never past the recompile limit into eager
         compiled = torch.compile(call)
 
-    def run(backend: str, x, y, t0, tpe, *params):
+    def run(backend: str, *leaves):
         ours = backend != "reference"
         fn = compiled if ours and spec["compiled"] else call
         switches = (spec["attention"], spec["fused"]) if ours else ("reference", None)
-        return fn(block, dict(zip(names, params)), (x, y, t0, lens, T, tpe, *switches))
+        x, y, t0, *table = leaves[:n_in]
+        args = (x, y, t0, lens, T, *switches) if stdit3 else (x, y, t0, lens, T, *table, *switches)
+        return fn(block, dict(zip(names, leaves[n_in:])), args)
 
     return inputs, run
 
 
-_BUILDERS: dict[str, Callable] = {"kernels": _attention, "fused": _fused, "blocks": _block}
+def _model(spec: dict, gen: torch.Generator):
+    """float64 inputs (the latent, the captions and every trainable parameter) and ``run(backend,
+    *inputs)`` for an STDiT3 model case: its output for a fixed timestep, fps and size, every text
+    token valid, no x_mask; "reference" runs Open-Sora 1.2's path, anything else the spec's
+    switches. The weights are random, N(0, 0.02) with the q/k gains 1 + N(0, 0.1), so the blocks
+    that Open-Sora initialises to zero do work."""
+    from stdit.models import STDiT3
+    from stdit.models.sizes import STDIT3_SIZES, constructor_kwargs
+
+    d = spec["dims"]
+    B, T, S, C, H, L = d["B"], d["T"], d["S"], d["C"], d["H"], d["L"]
+    side = int(round(S**0.5))
+    size = STDIT3_SIZES["mini"].replace(
+        depth=d["depth"], hidden_size=C, num_heads=H, caption_channels=d["caption_channels"], model_max_length=L
+    )
+    model = STDiT3(**constructor_kwargs("STDiT3", size)).double().eval()  # eval: no caption dropout
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # rope.freqs stays the model's
+    with torch.no_grad():
+        for n, p in params.items():
+            p.normal_(0.0, 0.02, generator=gen)
+            if n.endswith(("q_norm.weight", "k_norm.weight")):
+                p.mul_(5.0).add_(1.0)
+    ph, pw = size.patch_size[1:]
+    inputs = [torch.randn(B, size.in_channels, T, side * ph, side * pw, generator=gen, dtype=torch.float64),
+              torch.randn(B, 1, L, size.caption_channels, generator=gen, dtype=torch.float64),
+              *[p.detach() for p in params.values()]]  # fmt: skip
+    t = torch.linspace(100.0, 900.0, B, dtype=torch.float64)
+    mask = torch.ones(B, L, dtype=torch.int64)
+    video = dict(fps=24.0, height=float(8 * side * ph), width=float(8 * side * pw))
+    call = torch.func.functional_call
+    if spec["compiled"]:
+        torch._dynamo.reset()
+        compiled = torch.compile(call)
+
+    def run(backend: str, x, y, *weights):
+        ours = backend != "reference"
+        fn = compiled if ours and spec["compiled"] else call
+        model.attention_backend, model.fused_ops = (spec["attention"], spec["fused"]) if ours else ("reference", None)
+        return fn(model, dict(zip(params, weights)), (x, t.to(x.dtype), y, mask), video)
+
+    return inputs, run
+
+
+_BUILDERS: dict[str, Callable] = {"kernels": _attention, "fused": _fused, "blocks": _block, "models": _model}
 
 
 def _run(run, inputs, dtype, backend, mode, seed):

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from .analysis import (
-    as_int, distinct, frame, isnum, join_names, load_rows, model_table, ours_label, published_points, sorted_peers,
-    suites_of,
+    as_int, comparison_rows, distinct, frame, isnum, join_names, load_rows, model_table, ours_label, published_points,
+    sorted_peers, suites_of,
 )  # fmt: skip
 
 __all__ = ["Figure", "PNG_MARKER", "build_figures", "draw_figures", "new_figure", "png_bytes"]
@@ -96,8 +96,9 @@ def draw_figures(df: pd.DataFrame, pub: list[dict]) -> tuple[list[Figure], list[
     else:
         figs.append(f)
     names: set[str] = set()
+    cmp = comparison_rows(df)  # per-op backend bars; the model-vs-model rows have the speedup curve
     for suite in suites_of(df):
-        s = df[df["suite"] == suite]
+        s = cmp[cmp["suite"] == suite]
         for (op, mode), g in s.groupby(["op", "mode"], sort=False):
             base = f"backends_{_sanitize(suite)}_{_sanitize(op)}_{_sanitize(mode)}"
             name, n = base + ".png", 2

@@ -17,8 +17,9 @@ import pandas as pd
 
 from . import results
 from .analysis import (
-    GROUP_KEY, MODEL_OPS, OPENSORA_BASELINE, check_table, distinct, geomean, isnum, join_names, match_published,
-    model_table, not_available, ours_label, resolution_of, sorted_peers, speedups, suites_of, summary_of,
+    FAMILY_SUITES, GROUP_KEY, MODEL_OPS, OPENSORA_BASELINE, check_table, comparison_rows, distinct, geomean, isnum,
+    join_names, match_published, model_table, not_available, ours_label, resolution_of, sorted_peers, speedups,
+    suites_of, summary_of,
 )  # fmt: skip
 from .figures import Figure
 
@@ -157,9 +158,10 @@ def _lines_speedups(s: dict) -> list[str]:
     multi = len(s["devices"]) > 1
     by: dict[tuple, list[str]] = {}
     for g in gm:
-        by.setdefault((g["device"], g["suite"]), []).append(f"{_x(g['geomean'])} over {g['peer']} (n={g['n']})")
-    return [f"Speedup of ours, {suite}{' on ' + dev if multi else ''} (geometric means): {', '.join(v)}."
-            for (dev, suite), v in by.items()]  # fmt: skip
+        key = (g["device"], g["suite"], g.get("family", ""))
+        by.setdefault(key, []).append(f"{_x(g['geomean'])} over {g['peer']} (n={g['n']})")
+    return [f"Speedup of ours, {suite}{' ' + family if family else ''}{' on ' + dev if multi else ''} "
+            f"(geometric means): {', '.join(v)}." for (dev, suite, family), v in by.items()]  # fmt: skip
 
 
 def _lines_fastest(s: dict) -> list[str]:
@@ -235,7 +237,8 @@ def _section_checks(ct: pd.DataFrame) -> str:
     intro = (
         "Interpreted Triton is not a performance measurement, so these cases were not timed. Each ran once, at the "
         "reduced shape in the last column, and was compared with Open-Sora's math on float64 copies of the same "
-        "inputs (the `reference` backend; for a block, the block with reference attention and unfused norms). "
+        "inputs (the `reference` backend; for a block or an STDiT3 model, the same module with reference attention "
+        "and unfused norms, Open-Sora's path). "
         "Error = max |ours − oracle| / max(1, max |oracle|) over the output and, for fwd+bwd, every gradient; "
         "fp32 passes below a fixed tolerance (about 10× the largest error measured), fp16/bf16 below 2× the "
         "reference backend's own error in that dtype + eps."
@@ -257,7 +260,18 @@ def _section_checks(ct: pd.DataFrame) -> str:
     return intro + "\n\n" + markdown_table(pd.DataFrame(recs))
 
 
+def _family_geomeans(suite: str, rows: pd.DataFrame, first: str, cell) -> list[dict]:
+    """The geometric-mean rows of a table: one, or in FAMILY_SUITES one per family, named (their
+    ``opensora`` peers are different programs); ``cell(part)`` gives a row's values for the rows
+    ``part`` of ``rows``, whose ``first`` column is labelled."""
+    families = [f for f in dict.fromkeys(rows["family"]) if f] if suite in FAMILY_SUITES and len(rows) else []
+    if not families:
+        return [{first: "**geometric mean**", **cell(rows)}]
+    return [{first: f"**geometric mean, {f}**", **cell(rows[rows["family"] == f])} for f in families]
+
+
 def _section_speedups(df: pd.DataFrame, sp: pd.DataFrame, suite: str) -> str:
+    df = comparison_rows(df)
     s = df[(df["suite"] == suite) & (df["stand_in"] == "")]
     ssp = sp[sp["suite"] == suite]
     multi_dev = len(set(s["device"])) > 1
@@ -271,11 +285,15 @@ def _section_speedups(df: pd.DataFrame, sp: pd.DataFrame, suite: str) -> str:
             v = g[g["peer"] == p]["speedup"]
             rec[p] = _x(v.iloc[0]) if not v.empty else ""
         recs.append(rec)
-    gm = {"op": "**geometric mean**", "ours": ""}
-    for p in peers:
-        vals = ssp[ssp["peer"] == p]["speedup"].dropna()
-        gm[p] = f"{_x(geomean(vals))} (n={len(vals)})"
-    table = pd.DataFrame(recs + [gm], columns=key + ["ours", *peers]).astype(object).where(lambda d: d.notna(), "")
+    def cell(part: pd.DataFrame) -> dict:
+        out = {"ours": ""}
+        for p in peers:
+            vals = part[part["peer"] == p]["speedup"].dropna()
+            out[p] = f"{_x(geomean(vals))} (n={len(vals)})" if len(vals) else ""
+        return out
+
+    gms = _family_geomeans(suite, ssp, "op", cell)
+    table = pd.DataFrame(recs + gms, columns=key + ["ours", *peers]).astype(object).where(lambda d: d.notna(), "")
     text = markdown_table(table)
     timed = s[s["kind"] != "not available"]
     n_groups = timed.groupby(GROUP_KEY, sort=False).ngroups
@@ -300,7 +318,7 @@ def _section_fastest(recs: list[dict]) -> str:
     return (
         "Per op and mode: the backend with the lowest geometric-mean time over the shapes, among the backends "
         "timed at every shape; margin = runner-up's geometric mean / the fastest's; vs Open-Sora's path = "
-        "Open-Sora 1.0's path (`reference` / `opensora`) / the fastest.\n\n" + markdown_table(pd.DataFrame(rows))
+        "Open-Sora's path (`reference` / `opensora`: 1.0's, 1.2's for STDiT3) / the fastest.\n\n" + markdown_table(pd.DataFrame(rows))
     )
 
 
@@ -308,13 +326,16 @@ def _section_vs_opensora(df: pd.DataFrame, suite: str) -> str | None:
     """Every backend's speedup over Open-Sora 1.0's path (baseline median / backend median), per
     (op, shape, mode, dtype) where the baseline ran ok; None if there is no such baseline row."""
     base_name = OPENSORA_BASELINE.get(suite)
+    df = comparison_rows(df)
     s = df[(df["suite"] == suite) & df["ok"] & (df["median_ms"] > 0)]
     if base_name is None or s.empty or not (s["backend"] == base_name).any():
         return None
     multi_dev = len(set(s["device"])) > 1
     key = (["device"] if multi_dev else []) + ["op", "shape", "mode", "dtype"]
     others = sorted_peers(set(s["backend"]) - {base_name})
-    recs, per_backend = [], {b: [] for b in others}
+    if not others:
+        return None  # nothing measured beside the baseline
+    recs, ratios = [], []  # ratios: (family, backend, baseline / backend)
     for k, g in s.groupby(key, sort=False):
         base = g[g["backend"] == base_name]
         if base.empty:
@@ -327,13 +348,17 @@ def _section_vs_opensora(df: pd.DataFrame, suite: str) -> str | None:
                 rec[b] = ""
                 continue
             x = base["median_ms"].iloc[0] / v.iloc[0]
-            per_backend[b].append(x)
+            ratios.append((g["family"].iloc[0], b, x))
             rec[b] = _x(x)
         recs.append(rec)
-    gm = {key[0]: "**geometric mean**"}
-    for b in others:
-        gm[b] = f"{_x(geomean(per_backend[b]))} (n={len(per_backend[b])})" if per_backend[b] else ""
-    table = pd.DataFrame(recs + [gm], columns=[*key, f"{base_name} ms", *others]).astype(object)
+    ratios = pd.DataFrame(ratios, columns=["family", "backend", "x"])
+
+    def cell(part: pd.DataFrame) -> dict:
+        vals = {b: list(part[part["backend"] == b]["x"]) for b in others}
+        return {b: f"{_x(geomean(v))} (n={len(v)})" if v else "" for b, v in vals.items()}
+
+    gms = _family_geomeans(suite, ratios, key[0], cell)
+    table = pd.DataFrame(recs + gms, columns=[*key, f"{base_name} ms", *others]).astype(object)
     return markdown_table(table.where(table.notna(), ""))
 
 
@@ -399,7 +424,14 @@ def _section_how(df: pd.DataFrame) -> str:
         "- **TFLOP/s** and **GB/s** divide the analytic cost model's FLOPs and bytes (stdit.models.costs) by the "
         "measured median; they are not hardware counters.",
         "- **Models**: speedup = DiT time per train step / STDiT (or Latte) time at the same backend, frames, "
-        "resolution, batch and dtype; samples/s = batch / median seconds.",
+        "resolution, batch and dtype; samples/s = batch / median seconds. The STDiT3 (Open-Sora 1.2) train-step "
+        "rows compare implementations of that one model instead, like the blocks: `opensora` is Open-Sora 1.2's "
+        "eager path (reference attention with its q/k RMSNorm and RoPE in PyTorch, unfused norms), "
+        "`opensora+compile` the same under torch.compile, `ours` our Triton attention with the norm and RoPE fused "
+        "in and our fused norms.",
+        "- **Blocks**: `stdit_block` is one STDiT block (Open-Sora 1.0; `opensora*` are its switches), "
+        "`stdit3_block` one unit of STDiT3's depth, a spatial and a temporal block (Open-Sora 1.2; `opensora*` "
+        "are its path); geometric means are per block family.",
     ])  # fmt: skip
 
 
@@ -487,7 +519,8 @@ def readme_text(df: pd.DataFrame, figs: list[Figure], skipped: list[str], pub: l
         parts.append(
             "Each backend's median against the Open-Sora 1.0 path measured beside it (`reference`: its exact "
             "eager attention math with rearrange copies and fp32 softmax, unfused norms; `opensora`: the STDiT "
-            "block with those switches). > 1× is faster than Open-Sora's path."
+            "block with those switches; for `stdit3_block` and the STDiT3 model, `opensora` is Open-Sora 1.2's "
+            "path: the same eager math with its q/k RMSNorm and RoPE). > 1× is faster than Open-Sora's path."
         )
         for suite, text in vs:
             if text:
@@ -498,7 +531,7 @@ def readme_text(df: pd.DataFrame, figs: list[Figure], skipped: list[str], pub: l
     if (df["stand_in"] != "").any():
         parts += ["## Stand-in measurements (not results)", _section_stand_in(df, s["stand_in"])]
     parts += ["## Environment", _section_env(df), "## How to read these numbers", _section_how(df)]
-    absolute = [(suite, _section_absolute(df, suite)) for suite in [*suites, "models"]]
+    absolute = [(suite, _section_absolute(df, suite)) for suite in dict.fromkeys([*suites, "models"])]
     if any(t for _, t in absolute):
         parts.append("## Absolute numbers")
         for suite, text in absolute:

@@ -3,7 +3,9 @@
 A suite turns a size preset (stdit.bench.cases.SIZES) into a list of cases. ``kernels``: the four
 attentions x every backend, fwd and fwd+bwd. ``fused``: LayerNorm+modulate and gated residual, ours
 vs eager vs torch.compile. ``blocks``: one STDiT block as Open-Sora 1.0 ran it vs ours, eager and
-compiled. ``models``: STDiT vs full-attention DiT vs Latte training step across frame counts.
+compiled, and one unit of STDiT3's depth (a spatial and a temporal block) as Open-Sora 1.2 ran it,
+eager and compiled, vs ours. ``models``: STDiT vs full-attention DiT vs Latte training step across
+frame counts, and STDiT3's training step as Open-Sora 1.2 ran it, eager and compiled, vs ours.
 ``train`` and ``parallel`` (training steps) live in stdit.bench.train_suites; ``SUITES`` names them
 all and ``build_cases`` picks from it.
 
@@ -24,6 +26,9 @@ from stdit.kernels import availability, cross_attention, full_attention, gated_r
 from stdit.kernels import reference_gated_residual, reference_layernorm_modulate
 from stdit.kernels import spatial_attention, temporal_attention
 from stdit.models import costs
+from stdit.models.layers import RotaryEmbedding
+from stdit.models.sizes import constructor_kwargs
+from stdit.models.stdit3 import STDiT3Block
 
 from .cases import SIZES, Case, Size, VideoShape
 from .train_suites import parallel_suite, train_suite
@@ -31,7 +36,7 @@ from .train_suites import parallel_suite, train_suite
 MODES = ("fwd", "fwd+bwd")
 ATTENTION_OPS = ("spatial_attention", "temporal_attention", "cross_attention", "full_attention")
 FUSED_OPS = ("layernorm_modulate", "gated_residual")
-MODEL_OPS = ("STDiT", "DiT", "Latte")
+MODEL_OPS = ("STDiT", "DiT", "Latte")  # the model-vs-model curve (STDiT3's rows compare implementations)
 INTERPRETED = "not timed: triton runs under the CPU interpreter (a correctness tool, not a performance measurement)"
 
 
@@ -274,18 +279,99 @@ def _block_case(label: str, shape: VideoShape, size: Size, mode: str, dtype, dev
     return Case("blocks", "stdit_block", label, ours, shape, mode, dtype, dims, build, cost, skip=skip, tokens=T * S)
 
 
+# Open-Sora 1.2's STDiT3 (blocks "stdit3_block", models "STDiT3"): label -> (attention backend,
+# fused ops, compiled, ours). Open-Sora 1.2's eager path normalises q and k with LlamaRMSNorm and
+# rotates them with rotary-embedding-torch before its attention: the reference backend does exactly
+# that in PyTorch; ours fuses both into the Triton attention's loads (and its q/k backward pass).
+STDIT3_VARIANTS: dict[str, tuple[str, str | None, bool, bool]] = {
+    "opensora": ("reference", None, False, False),  # Open-Sora 1.2's eager math, unfused
+    "opensora+compile": ("reference", None, True, False),  # ... under torch.compile
+    "ours": ("triton", "triton", False, True),
+}
+VARIANTS_BY_OP: dict[str, dict[str, tuple[str, str | None, bool, bool]]] = {
+    "stdit_block": BLOCK_VARIANTS, "stdit3_block": STDIT3_VARIANTS, "STDiT3": STDIT3_VARIANTS,
+}  # fmt: skip
+
+
+def variant(op: str, label: str) -> tuple[str, str | None, bool, bool]:
+    """(attention backend, fused ops, compiled, ours) of a block or STDiT3 model row's backend label."""
+    if op not in VARIANTS_BY_OP or label not in VARIANTS_BY_OP[op]:
+        raise ValueError(f"label: {label!r} is not a variant of {op!r}; expected one of {dict(VARIANTS_BY_OP.get(op, {}))}")
+    return VARIANTS_BY_OP[op][label]
+
+
+class STDiT3Unit(torch.nn.Module):
+    """One unit of STDiT3's depth, as its forward runs it: the spatial block, then the temporal block
+    with RoPE over the frame index (no x_mask: every frame is generated). The rotary table is a
+    buffer here (the model's ``rope.freqs`` is a parameter that requires no grad), so every
+    parameter is trained.
+
+    forward(x (B, T*S, C), y (B, L, C), t_mlp (B, 6C), y_lens (B,), num_frames, backend, fused) -> (B, T*S, C).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.spatial = STDiT3Block(hidden_size, num_heads, temporal=False)
+        self.temporal = STDiT3Block(hidden_size, num_heads, temporal=True)
+        self.register_buffer("freqs", RotaryEmbedding(hidden_size // num_heads).freqs.detach().clone())
+
+    def forward(self, x, y, t_mlp, y_lens, num_frames: int, backend: str, fused: str | None) -> torch.Tensor:
+        x = self.spatial(x, y, t_mlp, y_lens, num_frames, None, None, None, backend, fused)
+        return self.temporal(x, y, t_mlp, y_lens, num_frames, None, None, self.freqs, backend, fused)
+
+
+@torch.no_grad()
+def init_stdit3_unit(unit: STDiT3Unit, generator: torch.Generator | None = None) -> STDiT3Unit:
+    """Random weights N(0, 0.02) as the STDiT blocks get, except the q/k RMSNorm gains 1 + N(0, 0.1):
+    gains near 0 would make the normalised attention uniform, hiding the norm and RoPE."""
+    for name, p in unit.named_parameters():
+        p.normal_(0.0, 0.02, generator=generator)
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            p.mul_(5.0).add_(1.0)
+    return unit
+
+
+def _stdit3_block_case(label: str, shape: VideoShape, size: Size, mode: str, dtype, device) -> Case:
+    attn, fused, compiled, ours = STDIT3_VARIANTS[label]
+    B, T, S, L = shape.batch, shape.frames, shape.tokens_per_frame, size.text_len3
+    C, H = size.hidden_size, size.num_heads
+    work = attention_work(attn, _text_lens(B, L))
+    cost = costs.block_cost(
+        "stdit3", hidden_size=C, num_heads=H, batch=B, frames=T, tokens_per_frame=S, text_len=L, mode=mode,
+        kv_lens=work["kv_lens"], attention_backward=work["backward"], elem_bytes=dtype_bytes(dtype),
+    )  # fmt: skip
+
+    def build(dev: torch.device) -> Callable[[], object]:
+        torch.manual_seed(0)
+        unit = init_stdit3_unit(STDiT3Unit(C, H)).to(dev, dtype)
+        x = _randn((B, T * S, C), dev, dtype, 1)
+        y = _randn((B, L, C), dev, dtype, 2)
+        t_mlp = _randn((B, 6 * C), dev, dtype, 3) * 0.1
+        lens = torch.tensor(_text_lens(B, L), device=dev)
+        fn = _compiled(unit) if compiled else unit
+        if mode == "fwd":
+            unit.requires_grad_(False)
+        # in a model x, y and t_mlp come from trainable layers: training differentiates all three
+        return _grad_thunk(lambda: fn(x, y, t_mlp, lens, T, attn, fused), [x, y, t_mlp, *unit.parameters()], mode)
+
+    skip = _backend_skip(attn, device, mode)
+    dims = dict(B=B, T=T, S=S, N=T * S, C=C, H=H, D=C // H, L=L)
+    return Case("blocks", "stdit3_block", label, ours, shape, mode, dtype, dims, build, cost, skip=skip, tokens=T * S)
+
+
 def blocks_suite(size: Size, device: torch.device, dtype: torch.dtype) -> list[Case]:
-    def wanted(label: str, shape: VideoShape) -> bool:
-        compiled = BLOCK_VARIANTS[label][2]
+    def wanted(compiled: bool, shape: VideoShape) -> bool:
         return not compiled or size.compile_shapes is None or shape.label in size.compile_shapes
 
-    return [
-        _block_case(lb, shape, size, mode, dtype, device)
-        for shape in size.shapes
-        for mode in MODES
-        for lb in BLOCK_VARIANTS
-        if wanted(lb, shape)
-    ]
+    cases = []
+    for shape in size.shapes:
+        for mode in MODES:
+            cases += [_block_case(lb, shape, size, mode, dtype, device) for lb, v in BLOCK_VARIANTS.items() if wanted(v[2], shape)]
+            cases += [
+                _stdit3_block_case(lb, shape, size, mode, dtype, device)
+                for lb, v in STDIT3_VARIANTS.items() if wanted(v[2], shape)
+            ]  # fmt: skip
+    return cases
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -326,10 +412,53 @@ def _model_case(op: str, backend: str, shape: VideoShape, size: Size, dtype, dev
                 skip=skip, tokens=shape.tokens)  # fmt: skip
 
 
+def _stdit3_model_case(label: str, shape: VideoShape, size: Size, dtype, device) -> Case:
+    """STDiT3's training step (a mean-square loss on its output, backward into every trainable
+    parameter) at ``size.model3``, every frame generated (no x_mask), every text token valid."""
+    from stdit.models import STDiT3
+
+    attn, fused, compiled, ours = STDIT3_VARIANTS[label]
+    sizes = size.model3
+    T, Hl, Wl = shape.latent
+    B, L = shape.batch, sizes.model_max_length
+    checkpoint = shape.tokens >= 32768  # as the other models
+    cost = costs.model_cost(
+        "stdit3", size=sizes, latent=shape.latent, batch=B, mode="train_step", checkpoint=checkpoint,
+        attention_backward=ATTENTION_WORK[attn][0], elem_bytes=dtype_bytes(dtype),
+    )  # fmt: skip
+
+    def build(dev: torch.device) -> Callable[[], object]:
+        torch.manual_seed(0)
+        model = STDiT3(**constructor_kwargs("STDiT3", sizes), attention_backend=attn, fused_ops=fused, checkpoint=checkpoint)
+        model = model.to(dev, dtype).train()
+        model.y_embedder.uncond_prob = 0.0  # no random caption drop: every step does the same work
+        x = _randn((B, sizes.in_channels, T, Hl, Wl), dev, dtype, 1)
+        t = torch.rand(B, generator=torch.Generator().manual_seed(3)).to(dev) * 1000
+        y = _randn((B, 1, L, sizes.caption_channels), dev, dtype, 2)
+        mask = torch.ones(B, L, dtype=torch.int64, device=dev)  # every text token counts (model_cost's L)
+        video = dict(fps=24.0, height=float(shape.resolution), width=float(shape.resolution))
+        fn = _compiled(model) if compiled else model
+        params = [p for p in model.parameters() if p.requires_grad]
+        return _grad_thunk(lambda: fn(x, t, y, mask, **video).float().square().mean(), params, "train_step")
+
+    skip = _backend_skip(attn, device, "fwd+bwd")
+    dims = dict(B=B, T=T, S=shape.tokens_per_frame, N=shape.tokens, C=sizes.hidden_size, depth=sizes.depth,
+                H=sizes.num_heads, D=sizes.head_dim, L=L, checkpoint=checkpoint)  # fmt: skip
+    return Case("models", "STDiT3", label, ours, shape, "train_step", dtype, dims, build, cost, skip=skip,
+                tokens=shape.tokens)  # fmt: skip
+
+
 def models_suite(size: Size, device: torch.device, dtype: torch.dtype) -> list[Case]:
     # One backend per device, the one "auto" picks there (ours on CUDA): the curve compares models.
     backends = ["triton"] if device.type == "cuda" else ["sdpa"]
-    return [_model_case(op, b, shape, size, dtype, device) for b in backends for shape in size.model_sweep for op in MODEL_OPS]
+    cases = [_model_case(op, b, shape, size, dtype, device) for b in backends for shape in size.model_sweep for op in MODEL_OPS]
+    # STDiT3: Open-Sora 1.2's path vs ours (compiled only where the size says: Inductor takes minutes)
+    return cases + [
+        _stdit3_model_case(lb, shape, size, dtype, device)
+        for shape in size.model_sweep
+        for lb, (_, _, compiled, _) in STDIT3_VARIANTS.items()
+        if not compiled or shape.label in size.model_compile_shapes
+    ]
 
 
 SUITES: dict[str, Callable[[Size, torch.device, torch.dtype], list[Case]]] = {

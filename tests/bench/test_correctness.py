@@ -38,12 +38,14 @@ def test_specs_cap_the_case_dims():
 @needs_interpreter
 @pytest.mark.parametrize("suite, only", [("kernels", "cross_attention-triton-4x64x64-fwd+bwd"),
                                          ("fused", "layernorm_modulate-triton-4x64x64-fwd+bwd"),
-                                         ("blocks", "ours-4x64x64-fwd+bwd")])  # fmt: skip
+                                         ("blocks", "stdit_block-ours-4x64x64-fwd+bwd"),
+                                         ("blocks", "stdit3_block-ours-4x64x64-fwd+bwd")])  # fmt: skip
 def test_check_passes_on_our_kernels(suite, only):
     (case,) = _cases(suite, only, "tiny")
     rec = correctness.run_spec(correctness.check_spec(case))
     assert rec["result"] == "pass", rec
-    # measured 2.2e-7 (cross), 2.2e-7 (layernorm_modulate), 3.8e-7 (block) against FP32_TOL = 8e-6
+    # measured 2.2e-7 (cross), 2.2e-7 (layernorm_modulate), 3.8e-7 (block), 3.6e-7 (STDiT3 block pair)
+    # against FP32_TOL = 8e-6
     assert 0 < rec["max_err"] <= rec["tol"] == correctness.FP32_TOL
     assert rec["dims"] == correctness.check_spec(case)["dims"] and rec["oracle"] == "reference, float64"
 
@@ -84,3 +86,37 @@ def test_worker_runs_each_spec_once_and_survives_a_hang():
     assert all(r["result"].startswith("error: the check worker passed its time limit") for r in hung.values())
     recs, why = correctness._worker([None], timeout_s=120)  # a worker that dies says how
     assert recs == [] and why.startswith("the check worker exited with code 1: ") and "TypeError" in why
+
+
+def test_stdit3_specs():
+    """STDiT3 blocks check at the block caps with Open-Sora 1.2's switches; STDiT3 models at one block
+    pair on a 4x4 patch grid; the model-vs-model rows (STDiT / DiT / Latte) are never checked."""
+    block = correctness.check_spec(_cases("blocks", "stdit3_block-ours-16x256x256-fwd+bwd")[0])
+    assert block["dims"] == dict(B=1, T=4, S=24, N=96, C=144, H=2, D=72, L=8)
+    assert (block["op"], block["attention"], block["fused"], block["compiled"]) == ("stdit3_block", "triton", "triton", False)
+    (model,) = _cases("models", "STDiT3-ours-32x128x128")
+    spec = correctness.check_spec(model)
+    assert spec["dims"] == dict(B=1, T=4, S=16, N=64, C=144, depth=1, H=2, D=72, L=8, caption_channels=16)
+    assert correctness.wants_check(model)
+    assert not any(correctness.wants_check(c) for c in _cases("models", "-STDiT-") + _cases("models", "STDiT3-opensora"))
+
+
+@needs_interpreter
+def test_stdit3_check_passes_and_sees_the_qk_norm(monkeypatch):
+    """Our fused norm + RoPE in an STDiT3 model agrees with Open-Sora 1.2's path; a triton backend that
+    drops the q/k norm and RoPE fails the same check."""
+    (case,) = _cases("models", "STDiT3-ours-2x64x64", "tiny")
+    spec = correctness.check_spec(case)
+    rec = correctness.run_spec(spec)
+    assert rec["result"] == "pass", rec
+    # measured 3.5e-7 (output and every parameter gradient) against FP32_TOL = 8e-6
+    assert 0 < rec["max_err"] <= rec["tol"] == correctness.FP32_TOL
+    triton = api._BACKENDS["triton"]
+
+    def no_norm(qkv, kind, num_frames, scale, qk_norm=None, rope=None):
+        return triton.self_attention(qkv, kind, num_frames, scale)
+
+    monkeypatch.setitem(api._BACKENDS, "triton", dataclasses.replace(triton, self_attention=no_norm))
+    spec = dict(spec, mode="fwd")
+    rec = correctness.run_spec(spec)
+    assert rec["result"] == "fail" and rec["max_err"] > rec["tol"], rec

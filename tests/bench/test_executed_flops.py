@@ -14,7 +14,13 @@ What the counter sees, and what it is told:
   cannot see: those calls are counted by the same formulas, cross-attention over each sample's
   kv_lens keys (where the kernels stop);
 - elementwise ops (LayerNorm, modulate, residuals, softmax, GELU) and our fused Triton ops: 0 FLOPs,
-  in the counter and in the cost model.
+  in the counter and in the cost model;
+- STDiT3's q/k RMSNorm and RoPE (stdit3_block and STDiT3 cases): elementwise too. On the reference
+  backend they are aten pow / mean / rsqrt / mul / add, which the counter counts 0; in our Triton
+  attention they are fused into the kernels, whose formula above counts the attention's matmuls
+  only. The cost model credits them 0 FLOPs (bytes only, stdit.models.costs.qk_norm_rope_cost), so
+  "executed = credited" compares matmul FLOPs on both sides and leaves the norm and rotation (about
+  7 FLOPs per q/k element, < 0.1% of a block at C = 1152) out of both, as it does softmax's.
 Not counted: flex (torch 2.13's FlopCounterMode cannot dispatch flex_attention's higher-order op in
 eager mode), interpreted Triton at the quick size (15-55 s a block; the tiny size runs it), the
 torch.compile variants (their cost is their eager twin's, checked below; compiling takes minutes on
@@ -27,9 +33,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from stdit.bench.suites import ATTENTION_WORK, BLOCK_VARIANTS, attention_backends, build_cases
+from stdit.bench.suites import ATTENTION_WORK, VARIANTS_BY_OP, attention_backends, build_cases, variant
 from stdit.kernels import availability
-from stdit.models import STDiT
+from stdit.models import STDiT, from_preset
 from stdit.models.costs import model_cost
 from stdit.models.sizes import SIZES as MODEL_SIZES
 
@@ -135,13 +141,14 @@ CASES = [
 
 
 def _attention_backend(case) -> str:
-    return BLOCK_VARIANTS[case.backend][0] if case.suite == "blocks" else case.backend
+    """The attention backend a case runs (blocks and STDiT3 models name a variant of switches)."""
+    return variant(case.op, case.backend)[0] if case.op in VARIANTS_BY_OP else case.backend
 
 
 def _why_not_counted(size: str, case) -> str | None:
     if _attention_backend(case) == "flex":
         return "FlopCounterMode (torch 2.13) cannot dispatch flex_attention's higher-order op in eager mode"
-    if case.backend in ("triton", "ours"):
+    if _attention_backend(case) == "triton":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton on a CPU needs TRITON_INTERPRET=1"
         if size != "tiny":
@@ -172,9 +179,17 @@ def test_every_attention_backend_says_what_it_runs():
     assert all(bwd in ("recompute", "eager") and isinstance(valid, bool) for bwd, valid in ATTENTION_WORK.values())
 
 
+def test_stdit3_cases_are_counted():
+    """The STDiT3 block and model rows are among the cases above, for both attention paths."""
+    ids = {c.id for _, c in CASES}
+    for want in ("blocks-stdit3_block-opensora-", "blocks-stdit3_block-ours-", "models-STDiT3-opensora-", "models-STDiT3-ours-"):
+        assert any(i.startswith(want) for i in ids), want
+
+
 def test_compiled_variants_are_credited_as_their_eager_twins():
-    twins = {"opensora-sdpa+compile": "opensora-sdpa", "ours+compile": "ours", "torch.compile": "reference"}
-    cases = build_cases("fused,blocks", "quick", CPU) + build_cases("fused", "tiny", CPU)
+    twins = {"opensora-sdpa+compile": "opensora-sdpa", "ours+compile": "ours", "torch.compile": "reference",
+             "opensora+compile": "opensora"}  # fmt: skip
+    cases = build_cases("fused,blocks,models", "quick", CPU) + build_cases("fused", "tiny", CPU)
     by_id = {c.id: c for c in cases}
     compiled = [c for c in cases if _compiled(c)]
     assert {c.backend for c in compiled} == set(twins)
@@ -201,3 +216,29 @@ def test_checkpointed_train_step_adds_one_forward_of_the_blocks():
     assert want.flops == pytest.approx(_counted(step), rel=1e-12, abs=0)
     plain = model_cost("stdit", size=size, latent=(T, H, W), mode="train_step")
     assert want.flops - plain.flops == model_cost("stdit", size=size, latent=(T, H, W), blocks_only=True).flops
+
+
+def test_stdit3_x_mask_and_checkpoint_are_counted():
+    """With an x_mask the timestep MLP and t_block run again on timestep 0 (and every block and the
+    final layer modulate per frame: bytes only); checkpointing adds one forward of the blocks. The
+    fps MLP runs either way. Counted with Open-Sora 1.2's path (reference attention: eager backward)."""
+    torch.manual_seed(0)
+    model = from_preset("STDiT3-mini", attention_backend="reference", checkpoint=True).train()
+    model.y_embedder.uncond_prob = 0.0
+    size = model.size
+    g = torch.Generator().manual_seed(0)
+    B, T, H, W = 2, 3, 8, 8
+    x = torch.randn(B, size.in_channels, T, H, W, generator=g)
+    y = torch.randn(B, 1, size.model_max_length, size.caption_channels, generator=g)
+    x_mask = torch.tensor([[False, True, True], [True, True, True]])
+    video = dict(fps=24.0, height=64.0, width=64.0)
+
+    def step(mask):
+        return lambda: model(x, torch.tensor([10.0, 500.0]), y, x_mask=mask, **video).square().mean().backward()
+
+    kw = dict(size=size, latent=(T, H, W), batch=B, mode="train_step", checkpoint=True, attention_backward="eager")
+    masked, plain = model_cost("stdit3", x_mask=True, **kw), model_cost("stdit3", **kw)
+    assert masked.flops == pytest.approx(_counted(step(x_mask)), rel=1e-12, abs=0)
+    assert plain.flops == pytest.approx(_counted(step(None)), rel=1e-12, abs=0)
+    C = size.hidden_size  # timestep 0's MLP (256 -> C -> C) and t_block (C -> 6C), forward and backward
+    assert masked.flops - plain.flops == 2 * B * (2 * 256 * C + 3 * C * C + 3 * C * 6 * C)

@@ -21,6 +21,7 @@ from stdit.bench.timing import time_cpu
 from stdit.cli import main as cli_main
 from stdit.models.costs import Cost
 from stdit.models.sizes import SIZES as MODEL_SIZES
+from stdit.models.sizes import STDIT3_SIZES
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -104,7 +105,17 @@ def test_full_size_uses_opensora_shapes():
     }  # fmt: skip
     sweep = build_cases("models", "full", CPU)
     assert {c.shape.frames for c in sweep if c.shape.resolution == 256} == {16, 32, 64, 128}
-    assert {(c.dims["C"], c.dims["H"], c.dims["depth"], c.dims["L"]) for c in sweep} == {(1152, 16, 28, 120)}
+    dims = {c.op: (c.dims["C"], c.dims["H"], c.dims["depth"], c.dims["L"]) for c in sweep}
+    assert dims == {"STDiT": (1152, 16, 28, 120), "DiT": (1152, 16, 28, 120), "Latte": (1152, 16, 28, 120),
+                    "STDiT3": (1152, 16, 28, 300)}  # Open-Sora 1.2: T5's 300 tokens  # fmt: skip
+    blocks3 = build_cases("blocks", "full", CPU, only="stdit3_block-")
+    assert {(c.shape.label, c.dims["C"], c.dims["H"], c.dims["L"]) for c in blocks3} == {
+        ("16x256x256", 1152, 16, 300), ("16x512x512", 1152, 16, 300), ("64x512x512", 1152, 16, 300)
+    }  # fmt: skip
+    # Open-Sora 1.2's path eager and compiled vs ours; compiled where the STDiT block variants are
+    assert {c.backend for c in blocks3} == {"opensora", "opensora+compile", "ours"}
+    assert {c.shape.label for c in blocks3 if c.backend == "opensora+compile"} == {"16x512x512"}
+    assert {c.backend for c in sweep if c.op == "STDiT3"} == {"opensora", "opensora+compile", "ours"}
 
 
 def test_model_suites_read_the_model_presets():
@@ -115,7 +126,10 @@ def test_model_suites_read_the_model_presets():
     for name, size in SIZES.items():
         for suite in ("models", "train", "parallel"):
             for c in build_cases(suite, name, CPU):
-                assert (c.dims["C"], c.dims["depth"]) == (size.model.hidden_size, size.model.depth), c.id
+                model = size.model3 if c.op == "STDiT3" else size.model
+                assert (c.dims["C"], c.dims["depth"]) == (model.hidden_size, model.depth), c.id
+    assert SIZES["full"].model3 == STDIT3_SIZES["XL/2"]
+    assert SIZES["tiny"].model3 == STDIT3_SIZES["mini"].replace(model_max_length=8)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -454,3 +454,36 @@ def test_speedups_over_opensora_path(tmp_path):
     sec = text[text.index("## Speedups over Open-Sora 1.0's path") : text.index("## Absolute numbers")]
     assert "| temporal_attention | B1 T4 S64 | fwd | bf16 | 4 | 4.00× |" in sec
     assert "| stdit_block | B1 T4 S64 | fwd | bf16 | 9 | 3.00× |" in sec
+
+
+def test_stdit3_rows_are_their_own_family(tmp_path):
+    """STDiT3 block and model rows beside STDiT's: speedups per family (their `opensora` peers are
+    Open-Sora 1.0's and 1.2's paths, not one program), the model rows compared like the blocks and
+    kept out of the STDiT-vs-DiT table."""
+    rows = [
+        ok("blocks", "stdit_block", "ours", "16x256x256", 2.0, ours=True),
+        ok("blocks", "stdit_block", "opensora", "16x256x256", 6.0),
+        ok("blocks", "stdit3_block", "ours", "16x256x256", 4.0, ours=True),
+        ok("blocks", "stdit3_block", "opensora", "16x256x256", 6.0),
+        ok("blocks", "stdit3_block", "opensora+compile", "16x256x256", 5.0),
+        ok("models", "STDiT3", "ours", "16x256x256", 100.0, ours=True, mode="train_step", frames=16, resolution=256, batch=1),
+        ok("models", "STDiT3", "opensora", "16x256x256", 250.0, mode="train_step", frames=16, resolution=256, batch=1),
+        ok("models", "STDiT", "triton", "16x256x256", 80.0, mode="train_step", frames=16, resolution=256, batch=1),
+    ]
+    s = summarize(rows, published=[])
+    gm = {(g["suite"], g["family"], g["peer"]): g["geomean"] for g in s["geomean_speedup"]}
+    want = {("blocks", "stdit_block", "opensora"): 3.0, ("blocks", "stdit3_block", "opensora"): 1.5,
+            ("blocks", "stdit3_block", "opensora+compile"): 1.25, ("models", "STDiT3", "opensora"): 2.5}  # fmt: skip
+    assert gm == pytest.approx(want, rel=2e-15)  # exp(mean(log)): 4.4e-16 off 3.0
+    lines = format_summary(s)
+    assert "Speedup of ours, blocks stdit3_block (geometric means): 1.50× over opensora (n=1), 1.25× over opensora+compile (n=1)." in lines
+    assert "Speedup of ours, models STDiT3 (geometric means): 2.50× over opensora (n=1)." in lines
+    text = report.write_report(rows, tmp_path, published=[]).read_text()
+    spd = text[text.index("## Speedups of ours") : text.index("## Fastest backend per op")]
+    assert "| stdit3_block | 16x256x256 | fwd | bf16 | ours 4 ms | 1.50× | 1.25× |" in spd
+    assert "| **geometric mean, stdit_block** |" in spd and "| **geometric mean, stdit3_block** |" in spd
+    assert "### models" in spd and "| STDiT3 | 16x256x256 | train_step | bf16 | ours 100 ms | 2.50× |" in spd
+    models = text[text.index("## STDiT vs full-attention DiT") : text.index("## Speedups of ours")]
+    assert "STDiT3" not in models  # the model-vs-model table has STDiT, DiT, Latte only
+    assert (tmp_path / "backends_models_STDiT3_train_step.png").exists()
+    assert not (tmp_path / "backends_models_STDiT_train_step.png").exists()
