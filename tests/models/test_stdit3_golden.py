@@ -29,14 +29,18 @@ DEFAULT_TOLS = {"out_and_out_no_x_mask": {"atol": 5e-5}, "out_and_out_no_x_mask_
 
 
 def _golden_sets() -> list[Path]:
-    """The ``*_io.safetensors`` files of every golden set (the bundled ones and $STDIT_GOLDENS_V12's)."""
-    folders = [DATA] + [Path(p) for p in os.environ.get("STDIT_GOLDENS_V12", "").split(os.pathsep) if p]
-    sets = []
-    for folder in folders:
+    """The ``*_io.safetensors`` files of every golden set: the bundled ones, the project's shared golden
+    folder beside the checkout (../shared/goldens/opensora_v12) when there is one, and
+    $STDIT_GOLDENS_V12's; a set whose file name was already found is read once."""
+    shared = Path(__file__).resolve().parents[3] / "shared" / "goldens" / "opensora_v12"
+    env = [Path(p) for p in os.environ.get("STDIT_GOLDENS_V12", "").split(os.pathsep) if p]
+    sets: dict[str, Path] = {}
+    for folder in [DATA] + ([shared] if shared.is_dir() else []) + env:
         if not folder.is_dir():
             raise FileNotFoundError(f"STDIT_GOLDENS_V12: {folder} is not a folder")
-        sets += sorted(folder.glob("*_io.safetensors"))
-    return sets
+        for path in sorted(folder.glob("*_io.safetensors")):
+            sets.setdefault(path.name, path)
+    return list(sets.values())
 
 
 SETS = _golden_sets()

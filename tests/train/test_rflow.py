@@ -44,11 +44,16 @@ SAMPLE_KWARG_KEYS = ("height", "width", "num_frames", "ar", "fps")
 
 
 def _golden_files() -> list[Path]:
-    dirs = [DATA] + [Path(p) for p in os.environ.get("STDIT_GOLDENS_V12", "").split(os.pathsep) if p]
-    found = []
+    """Bundled sets, the shared golden folder beside the checkout when there is one, $STDIT_GOLDENS_V12's;
+    a file name already found is read once."""
+    shared = Path(__file__).resolve().parents[3] / "shared" / "goldens" / "opensora_v12"
+    dirs = [DATA] + ([shared] if shared.is_dir() else [])
+    dirs += [Path(p) for p in os.environ.get("STDIT_GOLDENS_V12", "").split(os.pathsep) if p]
+    found: dict[str, Path] = {}
     for d in dirs:
-        found += sorted(d.glob("*_io.safetensors"))
-    return found
+        for path in sorted(d.glob("*_io.safetensors")):
+            found.setdefault(path.name, path)
+    return list(found.values())
 
 
 GOLDEN_IO = _golden_files()
