@@ -662,7 +662,9 @@ def self_attention(
     q and k normalised (qk_norm) and rotated (rope theta (D/2,)) on chip, gradients to both gains."""
     check_attention_input("qkv", qkv)
     if qk_norm is None and rope is None:
-        out, _ = _self_attention_op(qkv, kind, num_frames, float(scale))
+        # Every argument passed: left to their defaults, a compiled backward after an eager call with
+        # gains (same op) got a non-tensor for a tensor argument (tests/bench/test_check_sequence.py).
+        out, _ = _self_attention_op(qkv, kind, num_frames, float(scale), None, None, 1e-6)
         return out
     # the gains as one fp32 (2, D) operand; autograd carries its gradient back to each gain's dtype
     qk_weights = None if qk_norm is None else torch.stack((qk_norm.q_weight.float(), qk_norm.k_weight.float()))
