@@ -145,8 +145,10 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 8, *, codec: str 
         stream.pix_fmt = "yuv420p"
         stream.time_base = Fraction(1, fps)
         if codec in ("libx264", "h264"):
-            # one thread keeps the output byte-identical run to run; tiny clips gain nothing from threads
-            stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+            # byte-identical output run to run: one thread, and no macroblock-tree rate control, whose
+            # lookahead gave different bits for the same frames (decoded pixels off by up to 23) on
+            # x264 in PyAV 18.1 even with one thread; tiny clips gain nothing from either
+            stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
         else:
             stream.options = {"qscale": "2"}
             stream.thread_count = 1

@@ -96,6 +96,9 @@ def test_synthetic_dataset_content_speed_and_determinism(synth, tmp_path):
         fa = np.stack([f.to_ndarray(format="rgb24") for f in ca.decode(video=0)])
         fb = np.stack([f.to_ndarray(format="rgb24") for f in cb.decode(video=0)])
     np.testing.assert_array_equal(fa, fb)
+    # every clip is byte-identical, not just one decoded clip (x264's mb-tree once made them differ)
+    for va in sorted((a.parent / "videos").glob("*.mp4")):
+        assert va.read_bytes() == (b.parent / "videos" / va.name).read_bytes(), va.name
     assert (a.parent / "images/image_001.png").read_bytes() == (b.parent / "images/image_001.png").read_bytes()
 
 
