@@ -17,7 +17,7 @@ from stdit.common.dtypes import as_dtype
 from stdit.kernels import BACKENDS
 from stdit.kernels.fused_ops import FUSED_BACKENDS
 
-from .layers import CaptionEmbedder, PatchEmbed3D, TimestepEmbedder, spatial_pos_embed, temporal_pos_embed
+from .layers import CaptionEmbedder, PatchEmbed3D, TimestepEmbedder, modulate, spatial_pos_embed, temporal_pos_embed
 from .sizes import ModelSize
 
 __all__ = ["BACKEND_NAMES", "VideoDiTBase", "WholeSequence"]
@@ -53,6 +53,8 @@ class VideoDiTBase(nn.Module):
     embedders and adaLN-single t_block, the PixArt-style init, embedding the inputs, running a block
     (with optional activation checkpointing) and unpatchifying. Subclasses add ``blocks`` and
     ``final_layer`` after ``_build_trunk`` and say which layers start at zero."""
+
+    fast_sampling = None  # the open stdit.models.accel.FastSampling context, if any
 
     def _build_trunk(
         self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
@@ -257,6 +259,20 @@ class VideoDiTBase(nn.Module):
         y = self.y_embedder(y, self.training, force_drop_ids)  # (B, 1, L, C)
         y, y_lens = self._captions(y, mask, B)  # (B, L, C), (B,)
         return x, t, t0, y, y_lens, grid, tpe
+
+    def _run_blocks(self, x: torch.Tensor, blocks, first: nn.Module, t6: torch.Tensor) -> torch.Tensor:
+        """blocks(x): the block stack on tokens x (B, N, C), or what an open stdit.models.accel.FastSampling
+        context's step cache gives instead. Its change signal, computed only there, is block ``first``'s
+        modulated input: LayerNorm, then the shift / scale of its table plus t6 (B, 6C)."""
+        fast = self.fast_sampling
+        if fast is None:
+            return blocks(x)
+
+        def probe() -> torch.Tensor:
+            shift, scale = (first.scale_shift_table[None, :2] + t6.reshape(t6.shape[0], 6, -1)[:, :2]).chunk(2, 1)
+            return modulate(first.norm1(x), shift, scale)
+
+        return fast.run_blocks(x, probe, blocks)
 
     def _run_block(self, block: nn.Module, *args) -> torch.Tensor:
         """block(*args, attention backend, fused ops), checkpointed when asked for in training."""

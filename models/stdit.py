@@ -305,9 +305,13 @@ class STDiT(VideoDiTBase):
         """
         x, t, t0, y, y_lens, grid, tpe = self._embed(x, timestep, y, mask, force_drop_ids)
         x, frames, tpe = self.sequence.split(x, grid, tpe)  # all tokens unless sequence-parallel
-        for i, block in enumerate(self.blocks):  # temporal pos-emb: block 0's temporal input only
-            x = self._run_block(block, x, y, t0, y_lens, frames, tpe if i == 0 else None)
-        return self.final_layer(x, t), grid
+
+        def blocks(x: torch.Tensor) -> torch.Tensor:
+            for i, block in enumerate(self.blocks):  # temporal pos-emb: block 0's temporal input only
+                x = self._run_block(block, x, y, t0, y_lens, frames, tpe if i == 0 else None)
+            return x
+
+        return self.final_layer(self._run_blocks(x, blocks, self.blocks[0], t0), t), grid
 
 
 # ------------------------------------------------------------------------------------------------

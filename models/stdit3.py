@@ -416,9 +416,14 @@ class STDiT3(VideoDiTBase):
         )
         # All tokens unless sequence-parallel; x_mask, a per-frame table, keeps the rows of the frames held.
         x, frames, x_mask = self.sequence.split(x, grid, x_mask)
-        for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
-            x = self._run_block(spatial, x, y, t_mlp, y_lens, frames, x_mask, t0_mlp, None)
-            x = self._run_block(temporal, x, y, t_mlp, y_lens, frames, x_mask, t0_mlp, self.rope.freqs)
+
+        def blocks(x: torch.Tensor) -> torch.Tensor:
+            for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
+                x = self._run_block(spatial, x, y, t_mlp, y_lens, frames, x_mask, t0_mlp, None)
+                x = self._run_block(temporal, x, y, t_mlp, y_lens, frames, x_mask, t0_mlp, self.rope.freqs)
+            return x
+
+        x = self._run_blocks(x, blocks, self.spatial_blocks[0], t_mlp)
         return self.final_layer(x, t, x_mask, t0, frames, double_norm=self.final_norm_quirk), grid
 
     def _embed3(self, x, timestep, y, mask, x_mask, fps, height, width, force_drop_ids):

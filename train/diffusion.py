@@ -398,6 +398,7 @@ class IDDPM:
         device: torch.device | str | None = None,
         noise: Tensor | None = None,
         clip_denoised: bool = False,
+        on_step: Callable[[int, float, int], object] | None = None,
     ) -> Tensor:
         """Ancestral sampling of the (respaced) reverse process with the learned variance.
 
@@ -419,6 +420,9 @@ class IDDPM:
         clip_denoised: False (default; Open-Sora's call) -- latents are not bounded by [-1, 1].
         generator / device / noise: randomness (initial noise and per-step noise are drawn from
             ``generator`` on ``device``; pass ``noise`` to fix the starting x_T).
+        on_step: called as ``on_step(k, t, steps)`` before the k-th of ``steps`` model evaluations, t
+            the (original-process) timestep the model gets, a Python number (e.g.
+            stdit.models.accel.FastSampling.on_step).
         Returns x_0 of ``shape`` (float32).
         """
         shape = self._check_sampling_args(shape, cfg_scale, guide_channels)
@@ -430,7 +434,9 @@ class IDDPM:
 
             steps = tqdm(steps, desc="IDDPM sampling")
         B = shape[0]
-        for i in steps:
+        for k, i in enumerate(steps):
+            if on_step is not None:
+                on_step(k, float(self.timestep_map[i]), self.num_timesteps)
             t = torch.full((B,), i, dtype=torch.long, device=device)
             out = self._guided(model, x, self.map_timesteps(t), model_kwargs, cfg_scale, guide_channels)
             pm = self.p_mean_variance(out.float(), x, t, clip_denoised=clip_denoised)

@@ -349,6 +349,7 @@ class RFlow:
         progress: bool = False,
         noise: NoiseSource | None = None,
         generator: torch.Generator | None = None,
+        on_step: Callable[[int, float, int], object] | None = None,
     ) -> Tensor:
         """Euler integration of the learned velocity from z (t = K) to latents (t = 0), with guidance.
 
@@ -374,6 +375,9 @@ class RFlow:
             default generator, the reference's stream); a (steps, B, C, T, H, W) tensor replays it; a
             callable ``noise(step, z) -> (B, C, T, H, W)`` supplies it.
         progress: a tqdm bar over the steps.
+        on_step: called as ``on_step(i, t, steps)`` before the i-th of ``steps`` model evaluations, t
+            the first sample's timestep as a Python number (e.g. stdit.models.accel.FastSampling.on_step);
+            the schedule is read to the host once, before the first step.
         """
         B = self._check_z(z)
         kwargs = self._check_kwargs(model_kwargs)
@@ -401,12 +405,15 @@ class RFlow:
         euler = self._diffusers_euler(timesteps)  # None when the samples' schedules differ
         z = z.float()
         order = range(steps)
+        host_times = torch.stack(timesteps)[:, 0].tolist() if on_step is not None else None
         if progress:
             from tqdm.auto import tqdm
 
             order = tqdm(order, desc="RFLOW sampling")
         for i in order:
             t = timesteps[i]
+            if on_step is not None:
+                on_step(i, host_times[i], steps)
             if cond_mask is not None:
                 x0 = z.clone()
                 step_noise = self._step_noise(noise, i, x0, generator)

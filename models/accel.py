@@ -1,0 +1,388 @@
+"""Fast sampling on the model: pyramid attention broadcast and step caching.
+
+Both skip work that changes little from one denoising step to the next, and both live on the model
+as replaceable parts, not in a fork of it. :class:`FastSampling` is a context manager: entering it
+wraps the model's attention (and, if asked, MLP) modules and sets its step cache; leaving it puts the
+original modules back, so state dicts, training and every other use see the plain model.
+
+- Pyramid attention broadcast (PAB, arXiv 2408.12588): attention outputs change little in the middle
+  of the trajectory, spatial attention the most, cross attention the least. Per attention kind a
+  :class:`BroadcastRule` gives a timestep range and an interval k: inside the range the module runs
+  on every k-th step (counted from the range's first step) and the other steps reuse its last output;
+  outside the range it always runs. The default (:meth:`Broadcast.paper`) is VideoSys' Open-Sora
+  setting: t in [450, 930], spatial every 2 steps, temporal every 4, cross every 6. MLP broadcast is
+  optional and off by default.
+- Step caching (TeaCache-style): before the blocks run, a cheap probe (block 0's timestep-modulated
+  input, LayerNorm then shift/scale) is compared with the previous step's probe; the relative L1 change (sum |p - p_prev| / sum |p_prev|), optionally rescaled by a polynomial, is
+  accumulated over steps, and while the sum stays under ``threshold`` the step reuses the last
+  residual (blocks' output minus input) instead of running the blocks. The first and last step always
+  run. Deciding reads one number on the host per step.
+
+Exactness: with every rule off (``Broadcast()``, threshold 0) the wrapped model computes exactly what
+the plain model computes, bitwise (tests/models/test_accel.py). The decisions follow the step index
+and timestep the sampler reports through :meth:`FastSampling.on_step` (the ``on_step`` argument of
+IDDPM.sample and RFlow.sample); a model called without it always computes.
+
+Parallel sampling: broadcast decisions depend only on the step, so they agree on every rank. The
+step cache's change is a ratio of two sums; ``reduce`` (e.g. an all-reduce over the classifier-free
+guidance and sequence-parallel ranks) turns each rank's partial sums into the whole batch's, so every
+rank takes the same decision as one process. Install sequence parallelism first, then FastSampling:
+a reused output then also skips the all-to-alls around the module.
+
+Dimension alphabet: B batch, N tokens, C channels.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["BROADCAST_KINDS", "Broadcast", "BroadcastRule", "FastSampling", "StepCache"]
+
+BROADCAST_KINDS = ("spatial", "temporal", "cross", "mlp")
+
+# VideoSys' PAB setting for Open-Sora (FACTS.md section 4): the broadcast range and per-kind intervals
+PAB_RANGE = (450.0, 930.0)
+PAB_INTERVALS = {"spatial": 2, "temporal": 4, "cross": 6}
+# MLP broadcast (off by default): the first five blocks, every 2 steps in the middle of the range
+PAB_MLP = {"interval": 2, "t_range": (650.0, 870.0), "blocks": (0, 1, 2, 3, 4)}
+
+
+@dataclass(frozen=True)
+class BroadcastRule:
+    """Broadcast one kind of module: inside ``t_range`` (low, high; inclusive, in the model's timestep
+    units: 0..999 for IDDPM, 0..1000 for rectified flow) it runs on every ``interval``-th step and the
+    steps between reuse its output; ``blocks``: the block indices it applies to (None: all)."""
+
+    interval: int
+    t_range: tuple[float, float] = PAB_RANGE
+    blocks: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"interval: expected an integer >= 1 (1 = run every step), got {self.interval!r}")
+        lo_hi = tuple(self.t_range) if isinstance(self.t_range, (tuple, list)) else None
+        if lo_hi is None or len(lo_hi) != 2 or not all(isinstance(v, (int, float)) for v in lo_hi) or lo_hi[0] > lo_hi[1]:
+            raise ValueError(f"t_range: expected (low, high) timesteps with low <= high, got {self.t_range!r}")
+        object.__setattr__(self, "t_range", (float(lo_hi[0]), float(lo_hi[1])))
+        if self.blocks is not None:
+            if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in self.blocks):
+                raise ValueError(f"blocks: expected None or block indices >= 0, got {self.blocks!r}")
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+
+    def applies(self, t: float) -> bool:
+        return self.interval > 1 and self.t_range[0] <= t <= self.t_range[1]
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Attention (and MLP) broadcast per kind; None leaves a kind alone. ``Broadcast()`` is exact."""
+
+    spatial: BroadcastRule | None = None
+    temporal: BroadcastRule | None = None
+    cross: BroadcastRule | None = None
+    mlp: BroadcastRule | None = None
+
+    @classmethod
+    def paper(cls, mlp: bool = False) -> Broadcast:
+        """VideoSys' Open-Sora setting: t in [450, 930], spatial every 2, temporal 4, cross 6 steps
+        (``mlp=True`` adds MLP broadcast in blocks 0-4, every 2 steps for t in [650, 870])."""
+        rules = {kind: BroadcastRule(k, PAB_RANGE) for kind, k in PAB_INTERVALS.items()}
+        return cls(**rules, mlp=BroadcastRule(**PAB_MLP) if mlp else None)
+
+    @classmethod
+    def parse(cls, spec: str) -> Broadcast:
+        """From a command-line spec: "paper", "paper+mlp", "off", or comma-separated items
+        ``kind=interval`` (kinds spatial, temporal, cross, mlp) and ``range=low:high`` (for every kind
+        given), e.g. "spatial=2,temporal=4,cross=6,range=450:930"."""
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError("broadcast: expected 'paper', 'paper+mlp', 'off' or items like 'spatial=2,range=450:930'")
+        spec = spec.strip().lower()
+        if spec in ("paper", "paper+mlp"):
+            return cls.paper(mlp=spec.endswith("mlp"))
+        if spec == "off":
+            return cls()
+        table: dict = {}
+        for item in spec.split(","):
+            m = re.fullmatch(r"\s*(\w+)\s*=\s*([\d.:]+)\s*", item)
+            if not m:
+                raise ValueError(f"broadcast: cannot read {item!r}; expected kind=interval or range=low:high")
+            key, value = m.groups()
+            if key == "range":
+                parts = value.split(":")
+                if len(parts) != 2:
+                    raise ValueError(f"broadcast: range expects low:high, got {value!r}")
+                table["range"] = [float(p) for p in parts]
+            elif key in BROADCAST_KINDS:
+                if not value.isdigit():
+                    raise ValueError(f"broadcast: {key} expects an integer interval, got {value!r}")
+                table[key] = int(value)
+            else:
+                raise ValueError(f"broadcast: unknown kind {key!r}; expected one of {BROADCAST_KINDS} or 'range'")
+        return cls.from_dict(table)
+
+    @classmethod
+    def from_dict(cls, table: dict) -> Broadcast:
+        """From a config table: ``{"spatial": 2, "temporal": 4, "cross": 6, "range": [450, 930]}``, a kind
+        may also be a table ``{"interval": k, "range": [lo, hi], "blocks": [...]}``; "mlp" without its
+        own blocks applies to blocks 0-4."""
+        if not isinstance(table, dict):
+            raise TypeError(f"broadcast: expected a table, got {type(table).__name__}")
+        unknown = set(table) - {*BROADCAST_KINDS, "range"}
+        if unknown:
+            raise ValueError(f"broadcast: unknown keys {sorted(unknown)}; expected {BROADCAST_KINDS} and 'range'")
+        default_range = tuple(table.get("range", PAB_RANGE))
+        rules = {}
+        for kind in BROADCAST_KINDS:
+            value = table.get(kind)
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                extra = set(value) - {"interval", "range", "blocks"}
+                if extra or "interval" not in value:
+                    raise ValueError(f"broadcast.{kind}: expected keys interval (required), range, blocks; got "
+                                     f"{sorted(value)}")
+                rng = tuple(value.get("range", default_range))
+                blocks = value.get("blocks", PAB_MLP["blocks"] if kind == "mlp" else None)
+                rules[kind] = BroadcastRule(value["interval"], rng, None if blocks is None else tuple(blocks))
+            else:
+                blocks = PAB_MLP["blocks"] if kind == "mlp" else None
+                rules[kind] = BroadcastRule(value, default_range, blocks)
+        return cls(**rules)
+
+    @property
+    def enabled(self) -> bool:
+        return any(rule is not None and rule.interval > 1 for rule in self.rules().values())
+
+    def rules(self) -> dict[str, BroadcastRule | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def label(self) -> str:
+        """A short name for reports: "off", or e.g. "spatial 2, temporal 4, cross 6 in [450, 930]"."""
+        parts = []
+        for kind, rule in self.rules().items():
+            if rule is not None and rule.interval > 1:
+                where = "" if rule.blocks is None else f" blocks {','.join(map(str, rule.blocks))}"
+                parts.append(f"{kind} {rule.interval} in [{rule.t_range[0]:g}, {rule.t_range[1]:g}]{where}")
+        return "; ".join(parts) or "off"
+
+
+@dataclass(frozen=True)
+class StepCache:
+    """TeaCache-style step caching: reuse the last residual while the accumulated (rescaled) relative
+    change of block 0's modulated input stays under ``threshold`` (0: never reuse, exact).
+    ``coefficients``: a polynomial (highest power first, numpy.polyval's order) applied to each step's
+    raw relative change before it is accumulated; () leaves it as it is."""
+
+    threshold: float
+    coefficients: tuple[float, ...] = field(default=())
+
+    def __post_init__(self):
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not self.threshold >= 0:
+            raise ValueError(f"threshold: expected a number >= 0 (0 = off), got {self.threshold!r}")
+        if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in self.coefficients):
+            raise ValueError(f"coefficients: expected numbers, got {self.coefficients!r}")
+        object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold > 0
+
+    def rescale(self, change: float) -> float:
+        if not self.coefficients:
+            return change
+        out = 0.0
+        for c in self.coefficients:
+            out = out * change + c
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The modules each kind broadcasts
+# ------------------------------------------------------------------------------------------------
+
+
+def broadcast_sites(model: nn.Module) -> list[tuple[nn.Module, str, str, int]]:
+    """(parent module, attribute, kind, block index) of every module a rule can broadcast: STDiT's
+    blocks[i].attn / attn_temp / cross_attn / mlp, STDiT3's spatial_blocks[i] and temporal_blocks[i]
+    attn / cross_attn / mlp (both blocks of depth i count as block i)."""
+    sites = []
+    if hasattr(model, "spatial_blocks"):
+        for i, (sb, tb) in enumerate(zip(model.spatial_blocks, model.temporal_blocks)):
+            for block, attn_kind in ((sb, "spatial"), (tb, "temporal")):
+                sites += [(block, "attn", attn_kind, i), (block, "cross_attn", "cross", i), (block, "mlp", "mlp", i)]
+    elif hasattr(model, "blocks") and all(hasattr(b, "attn_temp") for b in model.blocks):
+        for i, block in enumerate(model.blocks):
+            sites += [(block, "attn", "spatial", i), (block, "attn_temp", "temporal", i),
+                      (block, "cross_attn", "cross", i), (block, "mlp", "mlp", i)]  # fmt: skip
+    else:
+        raise TypeError(f"model: fast sampling supports STDiT and STDiT3 (spatial / temporal / cross attention "
+                        f"blocks), got {type(model).__name__}")
+    return sites
+
+
+class BroadcastModule(nn.Module):
+    """Runs ``inner`` or returns its last output, as the owning :class:`FastSampling` decides for this
+    step; the output is kept only where the rule may reuse it."""
+
+    def __init__(self, inner: nn.Module, kind: str, block: int, owner: FastSampling):
+        super().__init__()
+        self.inner, self.kind, self.block = inner, kind, block
+        self._owner = [owner]  # a list: not registered as a submodule
+        self.cache: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        owner = self._owner[0]
+        x = args[0]
+        if owner.reuse(self.kind, self.block) and self.cache is not None and self.cache.shape[0] == x.shape[0] \
+                and self.cache.shape[1] == x.shape[1]:  # fmt: skip
+            owner.count(self.kind, reused=True)
+            return self.cache
+        out = self.inner(*args, **kwargs)
+        owner.count(self.kind, reused=False)
+        self.cache = out if owner.keeps(self.kind, self.block) else None
+        return out
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, block={self.block}"
+
+
+# ------------------------------------------------------------------------------------------------
+# FastSampling: the context that installs both
+# ------------------------------------------------------------------------------------------------
+
+
+class FastSampling:
+    """Attention broadcast and step caching on ``model`` (an STDiT or STDiT3) while the context is open.
+
+    broadcast: a :class:`Broadcast` (None: none). step_cache: a :class:`StepCache`, a threshold, or
+    None. reduce: for parallel sampling, a function that sums a small float64 tensor over the ranks in
+    place (e.g. ``lambda t: dist.all_reduce(t)``); None in one process.
+
+    Pass :meth:`on_step` to the sampler (``on_step=fs.on_step``). ``stats`` counts, per kind, the
+    module calls that ran and those that reused an output, and the steps the step cache skipped.
+    """
+
+    def __init__(self, model: nn.Module, broadcast: Broadcast | None = None,
+                 step_cache: StepCache | float | None = None,
+                 reduce: Callable[[torch.Tensor], object] | None = None):  # fmt: skip
+        if broadcast is not None and not isinstance(broadcast, Broadcast):
+            raise TypeError(f"broadcast: expected a Broadcast or None, got {type(broadcast).__name__}")
+        if step_cache is not None and not isinstance(step_cache, StepCache):
+            step_cache = StepCache(step_cache)
+        self.model = model
+        self.broadcast = broadcast or Broadcast()
+        self.step_cache = step_cache or StepCache(0.0)
+        self.reduce = reduce
+        self._sites = broadcast_sites(model)
+        self._installed: list[tuple[nn.Module, str, nn.Module]] = []
+        self._step: int | None = None
+        self._fresh: dict[str, bool] = {}
+        self._in_range_steps: dict[str, int] = {}
+        self._cache_state: dict = {}
+        self.stats: dict = {}
+        self.reset()
+
+    # -- the context -----------------------------------------------------------------------------
+
+    def __enter__(self) -> FastSampling:
+        if getattr(self.model, "fast_sampling", None) is not None:
+            raise RuntimeError("model: a FastSampling context is already open on this model")
+        rules = self.broadcast.rules()
+        for parent, attr, kind, block in self._sites:
+            rule = rules[kind]
+            if rule is None or rule.interval == 1 or (rule.blocks is not None and block not in rule.blocks):
+                continue
+            inner = getattr(parent, attr)
+            setattr(parent, attr, BroadcastModule(inner, kind, block, self))
+            self._installed.append((parent, attr, inner))
+        self.model.fast_sampling = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for parent, attr, inner in reversed(self._installed):
+            setattr(parent, attr, inner)
+        self._installed.clear()
+        self.model.fast_sampling = None
+        self._cache_state.clear()
+
+    def reset(self) -> None:
+        """Forget the steps seen and every kept output (a new video starts)."""
+        self._step = None
+        self._fresh = {kind: True for kind in BROADCAST_KINDS}
+        self._in_range_steps = {kind: 0 for kind in BROADCAST_KINDS}
+        self._cache_state = {}
+        for parent, attr, _ in self._installed:
+            getattr(parent, attr).cache = None
+        self.stats = {kind: {"ran": 0, "reused": 0} for kind in BROADCAST_KINDS}
+        self.stats["steps"] = {"ran": 0, "reused": 0}
+
+    # -- per step --------------------------------------------------------------------------------
+
+    def on_step(self, index: int, t: float, steps: int) -> None:
+        """The sampler's report before each model evaluation: step ``index`` of ``steps`` at timestep
+        ``t`` (the value the model gets, as a Python number)."""
+        if index == 0:
+            self.reset()
+        self._step, self._t, self._steps = index, float(t), steps
+        for kind, rule in self.broadcast.rules().items():
+            if rule is None or not rule.applies(self._t):
+                self._fresh[kind] = True
+                continue
+            k = self._in_range_steps[kind]
+            self._fresh[kind] = k % rule.interval == 0
+            self._in_range_steps[kind] = k + 1
+
+    def reuse(self, kind: str, block: int) -> bool:
+        return self._step is not None and not self._fresh[kind]
+
+    def keeps(self, kind: str, block: int) -> bool:
+        return self._step is not None
+
+    def count(self, kind: str, reused: bool) -> None:
+        self.stats[kind]["reused" if reused else "ran"] += 1
+
+    # -- step caching (called by the model's forward) --------------------------------------------
+
+    def run_blocks(self, x: torch.Tensor, probe: Callable[[], torch.Tensor],
+                   blocks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The model's block stack for tokens x (B, N, C): ``blocks(x)``, or x plus the last residual
+        when the step cache decides this step changed too little to run them."""
+        cache = self.step_cache
+        if not cache.enabled or self._step is None:
+            self.stats["steps"]["ran"] += 1
+            return blocks(x)
+        p = probe().detach()
+        state = self._cache_state
+        first_or_last = self._step == 0 or self._step == self._steps - 1
+        skip = False
+        if not first_or_last and "probe" in state and state["probe"].shape == p.shape \
+                and state["residual"].shape == x.shape:  # fmt: skip
+            sums = torch.stack([(p - state["probe"]).abs().sum(), state["probe"].abs().sum()]).double()
+            if self.reduce is not None:
+                self.reduce(sums)
+            num, den = sums.tolist()  # the one host read per step
+            state["accumulated"] += cache.rescale(num / den if den > 0 else float("inf"))
+            skip = state["accumulated"] < cache.threshold
+        state["probe"] = p
+        if skip:
+            self.stats["steps"]["reused"] += 1
+            return x + state["residual"]
+        out = blocks(x)
+        state["residual"] = out - x
+        state["accumulated"] = 0.0
+        self.stats["steps"]["ran"] += 1
+        return out
+
+    def summary(self) -> str:
+        """One line: what ran and what was reused."""
+        parts = [f"{k} {v['reused']}/{v['ran'] + v['reused']} reused" for k, v in self.stats.items()
+                 if k != "steps" and v["reused"]]  # fmt: skip
+        s = self.stats["steps"]
+        if s["reused"]:
+            parts.append(f"steps {s['reused']}/{s['ran'] + s['reused']} skipped")
+        return ", ".join(parts) or "nothing reused"
