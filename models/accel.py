@@ -238,13 +238,13 @@ class BroadcastModule(nn.Module):
     def forward(self, *args, **kwargs) -> torch.Tensor:
         owner = self._owner[0]
         x = args[0]
-        if owner.reuse(self.kind, self.block) and self.cache is not None and self.cache.shape[0] == x.shape[0] \
+        if owner.reuse(self.kind) and self.cache is not None and self.cache.shape[0] == x.shape[0] \
                 and self.cache.shape[1] == x.shape[1]:  # fmt: skip
             owner.count(self.kind, reused=True)
             return self.cache
         out = self.inner(*args, **kwargs)
         owner.count(self.kind, reused=False)
-        self.cache = out if owner.keeps(self.kind, self.block) else None
+        self.cache = out if owner.keeps(self.kind) else None
         return out
 
     def extra_repr(self) -> str:
@@ -282,6 +282,7 @@ class FastSampling:
         self._installed: list[tuple[nn.Module, str, nn.Module]] = []
         self._step: int | None = None
         self._fresh: dict[str, bool] = {}
+        self._applies: dict[str, bool] = {}
         self._in_range_steps: dict[str, int] = {}
         self._cache_state: dict = {}
         self.stats: dict = {}
@@ -314,6 +315,7 @@ class FastSampling:
         """Forget the steps seen and every kept output (a new video starts)."""
         self._step = None
         self._fresh = {kind: True for kind in BROADCAST_KINDS}
+        self._applies = {kind: False for kind in BROADCAST_KINDS}
         self._in_range_steps = {kind: 0 for kind in BROADCAST_KINDS}
         self._cache_state = {}
         for parent, attr, _ in self._installed:
@@ -330,18 +332,22 @@ class FastSampling:
             self.reset()
         self._step, self._t, self._steps = index, float(t), steps
         for kind, rule in self.broadcast.rules().items():
-            if rule is None or not rule.applies(self._t):
+            self._applies[kind] = rule is not None and rule.applies(self._t)
+            if not self._applies[kind]:
                 self._fresh[kind] = True
                 continue
             k = self._in_range_steps[kind]
             self._fresh[kind] = k % rule.interval == 0
             self._in_range_steps[kind] = k + 1
 
-    def reuse(self, kind: str, block: int) -> bool:
+    def reuse(self, kind: str) -> bool:
+        """Whether this step's modules of ``kind`` return their kept output."""
         return self._step is not None and not self._fresh[kind]
 
-    def keeps(self, kind: str, block: int) -> bool:
-        return self._step is not None
+    def keeps(self, kind: str) -> bool:
+        """Whether this step's outputs of ``kind`` are kept: only inside the kind's range, where the next
+        steps may reuse them (outside it nothing is held)."""
+        return self._step is not None and self._applies[kind]
 
     def count(self, kind: str, reused: bool) -> None:
         self.stats[kind]["reused" if reused else "ran"] += 1
