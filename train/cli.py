@@ -55,6 +55,19 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--sheet", default=None, help="also write the frames side by side to this PNG")
+    p.add_argument("--broadcast", default=None, metavar="SPEC",
+                   help="attention broadcast (PAB): 'paper' (spatial every 2, temporal 4, cross 6 steps within t in "
+                   "[450, 930]), 'paper+mlp', 'off', or items like 'spatial=2,temporal=4,cross=6,range=450:930' "
+                   "(default: the stage's [sample] broadcast, else off)")
+    p.add_argument("--step-cache", type=float, default=None, metavar="THRESHOLD",
+                   help="TeaCache-style step caching: skip the blocks while the accumulated relative change of the "
+                   "modulated input stays under THRESHOLD (e.g. 0.1; 0 = off; default: the stage's [sample] step_cache)")
+    p.add_argument("--cfg-parallel", action="store_true", help="under torchrun: the conditional and unconditional "
+                   "halves of guidance on two branches of ranks")
+    p.add_argument("--sp-size", type=int, default=1, help="under torchrun: ranks per branch that split the video's "
+                   "tokens (sequence parallel); torchrun's process count must be (2 if --cfg-parallel else 1) x this")
+    p.add_argument("--sp-mode", default="dsp", choices=["dsp", "ulysses", "ulysses_generic"],
+                   help="sequence-parallel mode (default dsp)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("fit-vae", help="fit a small AutoencoderKL on a CSV's frames (a VAE for the CPU demo)")
@@ -108,17 +121,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .parallel_sample import init_parallel_sampling
     from .sample import sample_video
 
+    parallel = None
+    if args.cfg_parallel or args.sp_size != 1 or "WORLD_SIZE" in os.environ:
+        device = None if args.device == "auto" else args.device.split(":")[0]
+        parallel = init_parallel_sampling(args.cfg_parallel, args.sp_size, args.sp_mode, device)
     out = sample_video(
         args.checkpoint, args.prompt, args.out, steps=args.steps, cfg_scale=args.cfg_scale,
         guide_channels=args.guide_channels, num_frames=args.frames, height=args.height, width=args.width,
         cond_image=args.cond_image, timestep_transform=not args.no_timestep_transform, seed=args.seed,
-        fps=args.fps, device=args.device, progress=not args.quiet, sheet=args.sheet,
+        fps=args.fps, device=args.device, progress=not args.quiet, sheet=args.sheet, broadcast=args.broadcast,
+        step_cache=args.step_cache, parallel=parallel,
     )  # fmt: skip
-    print(out)
-    if args.sheet:
-        print(args.sheet)
+    if out is not None:  # rank 0 (or one process) wrote it
+        print(out)
+        if args.sheet:
+            print(args.sheet)
+    if parallel is not None and parallel.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 

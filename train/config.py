@@ -23,6 +23,9 @@ folders) are relative to the directory the command runs in, as in Open-Sora's co
                ("constant" = Open-Sora 1.0 | "cosine": to lr_min at the last step), warmup_steps, lr_min
     [run]      out_dir, steps, seed, device ("auto" | "cpu" | "cuda"), dtype ("fp32" | "bf16"),
                log_every, ckpt_every, keep_last, eval_batches
+    [sample]   what `stdit sample` uses when its flags are absent: broadcast (attention broadcast,
+               stdit.models.accel.Broadcast.parse: "off" | "paper" | "paper+mlp" | "spatial=2,temporal=4,...")
+               and step_cache (TeaCache-style threshold, 0 = off)
     [parallel] dp, sp, sp_mode ("dsp" | "ulysses" | "ulysses_generic"), data_parallel ("fsdp2" | "ddp"), engine
                ("torch" | "colossalai"), plugin (colossalai: "zero2" | "hybrid" | "ddp"), compile_blocks;
                dp x sp must equal torchrun's process count
@@ -42,6 +45,8 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from stdit.models.accel import Broadcast, StepCache
 
 from .parallel import ParallelConfig
 
@@ -130,6 +135,12 @@ class RunCfg:
 
 
 @dataclass
+class SampleCfg:
+    broadcast: str = "off"  # stdit.models.accel.Broadcast.parse spec
+    step_cache: float = 0.0  # stdit.models.accel.StepCache threshold (0: off)
+
+
+@dataclass
 class StageConfig:
     stage: StageCfg = field(default_factory=StageCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -139,6 +150,7 @@ class StageConfig:
     optim: OptimCfg = field(default_factory=OptimCfg)
     run: RunCfg = field(default_factory=RunCfg)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sample: SampleCfg = field(default_factory=SampleCfg)
     source: str = ""  # the file it came from
 
     def to_dict(self) -> dict:
@@ -148,7 +160,7 @@ class StageConfig:
 
 
 _CLASSES = {"stage": StageCfg, "model": ModelCfg, "data": DataCfg, "encoders": EncodersCfg, "diffusion": DiffusionCfg,
-            "optim": OptimCfg, "run": RunCfg, "parallel": ParallelConfig}
+            "optim": OptimCfg, "run": RunCfg, "parallel": ParallelConfig, "sample": SampleCfg}
 DIFFUSION_KINDS = ("iddpm", "rflow")
 RFLOW_SAMPLE_METHODS = ("uniform", "logit-normal")
 _BUILTIN_ENCODERS = {"vae": ("tiny",), "text": ("tiny", "tiny-words")}
@@ -319,6 +331,11 @@ def _validate(cfg: StageConfig) -> None:
         raise ConfigError(f"{src}: [optim] needs warmup_steps >= 0 and 0 <= lr_min <= lr, got "
                           f"warmup_steps={o.warmup_steps}, lr_min={o.lr_min}")
     _validate_diffusion(cfg)
+    try:
+        Broadcast.parse(cfg.sample.broadcast)
+        StepCache(cfg.sample.step_cache)
+    except ValueError as e:
+        raise ConfigError(f"{src}: [sample] {e}") from None
     try:
         cfg.parallel.validate()
     except ValueError as e:

@@ -34,12 +34,14 @@ import numpy as np
 import torch
 
 from stdit.common.files import atomic_path
+from stdit.models.accel import Broadcast, FastSampling, StepCache
 
 from .build import build_encoders, build_model, resolve_device
 from .checkpoint import checkpoint_weights, latest_checkpoint
 from .config import from_dict
 from .data import IMAGE_FPS, resize_center_crop
 from .diffusion import IDDPM
+from .parallel_sample import ParallelSampling
 from .rflow import RFlow
 from .synthetic import write_mp4
 
@@ -109,7 +111,10 @@ def sample_video(
     device: str = "auto",
     progress: bool = True,
     sheet: str | Path | None = None,
-) -> Path:
+    broadcast: Broadcast | str | None = None,
+    step_cache: StepCache | float | None = None,
+    parallel: ParallelSampling | None = None,
+) -> Path | None:
     """Generate one video for ``prompt`` and write it to ``out``; returns the written path.
 
     steps: sampling steps; None: 100 respaced IDDPM steps (STDiT), 30 rectified-flow steps (STDiT3).
@@ -123,6 +128,12 @@ def sample_video(
     guide_channels: STDiT (IDDPM) only. timestep_transform: STDiT3 only (False: the plain linear schedule).
     fps: frame rate of the written video and, for STDiT3, the model's fps input (None: 8 for STDiT, 24 for STDiT3).
     sheet: also write the frames side by side as one PNG (a contact sheet: the whole clip at a glance).
+    broadcast: attention broadcast (stdit.models.accel.Broadcast or a Broadcast.parse spec such as
+        "paper"); step_cache: a TeaCache-style threshold or StepCache. None for either: the stage's
+        [sample] table (off unless set there). How many module calls and steps were reused goes to stderr.
+    parallel: a stdit.train.parallel_sample.ParallelSampling (under torchrun): CFG-parallel and / or
+        sequence-parallel sampling; every rank samples, rank 0 writes and returns the path, the others
+        return None.
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt: expected a non-empty caption")
@@ -138,9 +149,22 @@ def sample_video(
         raise FileNotFoundError(f"cond_image: no image file at {cond_image}")
     if sheet is not None and Path(sheet).suffix.lower() != ".png":  # before minutes of sampling
         raise ValueError(f"sheet: expected a .png path, got {str(sheet)!r}")
-    dev = resolve_device(device)
+    if isinstance(broadcast, str):
+        broadcast = Broadcast.parse(broadcast)
+    elif broadcast is not None and not isinstance(broadcast, Broadcast):
+        raise TypeError(f"broadcast: expected a Broadcast, a spec string or None, got {type(broadcast).__name__}")
+    if step_cache is not None and not isinstance(step_cache, StepCache):
+        step_cache = StepCache(step_cache)
+    dev = parallel.device if parallel is not None else resolve_device(device)
     cfg, model, vae, text, ckpt = load_for_sampling(checkpoint, dev)
     family = getattr(model, "family", "STDiT")
+    broadcast = broadcast if broadcast is not None else Broadcast.parse(cfg.sample.broadcast)
+    step_cache = step_cache if step_cache is not None else StepCache(cfg.sample.step_cache)
+    runner = model if parallel is None else parallel.wrap(model)
+    if parallel is not None and parallel.cfg > 1 and cfg_scale is None:
+        raise ValueError("cfg_parallel: needs classifier-free guidance (a cfg_scale)")
+    fast = FastSampling(model, broadcast, step_cache, reduce=None if parallel is None else parallel.reduce)
+    progress = progress and (parallel is None or parallel.writes)
     T = num_frames or cfg.data.num_frames
     gen = torch.Generator(device=dev).manual_seed(seed)
     y, mask = text.encode([prompt])
@@ -154,12 +178,13 @@ def sample_video(
         H, W = height or H0, width or W0
         fps = fps or STDIT3_FPS
         steps = steps or RFLOW_STEPS
-        print(f"sampling {T}x{H}x{W} from {ckpt} (rectified flow, {steps} steps, cfg {cfg_scale}"
-              f"{', conditioned on ' + str(cond_image) if cond_image else ''})", file=sys.stderr)
-        with torch.no_grad():
+        _say(parallel, f"sampling {T}x{H}x{W} from {ckpt} (rectified flow, {steps} steps, cfg {cfg_scale}"
+             f"{', conditioned on ' + str(cond_image) if cond_image else ''}{_extras(fast, parallel)})")
+        with torch.no_grad(), fast:
             latents = sample_stdit3_latents(
-                model, vae, y, mask, num_frames=T, height=H, width=W, fps=fps, steps=steps, cfg_scale=cfg_scale,
+                runner, vae, y, mask, num_frames=T, height=H, width=W, fps=fps, steps=steps, cfg_scale=cfg_scale,
                 cond_image=cond_image, timestep_transform=timestep_transform, generator=gen, progress=progress,
+                on_step=fast.on_step,
             )  # fmt: skip
     else:
         unsupported = [k for k, v in (("height", height), ("width", width), ("cond_image", cond_image)) if v is not None]
@@ -171,18 +196,36 @@ def sample_video(
         fps = fps or STDIT_FPS
         steps = steps or IDDPM_STEPS
         diffusion = IDDPM(timestep_respacing=str(steps))
-        print(f"sampling {T}x{H}x{W} from {ckpt} ({steps} steps, cfg {cfg_scale})", file=sys.stderr)
-        with torch.no_grad():
+        _say(parallel, f"sampling {T}x{H}x{W} from {ckpt} ({steps} steps, cfg {cfg_scale}{_extras(fast, parallel)})")
+        with torch.no_grad(), fast:
             latents = diffusion.sample(
-                model, (1, 4, T, H // 8, W // 8), {"y": y, "mask": mask}, cfg_scale=cfg_scale,
-                guide_channels=guide_channels, progress=progress, generator=gen, device=dev,
+                runner, (1, 4, T, H // 8, W // 8), {"y": y, "mask": mask}, cfg_scale=cfg_scale,
+                guide_channels=guide_channels, progress=progress, generator=gen, device=dev, on_step=fast.on_step,
             )  # fmt: skip
+    if broadcast.enabled or step_cache.enabled:
+        _say(parallel, f"fast sampling: {fast.summary()}")
+    if parallel is not None and not parallel.writes:
+        return None
     with torch.no_grad():
         video = vae.decode(latents)  # (1, 3, T, H, W) in [-1, 1]
     frames = ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     if sheet is not None:
         write_sheet(frames, sheet)
     return write_video(frames, out, fps)
+
+
+def _extras(fast: FastSampling, parallel: ParallelSampling | None) -> str:
+    """", broadcast ..., step cache ..., cfg-parallel x2 + dsp x2" for the start line (empty when plain)."""
+    parts = [f"broadcast {fast.broadcast.label()}"] if fast.broadcast.enabled else []
+    parts += [f"step cache {fast.step_cache.threshold:g}"] if fast.step_cache.enabled else []
+    parts += [parallel.describe()] if parallel is not None and parallel.world > 1 else []
+    return "".join(", " + p for p in parts)
+
+
+def _say(parallel: ParallelSampling | None, line: str) -> None:
+    """A progress line on stderr, once (rank 0 under torchrun)."""
+    if parallel is None or parallel.writes:
+        print(line, file=sys.stderr)
 
 
 def sample_stdit3_latents(
@@ -201,6 +244,7 @@ def sample_stdit3_latents(
     timestep_transform: bool = True,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    on_step=None,
 ) -> torch.Tensor:
     """Rectified-flow sampling of one STDiT3 video: latents (1, C, T, height/8, width/8) float32.
 
@@ -208,6 +252,8 @@ def sample_stdit3_latents(
     and the per-step noise come from ``generator``. Open-Sora 1.2's timestep transform counts frames as
     its VAE compresses them (17 -> 5) and gives 2..16 frames a factor 0 (every t -> 0, NaN at t = 1000);
     ours keeps the frame count, so such clips take the image factor 1 instead (``nan_quirk=False``).
+    ``model`` may be a parallel runner (stdit.train.parallel_sample.CFGParallel); ``on_step`` goes to
+    RFlow.sample.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames: expected at least 1 frame, got {num_frames}")
@@ -237,7 +283,7 @@ def sample_stdit3_latents(
     rf = RFlow(num_sampling_steps=steps, cfg_scale=cfg_scale, use_timestep_transform=timestep_transform,
                nan_quirk=False, overshoot_quirk=False)  # fmt: skip
     return rf.sample(model, z, y=y, mask=mask, model_kwargs=model_kwargs, cond_mask=cond_mask, progress=progress,
-                     generator=generator)  # fmt: skip
+                     generator=generator, on_step=on_step)  # fmt: skip
 
 
 def _stage_shape(cfg) -> tuple[int, int, int]:

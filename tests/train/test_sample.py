@@ -55,8 +55,9 @@ def test_write_sheet(tmp_path):
 # Sampling STDiT3 with rectified flow (checkpoints written here with the checkpoint API)
 # ------------------------------------------------------------------------------------------------
 
-def _checkpoint(run, preset: str):
-    """A `stdit train`-style checkpoint (meta.json carries the stage config) of a random tiny model."""
+def _checkpoint(run, preset: str, sample: dict | None = None):
+    """A `stdit train`-style checkpoint (meta.json carries the stage config) of a random tiny model;
+    ``sample``: the stage's [sample] table."""
     raw = {
         "model": {"preset": preset, "attention_backend": "sdpa"},
         "data": {"csv": str(run / "unused.csv"), "num_frames": 3, "image_size": [32, 32]},
@@ -64,6 +65,8 @@ def _checkpoint(run, preset: str):
         "diffusion": {"kind": "rflow" if preset.startswith("STDiT3") else "iddpm"},
         "run": {"out_dir": str(run)},
     }  # fmt: skip
+    if sample is not None:
+        raw["sample"] = sample
     cfg = from_dict(raw)
     _, text = build_encoders(cfg, torch.device("cpu"))
     torch.manual_seed(0)
@@ -218,3 +221,50 @@ def test_stdit_checkpoint_refuses_stdit3_options(tmp_path, picture):
     _checkpoint(run, "STDiT-mini")
     with pytest.raises(ValueError, match=r"height, cond_image: STDiT3 sampling options; STDiT-mini samples with IDDPM"):
         sample_video(run, "x", tmp_path / "v.gif", height=32, cond_image=picture, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast sampling from the command line and the stage's [sample] table
+# ------------------------------------------------------------------------------------------------
+
+
+def _decoded(path):
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_fast_sampling_flags(stdit3_run, tmp_path, capsys):
+    """Everything off is the plain sample; a broadcast over the whole trajectory changes it and says
+    what it reused; bad specs are refused naming the argument."""
+    common = ["sample", "--checkpoint", str(stdit3_run), "--prompt", "waves", "--steps", "4", "--frames", "3",
+              "--height", "32", "--width", "32", "--quiet"]  # fmt: skip
+    assert train_cli([*common, "--out", str(tmp_path / "plain.mp4")]) == 0
+    assert train_cli([*common, "--out", str(tmp_path / "off.mp4"), "--broadcast", "off", "--step-cache", "0"]) == 0
+    assert train_cli([*common, "--out", str(tmp_path / "pab.mp4"), "--broadcast", "spatial=2,cross=2,range=0:1000"]) == 0
+    err = capsys.readouterr().err
+    assert "fast sampling: spatial 2/4 reused, cross 4/8 reused" in err  # 2 spatial + 2 temporal blocks' cross
+    assert np.array_equal(_decoded(tmp_path / "plain.mp4"), _decoded(tmp_path / "off.mp4"))
+    assert not np.array_equal(_decoded(tmp_path / "plain.mp4"), _decoded(tmp_path / "pab.mp4"))
+    with pytest.raises(ValueError, match="broadcast: unknown kind 'spacial'"):
+        sample_video(stdit3_run, "x", tmp_path / "v.gif", broadcast="spacial=2")
+    with pytest.raises(ValueError, match="threshold: expected a number >= 0"):
+        sample_video(stdit3_run, "x", tmp_path / "v.gif", step_cache=-1.0)
+    assert not list(tmp_path.glob("v.*"))
+
+
+def test_sample_table_gives_the_defaults(tmp_path, capsys):
+    """[sample] broadcast / step_cache of the checkpoint's stage are used when no flag is given; a flag wins."""
+    run = tmp_path / "run"
+    _checkpoint(run, "STDiT-mini", sample={"broadcast": "paper", "step_cache": 0.05})
+    argv = ["sample", "--checkpoint", str(run), "--prompt", "x", "--steps", "20", "--quiet", "--out", str(tmp_path / "a.gif")]
+    assert train_cli(argv) == 0
+    err = capsys.readouterr().err
+    assert "broadcast spatial 2 in [450, 930]; temporal 4 in [450, 930]; cross 6 in [450, 930], step cache 0.05" in err
+    assert train_cli([*argv, "--broadcast", "off", "--step-cache", "0"]) == 0
+    assert "fast sampling" not in capsys.readouterr().err
+    from stdit.train.config import ConfigError
+
+    for table, match in [({"broadcast": "fast"}, r"\[sample\] broadcast: cannot read"),
+                         ({"step_cache": -1}, r"\[sample\] threshold"), ({"speed": 2}, "speed")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            _checkpoint(tmp_path / "bad", "STDiT-mini", sample=table)
