@@ -37,7 +37,7 @@ from stdit.models.costs import opensora_flop_ratios
 
 from . import results
 
-SUITE_ORDER = ("kernels", "fused", "blocks", "models", "train", "parallel")  # report order
+SUITE_ORDER = ("kernels", "fused", "blocks", "models", "train", "parallel", "sample")  # report order
 MODEL_OPS = ("STDiT", "DiT", "Latte")  # the models suite's model-vs-model rows (their own section)
 FAMILY_SUITES = ("blocks", "models")  # suites whose ops are model families: speedups are summarised per op
 PEER_ORDER = (  # column order of the peers in tables and figures (others follow, sorted)
@@ -379,7 +379,8 @@ def summarize(rows_or_path, published: list[dict] | None = None) -> dict:
     ``fastest`` (``fastest_backends``), ``stand_in`` ([{suite, ours_backend, peer, speedup, n, why}]),
     ``stdit_vs_dit`` ({"frames": largest frame count with an ok DiT/STDiT pair, "points": [{device,
     backend, dtype, batch, frames, resolution, dit_over_stdit, dit_over_latte, flop_ratio}]}; frames
-    None if no pair) and ``published`` (Open-Sora 1.0's points, see ``published_points``).
+    None if no pair), ``published`` (Open-Sora 1.0's points, see ``published_points``) and ``sampling``
+    (``sampling_summary``: per family and shape of the sample suite, the plain video and the fastest setting).
     """
     return summary_of(frame(load_rows(rows_or_path)), published_points(published))
 
@@ -432,4 +433,103 @@ def summary_of(df: pd.DataFrame, pub: list[dict]) -> dict:
         "stand_in": _stand_in_summary(df),
         "stdit_vs_dit": {"frames": frames, "points": pts},
         "published": pub,
+        "sampling": sampling_summary(df),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling (the sample suite: stdit.bench.sample_suite)
+# ------------------------------------------------------------------------------------------------
+
+SAMPLE_PARTS = ("text_encode", "denoise_step", "vae_decode", "video")
+QUALITY_KEYS = ("latent_rel_l2", "latent_psnr", "frame_psnr", "frame_ssim", "lpips")
+# Published reference points, never mixed with ours: each names its model, video, hardware and source.
+PUBLISHED_SAMPLING = (
+    dict(method="PAB + broadcast sequence parallel", model="Open-Sora 1.2, 2 s 480p", hardware="8x H100 vs 1x H100",
+         baseline_s=97.5, accelerated_s=9.2, speedup=10.5, source="arXiv 2408.12588 v3, Figure 1 (21.3 FPS)"),
+    dict(method="PAB + sequence parallel (project page headline)", model="Open-Sora, 4 s (192 frames) 480p",
+         hardware="8x H100 vs 1x H100", baseline_s=None, accelerated_s=None, speedup=10.6,
+         source="PAB project page, oahzxl.github.io/PAB: 'up to 21.6 FPS with 10.6x acceleration'"),
+    dict(method="DeepSpeed-Ulysses sequence parallel", model="Open-Sora, 80 frames 512x512", hardware="8x H800 vs 1x H800",
+         baseline_s=106.0, accelerated_s=45.0, speedup=106.0 / 45.0, source="VideoSys docs/dsp.md"),
+    dict(method="DSP sequence parallel", model="Open-Sora, 80 frames 512x512", hardware="8x H800 vs 1x H800",
+         baseline_s=106.0, accelerated_s=22.0, speedup=106.0 / 22.0, source="VideoSys docs/dsp.md"),
+)  # fmt: skip
+
+
+def _sample_part(row) -> tuple[str, str]:
+    family, _, part = str(row["op"]).partition(".")
+    return family, part
+
+
+def sample_times(df: pd.DataFrame) -> pd.DataFrame:
+    """The sample suite's rows, one record each: device, family, part, backend (the setting of a video
+    row), shape, dtype, median/p20/p80 ms, ms per step (step rows: the median; video rows: median / steps),
+    peak MB, status, weights; in part order."""
+    s = df[df["suite"] == "sample"]
+    recs = []
+    for _, r in s.iterrows():
+        family, part = _sample_part(r)
+        dims = r["dims"] if isinstance(r["dims"], dict) else {}
+        steps = dims.get("steps")
+        per_step = r["median_ms"] if part == "denoise_step" else (r["median_ms"] / steps if part == "video" and isnum(steps) else math.nan)
+        recs.append({
+            "device": r["device"], "family": family, "part": part, "backend": r["backend"], "shape": r["shape"],
+            "dtype": r["dtype"], "ok": r["ok"], "median_ms": r["median_ms"], "p20_ms": r["p20_ms"], "p80_ms": r["p80_ms"],
+            "ms_per_step": per_step if r["ok"] else math.nan, "steps": steps, "peak_mem_mb": r["peak_mem_mb"],
+            "status": r["status"], "weights": str(dims.get("weights") or ""), "ours": r["ours"],
+        })  # fmt: skip
+    cols = ["device", "family", "part", "backend", "shape", "dtype", "ok", "median_ms", "p20_ms", "p80_ms", "ms_per_step",
+            "steps", "peak_mem_mb", "status", "weights", "ours"]  # fmt: skip
+    out = pd.DataFrame.from_records(recs, columns=cols)
+    order = {p: i for i, p in enumerate(SAMPLE_PARTS)}
+    out["_order"] = [order.get(p, 99) for p in out["part"]]
+    return out.sort_values(["device", "family", "shape", "_order"], kind="stable").drop(columns="_order")
+
+
+def sample_quality(df: pd.DataFrame) -> pd.DataFrame:
+    """One record per accelerated whole-video row (the plain reference left out): device, family, shape,
+    dtype, setting, median_ms, plain_ms (timed in the same process), speedup = plain_ms / median_ms,
+    reused (what one video skipped), weights, status, and the quality keys (NaN where not computed;
+    ``lpips`` a number or the reason it is missing)."""
+    s = df[(df["suite"] == "sample") & df["op"].str.endswith(".video") & (df["backend"] != "plain")]
+    recs = []
+    for _, r in s.iterrows():
+        dims = r["dims"] if isinstance(r["dims"], dict) else {}
+        q = dims.get("quality") if isinstance(dims.get("quality"), dict) else {}
+        plain = dims.get("plain_ms")
+        reused = dims.get("reused")
+        rec = {
+            "device": r["device"], "family": _sample_part(r)[0], "shape": r["shape"], "dtype": r["dtype"],
+            "setting": r["backend"], "median_ms": r["median_ms"], "plain_ms": float(plain) if isnum(plain) else math.nan,
+            "reused": reused.get("summary", "") if isinstance(reused, dict) else str(reused or ""),
+            "weights": str(q.get("weights") or dims.get("weights") or ""), "status": r["status"], "ok": r["ok"],
+        }  # fmt: skip
+        rec["speedup"] = rec["plain_ms"] / rec["median_ms"] if r["ok"] and rec["median_ms"] > 0 else math.nan
+        for k in QUALITY_KEYS:
+            v = q.get(k)
+            rec[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (v if k == "lpips" and v else math.nan)
+        recs.append(rec)
+    cols = ["device", "family", "shape", "dtype", "setting", "median_ms", "plain_ms", "speedup", "reused", "weights",
+            "status", "ok", *QUALITY_KEYS]  # fmt: skip
+    return pd.DataFrame.from_records(recs, columns=cols)
+
+
+def sampling_summary(df: pd.DataFrame) -> list[dict]:
+    """Per (device, family, shape, dtype) with a timed plain video: the plain video's ms, its weights,
+    and the fastest accelerated setting that ran ok with its speedup and quality (for the headline)."""
+    t = sample_times(df)
+    q = sample_quality(df)
+    out = []
+    plain = t[(t["part"] == "video") & (t["backend"] == "plain") & t["ok"]]
+    for _, p in plain.iterrows():
+        key = (p["device"], p["family"], p["shape"], p["dtype"])
+        g = q[(q["device"] == key[0]) & (q["family"] == key[1]) & (q["shape"] == key[2]) & (q["dtype"] == key[3])
+              & q["speedup"].notna() & (q["setting"] != "off")]  # fmt: skip
+        best = g.loc[g["speedup"].idxmax()] if not g.empty else None
+        out.append({
+            "device": key[0], "family": key[1], "shape": key[2], "dtype": key[3], "plain_ms": p["median_ms"],
+            "weights": p["weights"],
+            "best": None if best is None else {k: best[k] for k in ("setting", "speedup", "reused", *QUALITY_KEYS)},
+        })  # fmt: skip
+    return out

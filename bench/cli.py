@@ -31,6 +31,14 @@ def add_bench_parser(sub) -> None:
         help="time replays of a CUDA graph of each call (no launch overhead: for microsecond-scale kernels); "
         "CUDA only. A case that cannot be captured is timed eagerly; the rows' timer column says which",
     )  # fmt: skip
+    p.add_argument(
+        "--checkpoint", default=None, metavar="DIR",
+        help="sample suite: a trained STDiT (IDDPM) checkpoint, run folder or folder of stage runs (runs/demo: its "
+        "last stage) whose model and encoders sample the videos, at the stage's size; without it the size's preset "
+        "gets seeded random weights and every quality cell says so (also STDIT_SAMPLE_CHECKPOINT)",
+    )  # fmt: skip
+    p.add_argument("--checkpoint3", default=None, metavar="DIR",
+                   help="sample suite: the same for STDiT3 (rectified flow), e.g. runs/demo_v12 (also STDIT_SAMPLE_CHECKPOINT3)")
     p.add_argument("--results", default=None, help="results file (default: reports/<device>/results.jsonl)")
     p.add_argument("--report-dir", default=None, help="report folder (default: the results file's folder)")
     p.add_argument("--no-report", action="store_true", help="only measure; do not write the report")
@@ -61,6 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .suites import build_cases
 
     device = check_device(args.device) if args.device else best_device()
+    _sample_checkpoints(args)
     if args.cuda_graphs and device.type != "cuda":
         raise ValueError(f"--cuda-graphs: CUDA graphs need a CUDA device; this run is on {device}")
     dtype = as_dtype(args.dtype) if args.dtype else None
@@ -87,6 +96,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.no_report:
         _report(results_path, Path(args.report_dir) if args.report_dir else results_path.parent)
     return 0
+
+
+def _sample_checkpoints(args: argparse.Namespace) -> None:
+    """--checkpoint / --checkpoint3 -> the sample suite's STDIT_SAMPLE_CHECKPOINT(3), checked before any case runs."""
+    import os
+
+    from .sample_suite import CHECKPOINT_VARS, resolve_checkpoint
+
+    for flag, family in (("checkpoint", "STDiT"), ("checkpoint3", "STDiT3")):
+        path = getattr(args, flag, None)
+        if path is not None:
+            try:
+                resolve_checkpoint(path)
+            except ValueError as e:
+                raise ValueError(f"--{flag}: {str(e).removeprefix('checkpoint: ')}") from None
+            os.environ[CHECKPOINT_VARS[family]] = str(Path(path).resolve())
 
 
 def _report(results_path: Path, out_dir: Path) -> None:

@@ -17,13 +17,14 @@ import pandas as pd
 
 from .analysis import (
     as_int, comparison_rows, distinct, frame, isnum, join_names, load_rows, model_table, ours_label, published_points,
-    sorted_peers, suites_of,
+    sample_quality, sorted_peers, suites_of,
 )  # fmt: skip
 
-__all__ = ["Figure", "PNG_MARKER", "build_figures", "draw_figures", "new_figure", "png_bytes"]
+__all__ = ["Figure", "PNG_MARKER", "SAMPLING_FIGURE", "build_figures", "draw_figures", "new_figure", "png_bytes"]
 
 PNG_MARKER = "stdit.bench.report"  # the PNG "Software" field: marks the report's own figures
 _LOG_SPREAD = 20.0  # bar charts switch to a log y-axis when max/min median exceeds this
+SAMPLING_FIGURE = "sampling_speedup_quality.png"
 
 
 @dataclass
@@ -99,6 +100,8 @@ def draw_figures(df: pd.DataFrame, pub: list[dict]) -> tuple[list[Figure], list[
     cmp = comparison_rows(df)  # per-op backend bars; the model-vs-model rows have the speedup curve
     for suite in suites_of(df):
         s = cmp[cmp["suite"] == suite]
+        if suite == "sample":  # one encoder per row: bars only where backends or settings compete
+            s = s[s["op"].str.endswith((".denoise_step", ".video"))]
         for (op, mode), g in s.groupby(["op", "mode"], sort=False):
             base = f"backends_{_sanitize(suite)}_{_sanitize(op)}_{_sanitize(mode)}"
             name, n = base + ".png", 2
@@ -110,6 +113,12 @@ def draw_figures(df: pd.DataFrame, pub: list[dict]) -> tuple[list[Figure], list[
             else:
                 names.add(name)
                 figs.append(f)
+    if (df["suite"] == "sample").any():
+        f = _fig_sampling(df)
+        if f is None:
+            skipped.append(f"`{SAMPLING_FIGURE}`: no accelerated video with both a speedup and a finite PSNR.")
+        else:
+            figs.append(f)
     f = _fig_roofline(df)
     if f is None:
         skipped.append("`roofline.png`: no ok row with cost-model flops and bytes and device peaks.")
@@ -248,3 +257,28 @@ def _fig_roofline(df: pd.DataFrame) -> Figure | None:
     what = "no device peaks in the rows, so no roofline line" if peaks.empty else "line: min(peak FLOP/s, intensity × peak bandwidth)"
     caption = f"Achieved TFLOP/s against the cost model's arithmetic intensity for every ok row (o ours, x peers; colour = op); {what}."
     return Figure("roofline.png", fig, title, caption)
+
+
+def _fig_sampling(df: pd.DataFrame) -> Figure | None:
+    """Speedup over the plain video vs PSNR against it, per fast-sampling setting and family: frames'
+    PSNR where a VAE decoded them, else the latents'. Exact settings (PSNR inf) have no point."""
+    q = sample_quality(df)
+    q = q.assign(psnr=[f if isnum(f) else lat for f, lat in zip(q["frame_psnr"], q["latent_psnr"])])
+    q = q[q["speedup"].notna() & q["psnr"].map(isnum)]
+    if q.empty:
+        return None
+    fig, ax = new_figure((7.5, 4.8))
+    colors = _colors()
+    for i, ((family, shape, device), g) in enumerate(q.groupby(["family", "shape", "device"], sort=False)):
+        ax.scatter(g["speedup"], g["psnr"], color=colors[i % len(colors)], label=f"{family} {shape}", zorder=3)
+        for _, r in g.iterrows():
+            ax.annotate(r["setting"], (r["speedup"], r["psnr"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.axvline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("speedup over the plain video (same process)")
+    ax.set_ylabel("PSNR vs the plain output, dB (frames; latents without a VAE)")
+    weights = join_names(distinct(q, "weights"))
+    title = f"Fast sampling: speedup vs quality ({join_names(distinct(q, 'dtype'))}, {join_names(distinct(q, 'device'))})"
+    _finish(fig, ax, title)
+    caption = (f"Each point is one whole video of a fast-sampling setting against the plain video of the same prompt "
+               f"and seed; weights: {weights}. Settings whose output is identical (PSNR inf) are not drawn.")
+    return Figure(SAMPLING_FIGURE, fig, title, caption)

@@ -17,11 +17,11 @@ import pandas as pd
 
 from . import results
 from .analysis import (
-    FAMILY_SUITES, GROUP_KEY, MODEL_OPS, OPENSORA_BASELINE, check_table, comparison_rows, distinct, geomean, isnum,
-    join_names, match_published, model_table, not_available, ours_label, resolution_of, sorted_peers, speedups,
-    suites_of, summary_of,
+    FAMILY_SUITES, GROUP_KEY, MODEL_OPS, OPENSORA_BASELINE, PUBLISHED_SAMPLING, check_table, comparison_rows, distinct,
+    geomean, isnum, join_names, match_published, model_table, not_available, ours_label, resolution_of, sample_quality,
+    sample_times, sorted_peers, speedups, suites_of, summary_of,
 )  # fmt: skip
-from .figures import Figure
+from .figures import SAMPLING_FIGURE, Figure
 
 __all__ = ["MARKER", "format_summary", "markdown_table", "readme_text"]
 
@@ -93,7 +93,7 @@ def format_summary(summary: dict) -> list[str]:
     lines = [_line_rows(s), *_lines_models(s)]
     if s["checks"]["rows"]:
         lines.append(_line_checks(s["checks"]))
-    lines += [*_lines_speedups(s), *_lines_fastest(s)]
+    lines += [*_lines_speedups(s), *_lines_fastest(s), *_lines_sampling(s)]
     for st in s["stand_in"]:
         why = st["why"].split(" (")[0]
         lines.append(
@@ -172,6 +172,26 @@ def _lines_fastest(s: dict) -> list[str]:
         by.setdefault(f["suite"], {}).setdefault(f["op"], []).append(f"{f['mode']} {ours_label(f['backend'], f['ours'])}{where}")
     return [f"Fastest backend per op, {suite}: " + "; ".join(f"{op} {', '.join(v)}" for op, v in ops.items()) + "."
             for suite, ops in by.items()]  # fmt: skip
+
+
+def _lines_sampling(s: dict) -> list[str]:
+    lines = []
+    for p in s.get("sampling", []):
+        dev = f" on {p['device']}" if len(s["devices"]) > 1 else ""
+        line = f"Sampling {p['family']} {p['shape']} ({p['weights'] or 'weights unknown'}{dev}): plain video {_ms(p['plain_ms'])} ms"
+        b = p["best"]
+        if b:
+            line += (f"; fastest setting {b['setting']} {_x(b['speedup'])} at latent rel-L2 {_num(b['latent_rel_l2'])}, "
+                     f"frame PSNR {_db(b['frame_psnr'])}, SSIM {_num(b['frame_ssim'], '{:.4f}')}")  # fmt: skip
+        lines.append(line + ".")
+    return lines
+
+
+def _db(v) -> str:
+    """A PSNR in dB: "inf dB" for identical outputs, "n/a" where none was computed."""
+    if isinstance(v, float) and v == math.inf:
+        return "inf dB"
+    return f"{v:.1f} dB" if isnum(v) else "n/a"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,6 +382,66 @@ def _section_vs_opensora(df: pd.DataFrame, suite: str) -> str | None:
     return markdown_table(table.where(table.notna(), ""))
 
 
+def _section_sampling(df: pd.DataFrame) -> str:
+    """Time per video and per part, speedup vs quality per fast-sampling setting, and the published
+    reference points (labelled, never mixed into ours)."""
+    t, q = sample_times(df), sample_quality(df)
+    multi_dev = len(set(t["device"])) > 1
+    weights = "; ".join(f"{f}: {w}" for f, w in dict(zip(t["family"], t["weights"])).items() if w)
+    out = [
+        "One video (batch 1, classifier-free guidance on the doubled batch, scale 7) per family: STDiT with IDDPM, "
+        "STDiT3 with rectified flow. `denoise_step` is one sampler step (model evaluation plus scheduler update) "
+        "timed inside the sampler after a warm-up run, per attention backend and under torch.compile; `video` is "
+        "text encoding + every step + VAE decode, per fast-sampling setting (`plain` is the reference; `off` installs "
+        f"fast sampling with every skip off and must be exact). Weights: {weights or 'unknown'}."
+    ]
+    recs = []
+    for _, r in t.iterrows():
+        rec = {"device": r["device"]} if multi_dev else {}
+        rec.update({
+            "family": r["family"], "part": r["part"], "backend / setting": ours_label(r["backend"], r["ours"]),
+            "shape": r["shape"], "dtype": r["dtype"], "median ms (p20–p80)": _ms_range(r),
+            "ms per step": _ms(r["ms_per_step"]), "peak MB": _num(r["peak_mem_mb"], "{:.1f}"), "status": r["status"],
+        })  # fmt: skip
+        recs.append(rec)
+    out.append("### Time per part\n\n" + markdown_table(pd.DataFrame(recs)) + "\n\n`ms per step`: the step row's median; "
+               "for a whole video, its median / its steps (text encoding and decode included).")
+    if not q.empty:
+        recs = []
+        lpips_why = list(dict.fromkeys(str(v) for v in q["lpips"] if not isnum(v) and isinstance(v, str) and v))
+        for _, r in q.iterrows():
+            rec = {"device": r["device"]} if multi_dev else {}
+            lp = r["lpips"]
+            rec.update({
+                "family": r["family"], "shape": r["shape"], "setting": r["setting"], "reused in one video": r["reused"],
+                "speedup vs plain": _x(r["speedup"]), "latent rel-L2": _num(r["latent_rel_l2"]),
+                "latent PSNR": _db(r["latent_psnr"]), "frame PSNR": _db(r["frame_psnr"]),
+                "SSIM": _num(r["frame_ssim"], "{:.4f}"), "LPIPS": _num(lp, "{:.4f}") if isnum(lp) else "n/a",
+                "weights": "trained" if r["weights"].startswith("trained") else r["weights"],
+                "status": r["status"] if not r["ok"] else "",
+            })  # fmt: skip
+            recs.append(rec)
+        out.append(
+            "### Speedup vs quality\n\nMeasured here: each setting's video against the plain video of the same prompt "
+            "and seed, both timed in the same process (speedup = plain / setting). Quality compares the latents "
+            "(relative L2 error, PSNR over the plain latents' range) and the decoded uint8 frames (PSNR, SSIM with an "
+            "11x11 Gaussian window; LPIPS only with its weights on this machine). With random weights the numbers show "
+            "the mechanism, not a model's quality. The plain time is the median of every plain video timed in "
+            "the run, spread between the settings.\n\n" + markdown_table(pd.DataFrame(recs))
+            + "".join(f"\n\nLPIPS: {why}." for why in lpips_why)
+        )
+    pub = pd.DataFrame([{
+        "method": p["method"], "model / video": p["model"], "hardware": p["hardware"],
+        "baseline s": _num(p["baseline_s"]) if p["baseline_s"] else "", "accelerated s": _num(p["accelerated_s"]) if p["accelerated_s"] else "",
+        "speedup": _x(p["speedup"]), "source": p["source"],
+    } for p in PUBLISHED_SAMPLING])  # fmt: skip
+    out.append(
+        "### Published reference points (not measured here)\n\nThese are the authors' numbers on their hardware, "
+        "multi-GPU against one GPU; none of them enters the tables above.\n\n" + markdown_table(pub)
+    )
+    return "\n\n".join(out)
+
+
 def _section_not_available(na: list[dict]) -> str:
     lines = [
         f"- `{r['backend']}` ({', '.join(r['suites'])}; {', '.join(r['modes'])}; {_cases(r['n'])}): {r['why']}" for r in na
@@ -525,13 +605,16 @@ def readme_text(df: pd.DataFrame, figs: list[Figure], skipped: list[str], pub: l
         for suite, text in vs:
             if text:
                 parts += [f"### {suite}", text]
+    if (df["suite"] == "sample").any():
+        parts += ["## Sampling", _section_sampling(df)]
+        parts += [f"![{f.title}]({f.filename})\n\n*{f.title}.* {f.caption}" for f in figs if f.filename == SAMPLING_FIGURE]
     na = not_available(df)
     if na:
         parts += ["## Not available on this device", _section_not_available(na)]
     if (df["stand_in"] != "").any():
         parts += ["## Stand-in measurements (not results)", _section_stand_in(df, s["stand_in"])]
     parts += ["## Environment", _section_env(df), "## How to read these numbers", _section_how(df)]
-    absolute = [(suite, _section_absolute(df, suite)) for suite in dict.fromkeys([*suites, "models"])]
+    absolute = [(suite, _section_absolute(df, suite)) for suite in dict.fromkeys([*suites, "models"]) if suite != "sample"]
     if any(t for _, t in absolute):
         parts.append("## Absolute numbers")
         for suite, text in absolute:
@@ -547,7 +630,8 @@ def readme_text(df: pd.DataFrame, figs: list[Figure], skipped: list[str], pub: l
             thr,
         ]
     parts.append("## Figures")
-    parts += [f"![{f.title}]({f.filename})\n\n*{f.title}.* {f.caption}" for f in figs if f.filename != "speedup_vs_frames.png"]
+    parts += [f"![{f.title}]({f.filename})\n\n*{f.title}.* {f.caption}" for f in figs
+              if f.filename not in ("speedup_vs_frames.png", SAMPLING_FIGURE)]  # fmt: skip
     if skipped:
         parts.append("Skipped (nothing to plot):\n\n" + "\n".join(f"- {x}" for x in skipped))
     parts += ["## Failures", _section_failures(df)]

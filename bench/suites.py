@@ -6,8 +6,9 @@ vs eager vs torch.compile. ``blocks``: one STDiT block as Open-Sora 1.0 ran it v
 compiled, and one unit of STDiT3's depth (a spatial and a temporal block) as Open-Sora 1.2 ran it,
 eager and compiled, vs ours. ``models``: STDiT vs full-attention DiT vs Latte training step across
 frame counts, and STDiT3's training step as Open-Sora 1.2 ran it, eager and compiled, vs ours.
-``train`` and ``parallel`` (training steps) live in stdit.bench.train_suites; ``SUITES`` names them
-all and ``build_cases`` picks from it.
+``train`` and ``parallel`` (training steps) live in stdit.bench.train_suites, ``sample`` (one video:
+text encoding, denoising step, VAE decode, whole video per fast-sampling setting with its quality) in
+stdit.bench.sample_suite; ``SUITES`` names them all and ``build_cases`` picks from it.
 
 "fwd+bwd" and "train_step" compute every gradient training does, the weights' included, and each
 case is credited the FLOPs its backend runs (ATTENTION_WORK; tests/bench/test_executed_flops.py
@@ -16,7 +17,6 @@ counts them with torch's FlopCounterMode).
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -30,24 +30,19 @@ from stdit.models.layers import RotaryEmbedding
 from stdit.models.sizes import constructor_kwargs
 from stdit.models.stdit3 import STDiT3Block
 
-from .cases import SIZES, Case, Size, VideoShape
+from .cases import INTERPRETED, SIZES, Case, Size, VideoShape, triton_interpreted
+from .sample_suite import sample_suite
 from .train_suites import parallel_suite, train_suite
 
 MODES = ("fwd", "fwd+bwd")
 ATTENTION_OPS = ("spatial_attention", "temporal_attention", "cross_attention", "full_attention")
 FUSED_OPS = ("layernorm_modulate", "gated_residual")
 MODEL_OPS = ("STDiT", "DiT", "Latte")  # the model-vs-model curve (STDiT3's rows compare implementations)
-INTERPRETED = "not timed: triton runs under the CPU interpreter (a correctness tool, not a performance measurement)"
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPUs; fp32 on CPUs, where bf16 is neither fast nor what GPUs run."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def triton_interpreted(device: torch.device) -> bool:
-    """Whether triton kernels on ``device`` would run under the interpreter (never timed)."""
-    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,6 +463,7 @@ SUITES: dict[str, Callable[[Size, torch.device, torch.dtype], list[Case]]] = {
     "models": models_suite,
     "train": train_suite,
     "parallel": parallel_suite,
+    "sample": sample_suite,
 }
 
 

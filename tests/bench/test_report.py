@@ -2,6 +2,8 @@
 with, README tables, speedups, correctness checks, the not-available list, stand-in rows, the
 cost model's lower bound, figures, and refusal of bad input."""
 
+import math
+
 import matplotlib
 import pytest
 
@@ -487,3 +489,69 @@ def test_stdit3_rows_are_their_own_family(tmp_path):
     assert "STDiT3" not in models  # the model-vs-model table has STDiT, DiT, Latte only
     assert (tmp_path / "backends_models_STDiT3_train_step.png").exists()
     assert not (tmp_path / "backends_models_STDiT_train_step.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sampling section (sample suite rows)
+# ---------------------------------------------------------------------------------------------------
+
+
+def sample_rows():
+    """One STDiT video family at 8x96x96: parts, a step per backend, and whole videos per setting with the
+    plain video's time (2000 ms) and quality in their dims."""
+    w = "trained: runs/demo/stage3/checkpoints/step-000000200"
+    base = dict(family="STDiT", steps=100, weights=w)
+    kw = dict(mode="inference", dtype="fp32", env=CPU, frames=8, resolution=96, batch=1)
+    shape = "8x96x96"
+
+    def video(setting, ms, **q):
+        dims = dict(base, part="video", setting=setting, plain_ms=2000.0, reused={"summary": f"{setting} reuse"},
+                    quality={"weights": w, "lpips": "n/a: weights not available", **q})  # fmt: skip
+        return ok("sample", "STDiT.video", setting, shape, ms, dims=dims, **kw)
+
+    return [
+        ok("sample", "STDiT.text_encode", "t5", shape, 2.5, dims=dict(base, part="text_encode"), **kw),
+        ok("sample", "STDiT.denoise_step", "sdpa", shape, 18.0, dims=dict(base, part="denoise_step"), **kw),
+        ok("sample", "STDiT.denoise_step", "sdpa+compile", shape, 24.0, dims=dict(base, part="denoise_step"), **kw),
+        bad("sample", "STDiT.vae_decode", "vae", shape, "unsupported: not available: diffusers is not installed here, "
+            "so no VAE ran", dims=dict(base, part="vae_decode"), **kw),
+        ok("sample", "STDiT.video", "plain", shape, 2000.0, dims=dict(base, part="video", setting="plain", plain_ms=2000.0,
+                                                                       quality={"reference": True}), **kw),
+        video("off", 2050.0, latent_rel_l2=0.0, latent_psnr=math.inf, frame_psnr=math.inf, frame_ssim=1.0),
+        video("pab", 1250.0, latent_rel_l2=0.02, latent_psnr=41.5, frame_psnr=35.25, frame_ssim=0.9812),
+        video("cache-0.1", 800.0, latent_rel_l2=0.05, latent_psnr=33.0, frame_psnr=30.5, frame_ssim=0.9503),
+    ]
+
+
+def test_sampling_section_renders_from_results_file(tmp_path):
+    path = tmp_path / "results.jsonl"
+    results.write_rows(path, sample_rows() + cpu_rows())
+    text = report.write_report(path, tmp_path / "report", published=PUBLISHED).read_text()
+    sec = text[text.index("## Sampling") : text.index("## Not available on this device")]
+    # the per-part table: ms per step of a video = its median / 100 steps
+    assert "| STDiT | video | plain | 8x96x96 | fp32 | 2000 (1900–2100) | 20 |" in sec
+    assert "| STDiT | denoise_step | sdpa+compile | 8x96x96 | fp32 | 24 (22.8–25.2) | 24 |" in sec
+    assert "not available: diffusers is not installed here" in sec
+    # speedup vs quality: plain_ms / median, measured in the same process
+    assert "| STDiT | 8x96x96 | pab | pab reuse | 1.60× | 0.02 | 41.5 dB | 35.2 dB | 0.9812 | n/a | trained |" in sec
+    assert sec.count("LPIPS: n/a: weights not available.") == 1  # the reason once
+    assert "| STDiT | 8x96x96 | cache-0.1 | cache-0.1 reuse | 2.50× |" in sec
+    assert "| off | off reuse | 0.98× | 0 | inf dB | inf dB | 1.0000 |" in sec
+    # published points are labelled as such, with their hardware, apart from ours
+    pub = sec[sec.index("### Published reference points (not measured here)") :]
+    assert "8x H800 vs 1x H800" in pub and "| 106 | 22 | 4.82× |" in pub and "8x H100 vs 1x H100" in pub
+    assert "10.50×" in pub and "10.50×" not in sec[: sec.index("### Published")]
+    assert "sampling_speedup_quality.png" in sec
+    read_png(tmp_path / "report" / "sampling_speedup_quality.png")
+    # the headline names the fastest setting beside its quality; the sample rows stay out of Absolute numbers
+    head = text[: text.index("## STDiT vs full-attention DiT")]
+    assert "Sampling STDiT 8x96x96 (trained: runs/demo/stage3/checkpoints/step-000000200): plain video 2000 ms; " \
+           "fastest setting cache-0.1 2.50× at latent rel-L2 0.05, frame PSNR 30.5 dB, SSIM 0.9503." in head
+    absolute = text[text.index("## Absolute numbers") : text.index("## Figures")]
+    assert "### sample" not in absolute and "STDiT.video" not in absolute
+
+
+def test_no_sampling_section_without_sample_rows(tmp_path):
+    text = report.write_report(cpu_rows(), tmp_path, published=PUBLISHED).read_text()
+    assert "## Sampling" not in text and "Published reference points" not in text
+    assert not (tmp_path / "sampling_speedup_quality.png").exists()
