@@ -52,7 +52,8 @@ summarize() {
 import json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
 
-STAGES = ["info", "smoke", "tests", "bench-kernels", "bench-fused", "bench-blocks", "bench-models", "report"]
+STAGES = ["info", "smoke", "tests", "bench-kernels", "bench-fused", "bench-blocks", "bench-models", "bench-sample",
+          "report"]
 
 
 def jsonl(path):
@@ -120,11 +121,11 @@ PYTHON
 if [ "$SUMMARY_ONLY" = 1 ]; then summarize "$OUT"; exit; fi
 
 # Budgets in seconds. On the GPU the bench suites share 9 minutes; the dry run's are ceilings for 2 cores.
-SUITES="kernels fused blocks models"
+SUITES="kernels fused blocks models sample"
 if [ "$DRY" = 1 ]; then
-    defaults="info=60 smoke=150 tests=120 kernels=60 fused=60 blocks=60 models=60 report=60"
+    defaults="info=60 smoke=150 tests=120 kernels=60 fused=60 blocks=60 models=60 sample=60 report=60"
 else
-    defaults="info=60 smoke=300 tests=300 kernels=240 fused=60 blocks=90 models=150 report=120"
+    defaults="info=60 smoke=300 tests=300 kernels=240 fused=60 blocks=90 models=150 sample=240 report=120"
 fi
 for kv in $defaults; do
     [ -n "${BUDGET[${kv%%=*}]:-}" ] || BUDGET[${kv%%=*}]=${kv#*=}
@@ -187,7 +188,7 @@ if [ "$DRY" = 1 ]; then
     TEST_ARGS="tests/kernels/test_bad_input.py"
     SIZE=tiny
     declare -A ONLY=([kernels]=temporal_attention-triton [fused]=-reference- [blocks]=opensora-4x64x64-fwd-
-                     [models]=STDiT-sdpa-2x64x64)
+                     [models]=STDiT-sdpa-2x64x64 [sample]=STDiT3.denoise_step-sdpa)
 else
     JOBS=$(( $(nproc) < 8 ? $(nproc) : 8 ))
     SMOKE_ARGS="--jobs $JOBS"
@@ -195,7 +196,9 @@ else
     TEST_ARGS="tests --ignore=tests/train --ignore=tests/test_gpu_runbook.py"
     "$PY" -c "import xdist" 2>/dev/null && TEST_ARGS="$TEST_ARGS -n $JOBS"
     SIZE=full
-    declare -A ONLY=()
+    # sampling at Open-Sora's smallest shape only (random XL/2 weights: no T5 / VAE weights on GPU images): the
+    # denoising step eager, compiled and as CUDA graphs, then whole videos per fast-sampling setting
+    declare -A ONLY=([sample]=16x256x256)
 fi
 export SMOKE_ARGS TEST_ARGS SIZE
 

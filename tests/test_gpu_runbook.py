@@ -21,7 +21,7 @@ from stdit.bench.inspect import load_shipped_builds
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-SUITES = ("kernels", "fused", "blocks", "models")
+SUITES = ("kernels", "fused", "blocks", "models", "sample")
 # Imported first by every Python process below: without the editable install's finder, `import stdit`
 # works only through what gpu.sh itself puts on PYTHONPATH (it installs nothing).
 NO_EDITABLE_INSTALL = """
