@@ -68,6 +68,10 @@ def add_train_parsers(sub) -> None:
                    "tokens (sequence parallel); torchrun's process count must be (2 if --cfg-parallel else 1) x this")
     p.add_argument("--sp-mode", default="dsp", choices=["dsp", "ulysses", "ulysses_generic"],
                    help="sequence-parallel mode (default dsp)")
+    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune",
+                   "max-autotune-no-cudagraphs"], help="run the denoiser under torch.compile in this mode "
+                   "(reduce-overhead: CUDA graphs on a GPU); plain one-process sampling only. Measure first: "
+                   "stdit bench --suite sample times each step eager and compiled (default: none)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("fit-vae", help="fit a small AutoencoderKL on a CSV's frames (a VAE for the CPU demo)")
@@ -133,7 +137,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         guide_channels=args.guide_channels, num_frames=args.frames, height=args.height, width=args.width,
         cond_image=args.cond_image, timestep_transform=not args.no_timestep_transform, seed=args.seed,
         fps=args.fps, device=args.device, progress=not args.quiet, sheet=args.sheet, broadcast=args.broadcast,
-        step_cache=args.step_cache, parallel=parallel,
+        step_cache=args.step_cache, parallel=parallel, compile=args.compile,
     )  # fmt: skip
     if out is not None:  # rank 0 (or one process) wrote it
         print(out)

@@ -47,6 +47,7 @@ from .synthetic import write_mp4
 
 IDDPM_STEPS = 100  # Open-Sora 1.0's respaced sampling steps
 RFLOW_STEPS = 30  # Open-Sora 1.2's inference config (num_sampling_steps)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 STDIT_FPS = 8  # the frame rate an STDiT sample is written at
 STDIT3_FPS = 24  # Open-Sora 1.2's inference fps (the model's fps input and the written video's rate)
 
@@ -114,6 +115,7 @@ def sample_video(
     broadcast: Broadcast | str | None = None,
     step_cache: StepCache | float | None = None,
     parallel: ParallelSampling | None = None,
+    compile: str | None = None,
 ) -> Path | None:
     """Generate one video for ``prompt`` and write it to ``out``; returns the written path.
 
@@ -134,6 +136,11 @@ def sample_video(
     parallel: a stdit.train.parallel_sample.ParallelSampling (under torchrun): CFG-parallel and / or
         sequence-parallel sampling; every rank samples, rank 0 writes and returns the path, the others
         return None.
+    compile: run the denoiser under torch.compile in this mode ("default", "reduce-overhead": CUDA graphs
+        replayed each step on a GPU, "max-autotune", "max-autotune-no-cudagraphs"); None or "none": eager.
+        Plain sampling in one process only (a broadcast's or step cache's per-step decisions and the
+        parallel wrappers would make it recompile or break its graph). Whether it helps is measured by
+        ``stdit bench --suite sample`` (the ``+compile`` / ``+cudagraphs`` denoising-step rows), never assumed.
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt: expected a non-empty caption")
@@ -155,12 +162,25 @@ def sample_video(
         raise TypeError(f"broadcast: expected a Broadcast, a spec string or None, got {type(broadcast).__name__}")
     if step_cache is not None and not isinstance(step_cache, StepCache):
         step_cache = StepCache(step_cache)
+    if compile in (None, "none"):
+        compile = None
+    elif compile not in COMPILE_MODES:
+        raise ValueError(f"compile: expected one of {['none', *COMPILE_MODES]}, got {compile!r}")
     dev = parallel.device if parallel is not None else resolve_device(device)
     cfg, model, vae, text, ckpt = load_for_sampling(checkpoint, dev)
     family = getattr(model, "family", "STDiT")
     broadcast = broadcast if broadcast is not None else Broadcast.parse(cfg.sample.broadcast)
     step_cache = step_cache if step_cache is not None else StepCache(cfg.sample.step_cache)
+    if compile is not None:
+        why = [w for w, on in (("--broadcast", broadcast.enabled), ("--step-cache", step_cache.enabled),
+                               ("multi-process sampling", parallel is not None)) if on]  # fmt: skip
+        if why:
+            raise ValueError(f"compile: plain one-process sampling only; drop {' and '.join(why)} or the compile mode")
     runner = model if parallel is None else parallel.wrap(model)
+    compiled = f", torch.compile {compile}" if compile else ""
+    if compile is not None:
+        # static shapes: the guided batch and the latent size are the same every step
+        runner = torch.compile(model, mode=None if compile == "default" else compile, dynamic=False)
     if parallel is not None and parallel.cfg > 1 and cfg_scale is None:
         raise ValueError("cfg_parallel: needs classifier-free guidance (a cfg_scale)")
     fast = FastSampling(model, broadcast, step_cache, reduce=None if parallel is None else parallel.reduce)
@@ -179,7 +199,7 @@ def sample_video(
         fps = fps or STDIT3_FPS
         steps = steps or RFLOW_STEPS
         _say(parallel, f"sampling {T}x{H}x{W} from {ckpt} (rectified flow, {steps} steps, cfg {cfg_scale}"
-             f"{', conditioned on ' + str(cond_image) if cond_image else ''}{_extras(fast, parallel)})")
+             f"{', conditioned on ' + str(cond_image) if cond_image else ''}{_extras(fast, parallel)}{compiled})")
         with torch.no_grad(), fast:
             latents = sample_stdit3_latents(
                 runner, vae, y, mask, num_frames=T, height=H, width=W, fps=fps, steps=steps, cfg_scale=cfg_scale,
@@ -196,7 +216,7 @@ def sample_video(
         fps = fps or STDIT_FPS
         steps = steps or IDDPM_STEPS
         diffusion = IDDPM(timestep_respacing=str(steps))
-        _say(parallel, f"sampling {T}x{H}x{W} from {ckpt} ({steps} steps, cfg {cfg_scale}{_extras(fast, parallel)})")
+        _say(parallel, f"sampling {T}x{H}x{W} from {ckpt} ({steps} steps, cfg {cfg_scale}{_extras(fast, parallel)}{compiled})")
         with torch.no_grad(), fast:
             latents = diffusion.sample(
                 runner, (1, 4, T, H // 8, W // 8), {"y": y, "mask": mask}, cfg_scale=cfg_scale,
