@@ -148,7 +148,7 @@ SIZES: dict[str, Size] = {
         model_compile_shapes=("8x128x128",),  # one compiled train step (~1 min of Inductor on 2 cores)
         # the CPU demo's sample sizes and text length (configs/demo, configs/demo_v12)
         sample=SampleSize("STDiT-demo", "STDiT3-demo", shapes=(VideoShape(8, 96, 1),), shapes3=(VideoShape(8, 64, 1),),
-                          text_len=24, text_len3=24, caption_channels=32, encoders="tiny"),
+                          text_len=24, text_len3=24, caption_channels=32, encoders="tiny", video_reps=3),
     ),  # fmt: skip
     "tiny": Size(
         "tiny", 144, 2, 8,

@@ -111,7 +111,7 @@ def _sample_checkpoints(args: argparse.Namespace) -> None:
                 resolve_checkpoint(path)
             except ValueError as e:
                 raise ValueError(f"--{flag}: {str(e).removeprefix('checkpoint: ')}") from None
-            os.environ[CHECKPOINT_VARS[family]] = str(Path(path).resolve())
+            os.environ[CHECKPOINT_VARS[family]] = str(path)  # as given: the rows name the weights by it
 
 
 def _report(results_path: Path, out_dir: Path) -> None:

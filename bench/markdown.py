@@ -426,8 +426,9 @@ def _section_sampling(df: pd.DataFrame) -> str:
             "and seed, both timed in the same process (speedup = plain / setting). Quality compares the latents "
             "(relative L2 error, PSNR over the plain latents' range) and the decoded uint8 frames (PSNR, SSIM with an "
             "11x11 Gaussian window; LPIPS only with its weights on this machine). With random weights the numbers show "
-            "the mechanism, not a model's quality. The plain time is the median of every plain video timed in "
-            "the run, spread between the settings.\n\n" + markdown_table(pd.DataFrame(recs))
+            "the mechanism, not a model's quality. Each setting is timed in interleaved pairs with a plain video "
+            "(plain_ms: the median of its pairs' plain videos); `off` and a setting that reused nothing do the plain "
+            "work, so their distance from 1.00× is this machine's timing noise.\n\n" + markdown_table(pd.DataFrame(recs))
             + "".join(f"\n\nLPIPS: {why}." for why in lpips_why)
         )
     pub = pd.DataFrame([{

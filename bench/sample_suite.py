@@ -15,15 +15,15 @@ batch 1 (doubled by classifier-free guidance, scale 7) for a fixed prompt and se
   setting (the backend column): ``plain`` (the reference), ``off`` (FastSampling installed with every
   skip off: exact, so its quality must be rel-L2 0 and PSNR inf), ``pab`` / ``pab+mlp`` (pyramid
   attention broadcast, stdit.models.accel.Broadcast.paper), ``cache-<threshold>`` (step caching) and
-  ``pab+cache-0.1``. The plain video runs once to warm up, then ``video_reps`` timed times; every other
-  setting runs ``video_reps`` timed times (the pipeline is warm), the first giving its output, and then
-  one more plain video, so the plain time each setting is compared with is the median of every plain
-  video timed so far in this process, spread over the run (one early plain measurement on a busy
-  machine would skew every speedup). Its row's dims carry ``plain_ms`` (that median; speedup =
-  plain_ms / the row's median) and ``plain_runs``, ``reused`` (what FastSampling skipped in one video)
-  and ``quality`` against the plain output of the same prompt and seed (stdit.bench.quality: latent
-  rel-L2 and PSNR, frame PSNR and
-  SSIM, LPIPS or why not).
+  ``pab+cache-0.1``. The plain video runs once to warm up, then ``video_reps`` timed times (its row).
+  Every other setting is timed in ``video_reps`` interleaved pairs with a plain video (plain first,
+  then the setting first, and so on: a machine that speeds up or slows down during the run affects
+  both sides alike), its first run giving its output. Its row's dims carry ``plain_ms`` (the median
+  of its paired plain videos; speedup = plain_ms / the row's median) and ``plain_runs``, ``reused``
+  (what FastSampling skipped in one video) and ``quality`` against the plain output of the same
+  prompt and seed (stdit.bench.quality: latent rel-L2 and PSNR, frame PSNR and SSIM, LPIPS or why
+  not). ``off`` and a setting that reused nothing do the plain work: their speedup is the noise of
+  the machine.
 
 Weights: ``STDIT_SAMPLE_CHECKPOINT`` / ``STDIT_SAMPLE_CHECKPOINT3`` (``stdit bench --checkpoint DIR
 --checkpoint3 DIR``: a checkpoint, a run folder or a folder of stage runs such as runs/demo, whose last
@@ -330,6 +330,20 @@ def time_calls(fn: Callable[[], object], device: torch.device, reps: int, warmup
     return _timing(times, device)
 
 
+def time_pairs(fn: Callable[[], object], plain: Callable[[], object], device: torch.device,
+               reps: int) -> tuple[Times, Times]:  # fmt: skip
+    """``reps`` interleaved pairs of ``fn`` and ``plain`` (plain first in even pairs, ``fn`` first in odd
+    ones), each call synchronised -> (fn's timing, plain's timing)."""
+    _reset_peak(device)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(reps):
+        for is_plain in (True, False) if i % 2 == 0 else (False, True):
+            start = _now(device)
+            (plain if is_plain else fn)()
+            times[is_plain].append(_now(device) - start)
+    return _timing(times[False], device), _timing(times[True], device)
+
+
 def time_steps(pipe: Pipeline, model, probe: int, runs: int = 2, warmup: int = 1) -> Timing:
     """One sampler step as the sampler runs it: ``warmup`` runs of ``probe`` steps, then the time from
     each step's start (the sampler's on_step) to the next step's start, or the end, over ``runs`` runs."""
@@ -357,10 +371,6 @@ class Plain:
     timing: Times
     latents: torch.Tensor
     frames: object | None  # (T, H, W, 3) uint8, or None without a VAE
-    times_s: list[float] = field(default_factory=list)  # every plain video timed in this process
-
-    def median_ms(self) -> float:
-        return 1e3 * torch.quantile(torch.tensor(self.times_s, dtype=torch.float64), 0.5).item()
 
 
 @dataclass
@@ -393,12 +403,8 @@ class Session:
             timing = time_calls(run, pipe.device, self.sample.video_reps)
             video = out["video"]
             frames = None if video is None else quality.video_frames(video)
-            self._plain = Plain(timing, out["latents"], frames, list(timing.times_s))
+            self._plain = Plain(timing, out["latents"], frames)
         return self._plain
-
-    def time_plain_again(self, pipe: Pipeline) -> None:
-        """One more plain video into the plain times (see the module docstring)."""
-        self._plain.times_s += time_calls(pipe.video, pipe.device, reps=1, warmup=0).times_s
 
     def lpips(self):
         if self._lpips is None:
@@ -528,17 +534,17 @@ def _video_measure(session: Session, family: str, shape: VideoShape, dtype, sett
             return plain.timing
         broadcast, threshold = spec
         out: dict = {}
-        with FastSampling(pipe.model, broadcast=broadcast, step_cache=StepCache(threshold)) as fs:
+        fs = FastSampling(pipe.model, broadcast=broadcast, step_cache=StepCache(threshold))
 
-            def run():
+        def run():  # installed for this video only: the paired plain videos run the plain model
+            with fs:
                 out["latents"], out["video"] = pipe.video(on_step=fs.on_step)
-                out.setdefault("stats", json.loads(json.dumps(fs.stats)))  # one video's counts (the first)
-                out.setdefault("summary", fs.summary())
+            out.setdefault("stats", json.loads(json.dumps(fs.stats)))  # one video's counts (the first)
+            out.setdefault("summary", fs.summary())
 
-            # no warm-up of its own: the plain video warmed the pipeline up; the first timed run gives the output
-            timing = time_calls(run, dev, session.sample.video_reps, warmup=0)
-        session.time_plain_again(pipe)
-        dims.update(plain_ms=plain.median_ms(), plain_runs=len(plain.times_s))
+        # no warm-up of its own: the plain video warmed the pipeline up; the first timed run gives the output
+        timing, paired = time_pairs(run, pipe.video, dev, session.sample.video_reps)
+        dims.update(plain_ms=paired.median_ms, plain_runs=paired.reps)
         dims["reused"] = {"summary": out["summary"], **out["stats"]}
         dims["quality"] = _quality(session, pipe, plain, out["latents"], out["video"])
         return timing

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 from stdit.bench import results  # noqa: E402
 from stdit.bench.cases import SIZES  # noqa: E402
 from stdit.bench.run import run_cases  # noqa: E402
-from stdit.bench.sample_suite import CHECKPOINT_VARS, SETTINGS, build_pipeline, resolve_checkpoint, time_steps  # noqa: E402
+from stdit.bench.sample_suite import CHECKPOINT_VARS, SETTINGS, build_pipeline, resolve_checkpoint, time_pairs, time_steps  # noqa: E402
 from stdit.bench.suites import build_cases  # noqa: E402
 from stdit.cli import main as cli_main  # noqa: E402
 
@@ -49,10 +49,9 @@ def test_video_rows_carry_plain_time_and_quality(tiny_rows):
         videos = {r["backend"]: r for r in rows if r["op"] == f"{family}.video"}
         plain = videos["plain"]
         assert plain["dims"]["quality"] == {"reference": True}
-        plain_runs = plain["reps"]
-        for setting, r in videos.items():  # in run order: each setting adds one plain video to the plain times
-            plain_runs += setting != "plain"
-            assert r["dims"]["plain_runs"] == plain_runs and r["dims"]["plain_ms"] > 0
+        for setting, r in videos.items():  # each setting against the plain videos paired with it
+            want = plain["reps"] if setting == "plain" else TINY.video_reps
+            assert r["dims"]["plain_runs"] == want and r["dims"]["plain_ms"] > 0
             assert r["dims"]["weights"] == "random weights" and r["dims"]["steps"] == (4 if family == "STDiT" else 3)
         q = videos["off"]["dims"]["quality"]  # FastSampling installed, every skip off: exactly the plain video
         assert q["latent_rel_l2"] == 0.0 and q["latent_psnr"] == math.inf
@@ -124,3 +123,11 @@ def test_bad_checkpoint_flags_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit):
             cli_main(["bench", "--suite", "sample", "--size", "tiny", flag, str(path), "--list"])
         assert f"{flag}: {path} {why}" in capsys.readouterr().err
+
+
+def test_pairs_interleave_plain_and_setting():
+    """Plain first in even pairs, the setting first in odd ones; each side's times are its own."""
+    calls = []
+    fast, plain = time_pairs(lambda: calls.append("s"), lambda: calls.append("p"), CPU, reps=3)
+    assert calls == ["p", "s", "s", "p", "p", "s"]
+    assert fast.reps == plain.reps == 3 and len(fast.times_s) == len(plain.times_s) == 3
