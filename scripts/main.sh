@@ -8,5 +8,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 case "${1:-}" in
     bench|report|info|inspect|train|prepare|sample) exec .venv/bin/stdit "$@" ;;
-    *) exec .venv/bin/stdit bench "$@" ;;
+    *)
+        # the sample suite samples the CPU demo's trained models when they exist (bash scripts/demo.sh [v12]),
+        # else seeded random weights (its quality cells say which); a --checkpoint(3) given here wins
+        extra=()
+        [[ -d runs/demo/stage3 && " $* " != *" --checkpoint "* ]] && extra+=(--checkpoint runs/demo)
+        [[ -d runs/demo_v12/stage2 && " $* " != *" --checkpoint3 "* ]] && extra+=(--checkpoint3 runs/demo_v12)
+        exec .venv/bin/stdit bench "${extra[@]}" "$@" ;;
 esac
