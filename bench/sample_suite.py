@@ -43,7 +43,6 @@ Dimension alphabet: B batch, C channels, T frames, H, W height and width, L text
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -58,6 +57,7 @@ from stdit.common.dtypes import dtype_bytes
 from stdit.models import costs
 from stdit.models.accel import Broadcast, FastSampling, StepCache
 from stdit.models.sizes import split_preset
+from stdit.train.extras import MissingTrainDependency
 
 from . import quality
 from .cases import INTERPRETED, Case, SampleSize, Size, VideoShape, triton_interpreted
@@ -224,8 +224,6 @@ class Pipeline:
 
 def _encoders(sample: SampleSize, device: torch.device, text_len: int):
     """(text encoder or None, why not, VAE or None, why not) for a size without a checkpoint."""
-    from stdit.train.extras import MissingTrainDependency
-
     text = vae = None
     no_text = no_vae = ""
     if sample.encoders == "local":
@@ -457,20 +455,20 @@ def _family_cases(session: Session, family: str, shape: VideoShape, video_rows: 
                 H=size.num_heads, L=size.model_max_length, steps=steps, cfg_scale=CFG_SCALE,
                 sampler="IDDPM" if family == "STDiT" else "rectified flow",
                 weights=f"trained: {ckpt}" if ckpt else RANDOM_WEIGHTS)  # fmt: skip
-    have = {m: importlib.util.find_spec(m) is not None for m in ("diffusers", "transformers")}
     cases = []
 
     # -- text encoding and VAE decode: what ran is named; what cannot run here is a row saying so
-    def encoder_case(part: str, backend: str, package: str, env: str, what: str) -> Case:
+    def encoder_case(part: str, backend: str, env: str, what: str) -> Case:
         dims = dict(base, part=part)
         skip = None
-        if not have[package]:
-            skip = f"unsupported: not available: {package} is not installed here, so no {what} ran"
-        elif sample.encoders == "local" and ckpt is None and not os.environ.get(env):
+        if sample.encoders == "local" and ckpt is None and not os.environ.get(env):
             skip = f"unsupported: not available: no {what} weights on this machine (set {env}); nothing ran"
 
         def measure(dev, quick):
             pipe = session.pipeline(family, shape, dev, dtype)
+            missing = pipe.no_text if part == "text_encode" else pipe.no_vae
+            if missing:  # the training stack is not installed here: nothing of this part ran
+                raise MissingTrainDependency(f"not available: no {what} ran ({missing})")
             if part == "text_encode":
                 dims["encoder"] = getattr(pipe.text, "name", "")
                 return time_calls(pipe.encode, dev, reps=5 if quick else 10)
@@ -482,7 +480,7 @@ def _family_cases(session: Session, family: str, shape: VideoShape, video_rows: 
 
     text_what = "T5-XXL" if sample.encoders == "local" and ckpt is None else "text encoder"
     vae_what = "sd-vae-ft-ema" if sample.encoders == "local" and ckpt is None else "VAE"
-    cases.append(encoder_case("text_encode", "t5", "transformers", "STDIT_T5_DIR", text_what))
+    cases.append(encoder_case("text_encode", "t5", "STDIT_T5_DIR", text_what))
 
     # -- one denoising step per attention backend, eager and compiled
     cost = costs.model_cost(family.lower(), size=size, latent=(T, Hl, Wl), batch=2, mode="fwd",
@@ -509,7 +507,7 @@ def _family_cases(session: Session, family: str, shape: VideoShape, video_rows: 
         cases.append(_case(session, family, "denoise_step", label, shape, dtype, dims, measure_step,
                            ours=attn == "triton", cost=cost, skip=skip))  # fmt: skip
 
-    cases.append(encoder_case("vae_decode", "vae", "diffusers", "STDIT_VAE_DIR", vae_what))
+    cases.append(encoder_case("vae_decode", "vae", "STDIT_VAE_DIR", vae_what))
 
     # -- whole videos per fast-sampling setting, with quality against the plain one
     if video_rows:
