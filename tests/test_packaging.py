@@ -87,3 +87,15 @@ def test_training_entry_point_names_the_train_extra(tmp_path):
     assert last.startswith("stdit train: error: diffusers could not be imported"), done.stderr[-3000:]
     assert "pip install 'stdit[train]'" in last
     assert "diffusers" in attempts
+
+
+def test_the_kernels_folder_as_a_top_level_package_imports_nothing():
+    """From a checkout's root, `import kernels` finds this repository's folder (transformers probes for
+    Hugging Face's `kernels` package so when it loads T5): it must not load a second copy of our kernels,
+    whose custom-op registrations would replace stdit.kernels' own."""
+    code = ("import sys; sys.path.insert(0, '.'); import stdit.kernels.triton_self_attention as t; import kernels; "
+            "assert not [m for m in sys.modules if m.startswith('kernels.')], sorted(sys.modules); "
+            "import torch; print(torch.ops.stdit.triton_self_attention.default)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
