@@ -61,7 +61,7 @@ from stdit.train.extras import MissingTrainDependency
 
 from . import quality
 from .cases import INTERPRETED, Case, SampleSize, Size, VideoShape, triton_interpreted
-from .timing import Timing
+from .timing import Timing, from_times
 
 PROMPT = "a red circle moving from left to right on a dark blue background"  # in the demo's vocabulary
 SEED = 0
@@ -296,18 +296,9 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-@dataclass(frozen=True)
-class Times(Timing):
-    """A Timing that keeps the times it was made of (seconds)."""
-
-    times_s: tuple[float, ...] = ()
-
-
-def _timing(times_s: list[float], device: torch.device, timer: str = TIMER) -> Times:
-    ms = torch.tensor(times_s, dtype=torch.float64) * 1e3
-    p20, med, p80 = (torch.quantile(ms, q).item() for q in (0.2, 0.5, 0.8))
+def _timing(times_s: list[float], device: torch.device, timer: str = TIMER) -> Timing:
     peak = torch.cuda.max_memory_allocated(device) / 1024**2 if device.type == "cuda" else None
-    return Times(med, p20, p80, len(times_s), peak, timer, tuple(times_s))
+    return from_times([t * 1e3 for t in times_s], len(times_s), timer, peak)
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -315,7 +306,7 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> Times:
+def time_calls(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> Timing:
     """``warmup`` calls, then the median / p20 / p80 of ``reps`` timed calls, each synchronised."""
     for _ in range(warmup):
         fn()
@@ -329,7 +320,7 @@ def time_calls(fn: Callable[[], object], device: torch.device, reps: int, warmup
 
 
 def time_pairs(fn: Callable[[], object], plain: Callable[[], object], device: torch.device,
-               reps: int) -> tuple[Times, Times]:  # fmt: skip
+               reps: int) -> tuple[Timing, Timing]:  # fmt: skip
     """``reps`` interleaved pairs of ``fn`` and ``plain`` (plain first in even pairs, ``fn`` first in odd
     ones), each call synchronised -> (fn's timing, plain's timing)."""
     _reset_peak(device)
@@ -366,7 +357,7 @@ def time_steps(pipe: Pipeline, model, probe: int, runs: int = 2, warmup: int = 1
 
 @dataclass
 class Plain:
-    timing: Times
+    timing: Timing
     latents: torch.Tensor
     frames: object | None  # (T, H, W, 3) uint8, or None without a VAE
 

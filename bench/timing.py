@@ -44,7 +44,8 @@ class Timing:
     timer: str = ""
 
 
-def _quantiles(times_ms: list[float], reps: int, timer: str, peak: float | None = None) -> Timing:
+def from_times(times_ms: list[float], reps: int, timer: str, peak: float | None = None) -> Timing:
+    """The Timing of measured call times (ms): their median and 20th / 80th percentiles."""
     a = np.asarray(times_ms, dtype=np.float64)
     p20, med, p80 = np.percentile(a, [20, 50, 80])
     return Timing(float(med), float(p20), float(p80), reps, peak, timer)
@@ -67,10 +68,10 @@ def time_cpu(fn: Callable[[], object], *, min_run_time: float = 0.5, warmup: int
     if once > min_run_time / 5:
         reps = max(min_reps, math.ceil(min_run_time / once))
         times_ms = [timer.timeit(1).times[0] * 1e3 for _ in range(reps)]
-        return _quantiles(times_ms, reps, CPU_TIMER)
+        return from_times(times_ms, reps, CPU_TIMER)
     m = timer.blocked_autorange(min_run_time=min_run_time)
     times_ms = [t * 1e3 for t in m.times]
-    return _quantiles(times_ms, m.number_per_run * len(m.times), CPU_TIMER)
+    return from_times(times_ms, m.number_per_run * len(m.times), CPU_TIMER)
 
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
@@ -145,7 +146,7 @@ def time_cuda(
         torch.cuda.synchronize()
         del flush
         times_ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    return _quantiles(times_ms, reps, timer, peak)
+    return from_times(times_ms, reps, timer, peak)
 
 
 def measure(fn: Callable[[], object], device: torch.device | str, *, quick: bool = False, cuda_graph: bool = False) -> Timing:
