@@ -515,6 +515,21 @@ def sample_quality(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(recs, columns=cols)
 
 
+def broadcast_fits(df: pd.DataFrame) -> list[dict]:
+    """Per ok ``pab-fit`` video row: device, family, shape, dtype, the fitted range (``fit``: t_range,
+    first, last, steps, fraction, seed) and the measured change curves (``change``: step, t and one list
+    per attention kind, None where nothing was compared)."""
+    s = df[(df["suite"] == "sample") & df["op"].str.endswith(".video") & (df["backend"] == "pab-fit") & df["ok"]]
+    out = []
+    for _, r in s.iterrows():
+        dims = r["dims"] if isinstance(r["dims"], dict) else {}
+        fit, change = dims.get("fit"), dims.get("change")
+        if isinstance(fit, dict) and isinstance(change, dict) and change.get("t"):
+            out.append({"device": r["device"], "family": _sample_part(r)[0], "shape": r["shape"], "dtype": r["dtype"],
+                        "fit": fit, "change": change})  # fmt: skip
+    return out
+
+
 def sampling_summary(df: pd.DataFrame) -> list[dict]:
     """Per (device, family, shape, dtype) with a timed plain video: the plain video's ms, its weights,
     and the fastest accelerated setting that ran ok and changed the output (one whose output equals

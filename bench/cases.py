@@ -159,7 +159,7 @@ SIZES: dict[str, Size] = {
         compile_shapes=(),
         train_shapes=(VideoShape(2, 32, 1),),
         sample=SampleSize("STDiT-mini", "STDiT3-mini", shapes=(VideoShape(2, 32, 1),), shapes3=(VideoShape(2, 32, 1),),
-                          text_len=8, text_len3=8, caption_channels=16, encoders="tiny", steps=4, steps3=3,
+                          text_len=8, text_len3=8, caption_channels=16, encoders="tiny", steps=4, steps3=4,
                           video_reps=1, step_probe=3, compile_shapes=()),
     ),  # fmt: skip
 }

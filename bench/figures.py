@@ -16,15 +16,18 @@ import numpy as np
 import pandas as pd
 
 from .analysis import (
-    as_int, comparison_rows, distinct, frame, isnum, join_names, load_rows, model_table, ours_label, published_points,
-    sample_quality, sorted_peers, suites_of,
+    as_int, broadcast_fits, comparison_rows, distinct, frame, isnum, join_names, load_rows, model_table, ours_label,
+    published_points, sample_quality, sorted_peers, suites_of,
 )  # fmt: skip
 
-__all__ = ["Figure", "PNG_MARKER", "SAMPLING_FIGURE", "build_figures", "draw_figures", "new_figure", "png_bytes"]
+__all__ = ["CHANGE_FIGURE", "Figure", "PNG_MARKER", "SAMPLING_FIGURE", "build_figures", "draw_figures", "new_figure",
+           "png_bytes"]
 
 PNG_MARKER = "stdit.bench.report"  # the PNG "Software" field: marks the report's own figures
 _LOG_SPREAD = 20.0  # bar charts switch to a log y-axis when max/min median exceeds this
 SAMPLING_FIGURE = "sampling_speedup_quality.png"
+CHANGE_FIGURE = "sampling_attention_change.png"
+PAPER_RANGE = (450.0, 930.0)  # stdit.models.accel.PAB_RANGE (not imported: the report reads rows, not models)
 
 
 @dataclass
@@ -57,15 +60,16 @@ def _finish(fig, ax, title: str, *, legend_cols: int = 1, grid_axis: str = "both
     fig.tight_layout()
 
 
-def new_figure(figsize):
+def new_figure(figsize, ncols: int = 1):
     """A figure on its own Agg canvas: no pyplot state, and the caller's matplotlib backend is left
-    alone; nothing else keeps a reference to it, so it is freed once dropped."""
+    alone; nothing else keeps a reference to it, so it is freed once dropped. ``ncols`` > 1: an array
+    of that many axes side by side."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure as MplFigure
 
     fig = MplFigure(figsize=figsize)
     FigureCanvasAgg(fig)
-    return fig, fig.subplots()
+    return fig, fig.subplots(1, ncols, squeeze=False)[0] if ncols > 1 else fig.subplots()
 
 
 def png_bytes(fig, *, dpi: int = 110, metadata: dict | None = None) -> bytes:
@@ -117,6 +121,11 @@ def draw_figures(df: pd.DataFrame, pub: list[dict]) -> tuple[list[Figure], list[
         f = _fig_sampling(df)
         if f is None:
             skipped.append(f"`{SAMPLING_FIGURE}`: no accelerated video with both a speedup and a finite PSNR.")
+        else:
+            figs.append(f)
+        f = _fig_attention_change(df)
+        if f is None:
+            skipped.append(f"`{CHANGE_FIGURE}`: no pab-fit video row with its measured attention changes.")
         else:
             figs.append(f)
     f = _fig_roofline(df)
@@ -282,3 +291,37 @@ def _fig_sampling(df: pd.DataFrame) -> Figure | None:
     caption = (f"Each point is one whole video of a fast-sampling setting against the plain video of the same prompt "
                f"and seed; weights: {weights}. Settings whose output is identical (PSNR inf) are not drawn.")
     return Figure(SAMPLING_FIGURE, fig, title, caption)
+
+
+def _fig_attention_change(df: pd.DataFrame) -> Figure | None:
+    """PAB's attention difference, measured: per pab-fit row (family and shape), the relative change of
+    each attention kind's outputs from one step to the next, with the fitted window and the steps the
+    paper's fixed range [450, 930] holds shaded."""
+    fits = broadcast_fits(df)
+    if not fits:
+        return None
+    fig, axes = new_figure((5.2 * len(fits), 4.2), ncols=len(fits))
+    axes = axes if len(fits) > 1 else [axes]
+    colors = _colors()
+    for ax, f in zip(axes, fits):
+        change, fit = f["change"], f["fit"]
+        steps = list(range(len(change["t"])))
+        for i, kind in enumerate(k for k in ("spatial", "temporal", "cross") if k in change):
+            ys = [math.nan if v is None else v for v in change[kind]]
+            ax.plot(steps, ys, marker=".", ms=3, lw=1, color=colors[i % len(colors)], label=kind)
+        ax.axvspan(fit["first"] - 0.5, fit["last"] + 0.5, color="tab:green", alpha=0.15,
+                   label=f"fitted: steps {fit['first']}-{fit['last']}")  # fmt: skip
+        paper = [i for i, t in enumerate(change["t"]) if PAPER_RANGE[0] <= t <= PAPER_RANGE[1]]
+        if paper:
+            ax.axvspan(min(paper) - 0.5, max(paper) + 0.5, color="gray", alpha=0.12, hatch="//",
+                       label=f"paper's t in [450, 930]: {len(paper)} steps")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel("denoising step (0 = pure noise)")
+        ax.set_ylabel("relative L1 change from the previous step")
+        _finish(fig, ax, f"{f['family']} {f['shape']} ({f['dtype']}, {f['device']})")
+    title = "Attention outputs' change per denoising step, and the broadcast range fitted to it"
+    caption = ("Measured on one plain video of the calibration seed (ChangeProbe): per step, sum |o - o_prev| / "
+               "sum |o_prev| over every module of a kind. Green: the window of 48% of the steps (the paper's share of "
+               "a uniform schedule) where the changes are smallest, which `pab-fit` broadcasts in; hatched: the steps "
+               "inside the paper's fixed timestep range on this schedule.")
+    return Figure(CHANGE_FIGURE, fig, title, caption)

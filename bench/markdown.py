@@ -17,11 +17,11 @@ import pandas as pd
 
 from . import results
 from .analysis import (
-    FAMILY_SUITES, GROUP_KEY, MODEL_OPS, OPENSORA_BASELINE, PUBLISHED_SAMPLING, check_table, comparison_rows, distinct,
-    geomean, isnum, join_names, match_published, model_table, not_available, ours_label, resolution_of, sample_quality,
+    FAMILY_SUITES, GROUP_KEY, MODEL_OPS, OPENSORA_BASELINE, PUBLISHED_SAMPLING, broadcast_fits, check_table,
+    comparison_rows, distinct, geomean, isnum, join_names, match_published, model_table, not_available, ours_label, resolution_of, sample_quality,
     sample_times, sorted_peers, speedups, suites_of, summary_of,
 )  # fmt: skip
-from .figures import SAMPLING_FIGURE, Figure
+from .figures import CHANGE_FIGURE, SAMPLING_FIGURE, Figure
 
 __all__ = ["MARKER", "format_summary", "markdown_table", "readme_text"]
 
@@ -431,6 +431,25 @@ def _section_sampling(df: pd.DataFrame) -> str:
             "work, so their distance from 1.00× is this machine's timing noise.\n\n" + markdown_table(pd.DataFrame(recs))
             + "".join(f"\n\nLPIPS: {why}." for why in lpips_why)
         )
+    fits = broadcast_fits(df)
+    if fits:
+        lines = []
+        for f in fits:
+            fit, t = f["fit"], f["change"]["t"]
+            paper = sum(1 for v in t if 450.0 <= v <= 930.0)
+            dev = f" on {f['device']}" if multi_dev else ""
+            lines.append(f"- {f['family']} {f['shape']}{dev}: steps {fit['first']}-{fit['last']} of {fit['steps']}, "
+                         f"t in [{fit['t_range'][0]:.4g}, {fit['t_range'][1]:.4g}]; the paper's [450, 930] holds "
+                         f"{paper} of these {len(t)} steps.")  # fmt: skip
+        out.append(
+            "### Where to broadcast\n\n`pab-fit` keeps the paper's intervals (spatial 2, temporal 4, cross 6) but "
+            "not its timestep range: that range is one of Open-Sora 1.2's shifted timesteps at 480p-720p, and a "
+            "schedule shifted otherwise (a small video's, or IDDPM's) puts other steps in it. One untimed plain "
+            "video of another seed measures how much each kind of attention output changes per step (the figure "
+            "below); the range is the window of the paper's share of the steps (48%) where they change least. "
+            "Pass it on with `stdit sample --broadcast spatial=2,temporal=4,cross=6,range=LOW:HIGH`.\n\n"
+            + "\n".join(lines)
+        )
     pub = pd.DataFrame([{
         "method": p["method"], "model / video": p["model"], "hardware": p["hardware"],
         "baseline s": _num(p["baseline_s"]) if p["baseline_s"] else "", "accelerated s": _num(p["accelerated_s"]) if p["accelerated_s"] else "",
@@ -608,7 +627,8 @@ def readme_text(df: pd.DataFrame, figs: list[Figure], skipped: list[str], pub: l
                 parts += [f"### {suite}", text]
     if (df["suite"] == "sample").any():
         parts += ["## Sampling", _section_sampling(df)]
-        parts += [f"![{f.title}]({f.filename})\n\n*{f.title}.* {f.caption}" for f in figs if f.filename == SAMPLING_FIGURE]
+        parts += [f"![{f.title}]({f.filename})\n\n*{f.title}.* {f.caption}" for f in figs
+                  if f.filename in (SAMPLING_FIGURE, CHANGE_FIGURE)]  # fmt: skip
     na = not_available(df)
     if na:
         parts += ["## Not available on this device", _section_not_available(na)]
@@ -632,7 +652,7 @@ def readme_text(df: pd.DataFrame, figs: list[Figure], skipped: list[str], pub: l
         ]
     parts.append("## Figures")
     parts += [f"![{f.title}]({f.filename})\n\n*{f.title}.* {f.caption}" for f in figs
-              if f.filename not in ("speedup_vs_frames.png", SAMPLING_FIGURE)]  # fmt: skip
+              if f.filename not in ("speedup_vs_frames.png", SAMPLING_FIGURE, CHANGE_FIGURE)]  # fmt: skip
     if skipped:
         parts.append("Skipped (nothing to plot):\n\n" + "\n".join(f"- {x}" for x in skipped))
     parts += ["## Failures", _section_failures(df)]

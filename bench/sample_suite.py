@@ -14,7 +14,8 @@ batch 1 (doubled by classifier-free guidance, scale 7) for a fixed prompt and se
 - ``<family>.video``: the whole video, text encoding + every step + decode, per fast-sampling
   setting (the backend column): ``plain`` (the reference), ``off`` (FastSampling installed with every
   skip off: exact, so its quality must be rel-L2 0 and PSNR inf), ``pab`` / ``pab+mlp`` (pyramid
-  attention broadcast, stdit.models.accel.Broadcast.paper), ``cache-<threshold>`` (step caching) and
+  attention broadcast, stdit.models.accel.Broadcast.paper), ``pab-fit`` (the paper's intervals in
+  a range fitted to this model and schedule: see below), ``cache-<threshold>`` (step caching) and
   ``pab+cache-0.1``. The plain video runs once to warm up, then ``video_reps`` timed times (its row).
   Every other setting is timed in ``video_reps`` interleaved pairs with a plain video (plain first,
   then the setting first, and so on: a machine that speeds up or slows down during the run affects
@@ -24,6 +25,14 @@ batch 1 (doubled by classifier-free guidance, scale 7) for a fixed prompt and se
   prompt and seed (stdit.bench.quality: latent rel-L2 and PSNR, frame PSNR and SSIM, LPIPS or why
   not). ``off`` and a setting that reused nothing do the plain work: their speedup is the noise of
   the machine.
+
+``pab-fit``: before its row, one untimed plain video of another seed (CALIBRATION_SEED) runs under
+stdit.models.accel.ChangeProbe, which records how much each kind of attention output changes from
+step to step (PAB's attention difference); fit_broadcast_range picks the window of the paper's share
+of the steps (0.48) where they change least, and the row samples the measured seed with the paper's
+intervals in that range. The row's dims carry the fit (``fit``) and the curves (``change``, drawn in
+the report): the paper's fixed range [450, 930] is a range of Open-Sora 1.2's shifted timesteps at
+480p-720p and holds few steps of a small video's schedule.
 
 Weights: ``STDIT_SAMPLE_CHECKPOINT`` / ``STDIT_SAMPLE_CHECKPOINT3`` (``stdit bench --checkpoint DIR
 --checkpoint3 DIR``: a checkpoint, a run folder or a folder of stage runs such as runs/demo, whose last
@@ -55,7 +64,7 @@ import torch
 
 from stdit.common.dtypes import dtype_bytes
 from stdit.models import costs
-from stdit.models.accel import Broadcast, FastSampling, StepCache
+from stdit.models.accel import Broadcast, ChangeProbe, FastSampling, StepCache, fit_broadcast_range
 from stdit.models.sizes import split_preset
 from stdit.train.extras import MissingTrainDependency
 
@@ -65,6 +74,8 @@ from .timing import Timing, from_times
 
 PROMPT = "a red circle moving from left to right on a dark blue background"  # in the demo's vocabulary
 SEED = 0
+CALIBRATION_SEED = 1  # pab-fit's range is fitted on a video of this seed, then measured on SEED's
+FIT = "fit"  # the broadcast of the pab-fit setting: the paper's intervals in a range fitted per pipeline
 CFG_SCALE = 7.0  # Open-Sora 1.0's and 1.2's inference guidance
 STDIT3_FPS = 24
 TIMER = "host clock (synchronised)"
@@ -77,6 +88,7 @@ SETTINGS: dict[str, tuple[Broadcast | None, float] | None] = {
     "off": (Broadcast(), 0.0),
     "pab": (Broadcast.paper(), 0.0),
     "pab+mlp": (Broadcast.paper(mlp=True), 0.0),
+    "pab-fit": (FIT, 0.0),
     "cache-0.05": (None, 0.05),
     "cache-0.1": (None, 0.1),
     "cache-0.2": (None, 0.2),
@@ -178,12 +190,12 @@ class Pipeline:
         y, mask = self.text.encode([PROMPT])
         return y.to(self.device).float(), mask.to(self.device)
 
-    def sample(self, y, mask, *, steps: int | None = None, on_step=None, model=None) -> torch.Tensor:
+    def sample(self, y, mask, *, steps: int | None = None, on_step=None, model=None, seed: int = SEED) -> torch.Tensor:
         """Latents (1, C, T, H/8, W/8) float32 for caption features y, mask; seeded, so every call
         gives the same video. ``model``: another callable of the same weights (a compiled one)."""
         model = self.model if model is None else model
         steps = steps or self.steps
-        gen = torch.Generator(device=self.device).manual_seed(SEED)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         shape = (1, self.model.in_channels, self.frames, self.height // 8, self.width // 8)
         auto = torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
         with torch.no_grad(), auto:
@@ -373,11 +385,12 @@ class Session:
     _pipe: Pipeline | None = None
     _plain: Plain | None = None
     _lpips: object = field(default=None)
+    _fit: tuple | None = None  # (BroadcastFit, change curves) of the pipeline running now
 
     def pipeline(self, family: str, shape: VideoShape, device: torch.device, dtype: torch.dtype) -> Pipeline:
         key = (family, shape.label, str(device), dtype)
         if key != self._key:
-            self._key = self._pipe = self._plain = None  # free the previous pair before building the next
+            self._key = self._pipe = self._plain = self._fit = None  # free the previous pair before building the next
             self._pipe = build_pipeline(family, shape, self.sample, device, dtype, self.checkpoints.get(family))
             self._key = key
         return self._pipe
@@ -394,6 +407,18 @@ class Session:
             frames = None if video is None else quality.video_frames(video)
             self._plain = Plain(timing, out["latents"], frames)
         return self._plain
+
+    def fit(self, pipe: Pipeline):
+        """(BroadcastFit, change curves): the attention changes of one plain video of CALIBRATION_SEED
+        (not timed), and the broadcast range fitted to them."""
+        if self._fit is None:
+            y, mask = pipe.encode()
+            probe = ChangeProbe(pipe.model)
+            with probe:
+                pipe.sample(y, mask, on_step=probe.on_step, seed=CALIBRATION_SEED)
+            curves = probe.curves()
+            self._fit = (fit_broadcast_range(curves), curves)
+        return self._fit
 
     def lpips(self):
         if self._lpips is None:
@@ -522,6 +547,15 @@ def _video_measure(session: Session, family: str, shape: VideoShape, dtype, sett
                         quality={"reference": True})  # fmt: skip
             return plain.timing
         broadcast, threshold = spec
+        fitted = ""
+        if broadcast == FIT:
+            fit, curves = session.fit(pipe)
+            broadcast = Broadcast.paper(t_range=fit.t_range)
+            fitted = f"{fit.label()} (fitted on seed {CALIBRATION_SEED}): "
+            dims["fit"] = dict(t_range=list(fit.t_range), first=fit.first, last=fit.last, steps=fit.steps,
+                               fraction=fit.fraction, seed=CALIBRATION_SEED)  # fmt: skip
+            dims["change"] = {k: [None if v is None else float(f"{v:.4g}") for v in vals] if k != "step" else vals
+                              for k, vals in curves.items()}  # fmt: skip
         out: dict = {}
         fs = FastSampling(pipe.model, broadcast=broadcast, step_cache=StepCache(threshold))
 
@@ -534,7 +568,7 @@ def _video_measure(session: Session, family: str, shape: VideoShape, dtype, sett
         # no warm-up of its own: the plain video warmed the pipeline up; the first timed run gives the output
         timing, paired = time_pairs(run, pipe.video, dev, session.sample.video_reps)
         dims.update(plain_ms=paired.median_ms, plain_runs=paired.reps)
-        dims["reused"] = {"summary": out["summary"], **out["stats"]}
+        dims["reused"] = {"summary": fitted + out["summary"], **out["stats"]}
         dims["quality"] = _quality(session, pipe, plain, out["latents"], out["video"])
         return timing
 

@@ -41,15 +41,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["BROADCAST_KINDS", "Broadcast", "BroadcastRule", "FastSampling", "StepCache"]
+__all__ = ["ATTENTION_KINDS", "BROADCAST_KINDS", "Broadcast", "BroadcastFit", "BroadcastRule", "ChangeProbe",
+           "FastSampling", "StepCache", "fit_broadcast_range"]
 
 BROADCAST_KINDS = ("spatial", "temporal", "cross", "mlp")
+ATTENTION_KINDS = BROADCAST_KINDS[:3]
 
 # VideoSys' PAB setting for Open-Sora (FACTS.md section 4): the broadcast range and per-kind intervals
 PAB_RANGE = (450.0, 930.0)
 PAB_INTERVALS = {"spatial": 2, "temporal": 4, "cross": 6}
 # MLP broadcast (off by default): the first five blocks, every 2 steps in the middle of the range
 PAB_MLP = {"interval": 2, "t_range": (650.0, 870.0), "blocks": (0, 1, 2, 3, 4)}
+# the share of a uniform 1000-step trajectory the paper's range covers: a fitted range covers as many steps
+PAB_FRACTION = (PAB_RANGE[1] - PAB_RANGE[0]) / 1000.0
 
 
 @dataclass(frozen=True)
@@ -88,11 +92,17 @@ class Broadcast:
     mlp: BroadcastRule | None = None
 
     @classmethod
-    def paper(cls, mlp: bool = False) -> Broadcast:
+    def paper(cls, mlp: bool = False, t_range: tuple[float, float] = PAB_RANGE) -> Broadcast:
         """VideoSys' Open-Sora setting: t in [450, 930], spatial every 2, temporal 4, cross 6 steps
-        (``mlp=True`` adds MLP broadcast in blocks 0-4, every 2 steps for t in [650, 870])."""
-        rules = {kind: BroadcastRule(k, PAB_RANGE) for kind, k in PAB_INTERVALS.items()}
-        return cls(**rules, mlp=BroadcastRule(**PAB_MLP) if mlp else None)
+        (``mlp=True`` adds MLP broadcast in blocks 0-4, every 2 steps for t in [650, 870]).
+        ``t_range``: the paper's intervals in another range (e.g. a :func:`fit_broadcast_range`); MLP
+        broadcast then uses it too."""
+        rules = {kind: BroadcastRule(k, t_range) for kind, k in PAB_INTERVALS.items()}
+        mlp_rule = None
+        if mlp:
+            mlp_rule = BroadcastRule(**PAB_MLP) if tuple(t_range) == PAB_RANGE else \
+                BroadcastRule(PAB_MLP["interval"], t_range, PAB_MLP["blocks"])  # fmt: skip
+        return cls(**rules, mlp=mlp_rule)
 
     @classmethod
     def parse(cls, spec: str) -> Broadcast:
@@ -392,3 +402,154 @@ class FastSampling:
         if s["reused"]:
             parts.append(f"steps {s['reused']}/{s['ran'] + s['reused']} skipped")
         return ", ".join(parts) or "nothing reused"
+
+
+# ------------------------------------------------------------------------------------------------
+# Where to broadcast: measure the change per step, fit the range
+# ------------------------------------------------------------------------------------------------
+
+
+class _ProbeModule(nn.Module):
+    """Runs ``inner`` and hands its output to the owning :class:`ChangeProbe`."""
+
+    def __init__(self, inner: nn.Module, kind: str, owner: ChangeProbe):
+        super().__init__()
+        self.inner, self.kind = inner, kind
+        self._owner = [owner]  # a list: not registered as a submodule
+        self.last: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        out = self.inner(*args, **kwargs)
+        self._owner[0].record(self, out)
+        return out
+
+
+class ChangeProbe:
+    """How much each kind of module's output changes from one denoising step to the next: PAB's
+    "attention difference" (arXiv 2408.12588, Fig. 2), which motivates broadcasting in the middle of the
+    trajectory. While the context is open, every spatial / temporal / cross attention module (``kinds``;
+    "mlp" too if asked) of an STDiT or STDiT3 records, per step, sum |o - o_prev| / sum |o_prev| over
+    all of that kind's modules, o_prev being the same module's output at the previous model call.
+
+    Pass :meth:`on_step` to the sampler. The model computes exactly as without the probe (the outputs
+    are only read); it keeps one output per module, as broadcast does. :meth:`curves` reads the sums
+    once, at the end (no host read per step)."""
+
+    def __init__(self, model: nn.Module, kinds: tuple[str, ...] = ATTENTION_KINDS):
+        unknown = set(kinds) - set(BROADCAST_KINDS)
+        if not kinds or unknown:
+            raise ValueError(f"kinds: expected some of {BROADCAST_KINDS}, got {kinds!r}")
+        self.model, self.kinds = model, tuple(kinds)
+        self._sites = [s for s in broadcast_sites(model) if s[2] in self.kinds]
+        self._installed: list[tuple[nn.Module, str, nn.Module]] = []
+        self._steps: list[tuple[int, float]] = []
+        self._sums: list[dict[str, list[torch.Tensor]]] = []
+
+    def __enter__(self) -> ChangeProbe:
+        if getattr(self.model, "fast_sampling", None) is not None:
+            raise RuntimeError("model: close its FastSampling context before probing it (a reused output "
+                               "would read as no change)")  # fmt: skip
+        for parent, attr, kind, _ in self._sites:
+            inner = getattr(parent, attr)
+            setattr(parent, attr, _ProbeModule(inner, kind, self))
+            self._installed.append((parent, attr, inner))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for parent, attr, inner in reversed(self._installed):
+            setattr(parent, attr, inner)
+        self._installed.clear()
+
+    def on_step(self, index: int, t: float, steps: int) -> None:
+        """The sampler's report before each model evaluation (as FastSampling.on_step)."""
+        if index == 0:
+            self._steps, self._sums = [], []
+            for parent, attr, _ in self._installed:
+                getattr(parent, attr).last = None
+        self._steps.append((index, float(t)))
+        self._sums.append({})
+
+    def record(self, module: _ProbeModule, out: torch.Tensor) -> None:
+        out = out.detach()
+        prev, module.last = module.last, out
+        if not self._sums or prev is None or prev.shape != out.shape:
+            return
+        sums = self._sums[-1].setdefault(module.kind, [])
+        sums.append(torch.stack([(out - prev).abs().sum(), prev.abs().sum()]).double())
+
+    def curves(self) -> dict[str, list]:
+        """{"step": [i...], "t": [t...], kind: [change or None (the first step, or no call)...]} of the
+        last sampled video."""
+        out: dict[str, list] = {"step": [i for i, _ in self._steps], "t": [t for _, t in self._steps]}
+        for kind in self.kinds:
+            values = []
+            for sums in self._sums:
+                if kind not in sums:
+                    values.append(None)
+                    continue
+                num, den = torch.stack(sums[kind]).sum(0).tolist()
+                values.append(num / den if den > 0 else None)
+            out[kind] = values
+        return out
+
+
+@dataclass(frozen=True)
+class BroadcastFit:
+    """A broadcast range fitted to measured changes: steps ``first``..``last`` of ``steps`` (the window
+    of ``fraction`` of the steps where the attention outputs changed least), as the timestep range
+    ``t_range`` that holds exactly those steps of the measured schedule."""
+
+    t_range: tuple[float, float]
+    first: int
+    last: int
+    steps: int
+    fraction: float
+
+    def label(self) -> str:
+        return (f"range [{self.t_range[0]:.6g}, {self.t_range[1]:.6g}] = steps {self.first}-{self.last} of "
+                f"{self.steps}")  # fmt: skip
+
+
+def fit_broadcast_range(curves: dict[str, list], fraction: float = PAB_FRACTION,
+                        kinds: tuple[str, ...] = ATTENTION_KINDS) -> BroadcastFit:  # fmt: skip
+    """The contiguous window of ``round(fraction * steps)`` steps (default: the paper's share of a uniform
+    schedule, 0.48) in which the attention outputs change least, from :meth:`ChangeProbe.curves`.
+
+    Each kind's change is divided by its mean over the steps (so that every kind counts alike); a
+    window's cost is the summed change of its steps after the first (the first runs every module, the
+    others may reuse). The first and last step of the trajectory stay outside, as in the paper's
+    setting. The timestep range returned reaches halfway to the neighbouring steps' timesteps, so it
+    selects the window's steps on this schedule however its bounds are rounded.
+
+    Why fit: the paper's [450, 930] is a range of Open-Sora 1.2's timesteps at 480p-720p, where the
+    timestep transform shifts the schedule towards 1000; at small sizes it shifts towards 0 and the
+    same range holds few steps (3 of 30 at 8x64x64).
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ValueError(f"fraction: expected a share of the steps in (0, 1), got {fraction!r}")
+    times = list(curves.get("t") or [])
+    steps = len(times)
+    if any(b >= a for a, b in zip(times, times[1:])):
+        raise ValueError("curves: expected a schedule with strictly decreasing timesteps")
+    n = max(2, round(fraction * steps))
+    if n > steps - 2:
+        raise ValueError(f"curves: {steps} steps leave no window of {n} steps between the first and the last")
+    score = [0.0] * steps
+    used = 0
+    for kind in kinds:
+        values = curves.get(kind)
+        if values is None or len(values) != steps:
+            raise ValueError(f"curves: expected {steps} values of {kind!r} (ChangeProbe.curves)")
+        present = [v for v in values if v is not None]
+        mean = sum(present) / len(present) if present else 0.0
+        if mean <= 0:
+            continue
+        used += 1
+        for i, v in enumerate(values):
+            score[i] += (v if v is not None else mean) / mean  # a missing value counts as average
+    if not used:
+        raise ValueError(f"curves: no change of {kinds} was recorded (did the probe see two steps?)")
+    best = min(range(1, steps - n), key=lambda a: (sum(score[a + 1:a + n]), a))
+    first, last = best, best + n - 1
+    t_range = ((times[last] + times[last + 1]) / 2, (times[first - 1] + times[first]) / 2)
+    return BroadcastFit(t_range, first, last, steps, float(fraction))

@@ -509,6 +509,12 @@ def sample_rows():
                     quality={"weights": w, "lpips": "n/a: weights not available", **q})  # fmt: skip
         return ok("sample", "STDiT.video", setting, shape, ms, dims=dims, **kw)
 
+    # pab-fit: its fitted range and the measured curves (6 steps; the paper's [450, 930] holds t = 800, 600)
+    pab_fit = video("pab-fit", 1600.0, latent_rel_l2=0.01, latent_psnr=45.0, frame_psnr=40.0, frame_ssim=0.99)
+    pab_fit["dims"].update(fit=dict(t_range=[150.0, 500.0], first=2, last=3, steps=6, fraction=0.48, seed=1),
+                           change={"step": list(range(6)), "t": [999.0, 800.0, 600.0, 400.0, 200.0, 0.0],
+                                   "spatial": [None, 0.5, 0.2, 0.1, 0.1, 0.6], "temporal": [None, 0.4, 0.2, 0.1, 0.1, 0.3],
+                                   "cross": [None, 0.05, 0.02, 0.01, 0.01, 0.03]})  # fmt: skip
     return [
         ok("sample", "STDiT.text_encode", "t5", shape, 2.5, dims=dict(base, part="text_encode"), **kw),
         ok("sample", "STDiT.denoise_step", "sdpa", shape, 18.0, dims=dict(base, part="denoise_step"), **kw),
@@ -522,6 +528,7 @@ def sample_rows():
         video("cache-0.05", 700.0, latent_rel_l2=0.0, latent_psnr=math.inf, frame_psnr=math.inf, frame_ssim=1.0),
         video("pab", 1250.0, latent_rel_l2=0.02, latent_psnr=41.5, frame_psnr=35.25, frame_ssim=0.9812),
         video("cache-0.1", 800.0, latent_rel_l2=0.05, latent_psnr=33.0, frame_psnr=30.5, frame_ssim=0.9503),
+        pab_fit,
     ]
 
 
@@ -545,6 +552,10 @@ def test_sampling_section_renders_from_results_file(tmp_path):
     assert "10.50×" in pub and "10.50×" not in sec[: sec.index("### Published")]
     assert "sampling_speedup_quality.png" in sec
     read_png(tmp_path / "report" / "sampling_speedup_quality.png")
+    # where to broadcast: the fitted range beside the steps the paper's range holds, and the change curves
+    assert "- STDiT 8x96x96: steps 2-3 of 6, t in [150, 500]; the paper's [450, 930] holds 2 of these 6 steps." in sec
+    assert "sampling_attention_change.png" in sec
+    read_png(tmp_path / "report" / "sampling_attention_change.png")
     # the headline names the fastest setting beside its quality; the sample rows stay out of Absolute numbers
     head = text[: text.index("## STDiT vs full-attention DiT")]
     assert "Sampling STDiT 8x96x96 (trained: runs/demo/stage3/checkpoints/step-000000200): plain video 2000 ms; " \
@@ -557,3 +568,4 @@ def test_no_sampling_section_without_sample_rows(tmp_path):
     text = report.write_report(cpu_rows(), tmp_path, published=PUBLISHED).read_text()
     assert "## Sampling" not in text and "Published reference points" not in text
     assert not (tmp_path / "sampling_speedup_quality.png").exists()
+    assert not (tmp_path / "sampling_attention_change.png").exists()

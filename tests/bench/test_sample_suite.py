@@ -52,7 +52,7 @@ def test_video_rows_carry_plain_time_and_quality(tiny_rows):
         for setting, r in videos.items():  # each setting against the plain videos paired with it
             want = plain["reps"] if setting == "plain" else TINY.video_reps
             assert r["dims"]["plain_runs"] == want and r["dims"]["plain_ms"] > 0
-            assert r["dims"]["weights"] == "random weights" and r["dims"]["steps"] == (4 if family == "STDiT" else 3)
+            assert r["dims"]["weights"] == "random weights" and r["dims"]["steps"] == 4
         q = videos["off"]["dims"]["quality"]  # FastSampling installed, every skip off: exactly the plain video
         assert q["latent_rel_l2"] == 0.0 and q["latent_psnr"] == math.inf
         assert q["frame_psnr"] == math.inf and q["frame_ssim"] == pytest.approx(1.0, abs=1e-12)
@@ -63,6 +63,11 @@ def test_video_rows_carry_plain_time_and_quality(tiny_rows):
         assert cache["reused"]["steps"]["ran"] + skipped == cache["steps"]
         # a skipped step changes the output; none leaves it bitwise
         assert (cache["quality"]["latent_rel_l2"] > 0) == (skipped > 0)
+        fit = videos["pab-fit"]["dims"]  # 4 steps, 0.48 of them: a window of 2 between the first and the last
+        assert (fit["fit"]["first"], fit["fit"]["last"]) in ((1, 2),)
+        assert fit["reused"]["summary"].startswith("range [") and fit["reused"]["spatial"]["reused"] > 0
+        assert len(fit["change"]["t"]) == 4 and fit["change"]["spatial"][0] is None
+        assert all(v > 0 for v in fit["change"]["spatial"][1:])
 
 
 def test_rerun_replaces_rows(tiny_rows, tmp_path):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stdit.models.accel import Broadcast, BroadcastModule, BroadcastRule, FastSampling, StepCache
+from stdit.models.accel import (Broadcast, BroadcastModule, BroadcastRule, ChangeProbe, FastSampling, StepCache,
+                                fit_broadcast_range)
 from stdit.models import from_preset
 from stdit.models.stdit import stdit_from_preset
 from stdit.models.stdit3 import stdit3_from_preset
@@ -244,3 +245,78 @@ def test_parse_and_bad_input():
         FastSampling(stdit_from_preset("STDiT-mini"), broadcast="paper")
     with pytest.raises(TypeError, match="STDiT and STDiT3"):
         FastSampling(from_preset("DiT-mini"))
+
+
+# -- where to broadcast: ChangeProbe and fit_broadcast_range ----------------------------------------
+
+
+@pytest.mark.parametrize("family", ["stdit", "stdit3"])
+def test_change_probe_reads_without_changing(family, stdit, stdit3):
+    """The probe leaves the sample bitwise as it is, and its curves are the relative L1 change of each
+    kind's outputs from one step to the next, summed over the kind's modules (an independent count from
+    forward hooks on the plain model)."""
+    model = stdit if family == "stdit" else stdit3
+    run = _iddpm if family == "stdit" else _rflow
+    outputs: dict[str, list[list[torch.Tensor]]] = {}
+    step = {"i": -1}
+    kinds = {"attn": "spatial", "attn_temp": "temporal", "cross_attn": "cross"}
+    hooks = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in kinds and name.count(".") == 2:  # blocks.i.attn / spatial_blocks.i.attn ...
+            kind = "temporal" if name.startswith("temporal_blocks") and leaf == "attn" else kinds[leaf]
+            hooks.append(module.register_forward_hook(
+                lambda m, a, out, kind=kind, key=name: outputs.setdefault(key, []).append((step["i"], kind, out))))
+    plain = run(model, steps=6)
+    outputs.clear()
+    probe = ChangeProbe(model)
+
+    class Both:  # the probe's on_step, and the step index for the hooks
+        def on_step(self, i, t, n):
+            step["i"] = i
+            probe.on_step(i, t, n)
+
+    with probe:
+        probed = run(model, steps=6, fs=Both())
+    for h in hooks:
+        h.remove()
+    assert torch.equal(plain, probed)
+    curves = probe.curves()
+    assert curves["step"] == list(range(6)) and all(a > b for a, b in zip(curves["t"], curves["t"][1:]))
+    for kind in ("spatial", "temporal", "cross"):
+        assert curves[kind][0] is None
+        for i in range(1, 6):
+            num = den = 0.0
+            for calls in outputs.values():
+                now = [o for s, k, o in calls if s == i and k == kind]
+                before = [o for s, k, o in calls if s == i - 1 and k == kind]
+                for a, b in zip(now, before):
+                    num += (a - b).abs().sum().item()
+                    den += b.abs().sum().item()
+            assert curves[kind][i] == pytest.approx(num / den, rel=1e-9), (kind, i)
+    assert not any(type(m).__name__ == "_ProbeModule" for m in model.modules())  # restored on exit
+
+
+def test_fit_picks_the_quietest_window_and_its_range_holds_exactly_it():
+    times = [999.0 - 99.9 * i for i in range(10)]
+    quiet = [None, 5, 5, 5, 1, 1, 1, 1, 1, 5]  # steps 4-8 change least: the window starts one before them
+    curves = {"t": times, "spatial": quiet, "temporal": [None if v is None else 10 * v for v in quiet],
+              "cross": [None] + [0.1] * 9}  # fmt: skip
+    fit = fit_broadcast_range(curves, fraction=0.5)
+    assert (fit.first, fit.last, fit.steps) == (3, 7, 10)  # 5 steps; its first runs, steps 4-7 may reuse
+    inside = [i for i, t in enumerate(times) if fit.t_range[0] <= t <= fit.t_range[1]]
+    assert inside == list(range(3, 8))
+    assert fit.label().startswith("range [") and "steps 3-7 of 10" in fit.label()
+    b = Broadcast.paper(mlp=True, t_range=fit.t_range)
+    assert b.spatial.t_range == b.mlp.t_range == fit.t_range and b.temporal.interval == 4
+    assert Broadcast.paper(mlp=True).mlp.t_range == (650.0, 870.0)
+    for bad, match in [({"t": times[:3], "spatial": quiet[:3], "temporal": quiet[:3], "cross": quiet[:3]}, "no window"),
+                       ({**curves, "t": times[::-1]}, "decreasing"),
+                       ({**curves, "cross": [None] * 10, "spatial": [None] * 10, "temporal": [None] * 10}, "no change"),
+                       ({**curves, "cross": [0.1] * 3}, "expected 10 values")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            fit_broadcast_range(bad)
+    with pytest.raises(ValueError, match="fraction"):
+        fit_broadcast_range(curves, fraction=1.0)
+    with pytest.raises(ValueError, match="kinds"):
+        ChangeProbe(stdit_from_preset("STDiT-mini", depth=1), kinds=("attention",))
