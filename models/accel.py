@@ -41,8 +41,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["ATTENTION_KINDS", "BROADCAST_KINDS", "Broadcast", "BroadcastFit", "BroadcastRule", "ChangeProbe",
-           "FastSampling", "StepCache", "fit_broadcast_range"]
+__all__ = ["ATTENTION_KINDS", "BROADCAST_KINDS", "FIT_SPEC", "Broadcast", "BroadcastFit", "BroadcastRule", "ChangeProbe",
+           "FastSampling", "StepCache", "fit_broadcast_range", "is_fit_spec"]
 
 BROADCAST_KINDS = ("spatial", "temporal", "cross", "mlp")
 ATTENTION_KINDS = BROADCAST_KINDS[:3]
@@ -54,6 +54,14 @@ PAB_INTERVALS = {"spatial": 2, "temporal": 4, "cross": 6}
 PAB_MLP = {"interval": 2, "t_range": (650.0, 870.0), "blocks": (0, 1, 2, 3, 4)}
 # the share of a uniform 1000-step trajectory the paper's range covers: a fitted range covers as many steps
 PAB_FRACTION = (PAB_RANGE[1] - PAB_RANGE[0]) / 1000.0
+# the broadcast spec of `stdit sample` that fits the range first (a calibration video; see fit_broadcast_range)
+FIT_SPEC = "fit"
+
+
+def is_fit_spec(spec: object) -> bool:
+    """Whether a broadcast spec asks for a fitted range (``"fit"``), which needs a calibration video
+    before sampling and so is not a :meth:`Broadcast.parse` spec."""
+    return isinstance(spec, str) and spec.strip().lower() == FIT_SPEC
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,9 @@ class Broadcast:
         if not isinstance(spec, str) or not spec.strip():
             raise ValueError("broadcast: expected 'paper', 'paper+mlp', 'off' or items like 'spatial=2,range=450:930'")
         spec = spec.strip().lower()
+        if spec == FIT_SPEC:
+            raise ValueError("broadcast: 'fit' needs a calibration video before sampling (stdit sample --broadcast fit); "
+                             "here give 'paper', 'off' or items like 'spatial=2,range=450:930'")  # fmt: skip
         if spec in ("paper", "paper+mlp"):
             return cls.paper(mlp=spec.endswith("mlp"))
         if spec == "off":
@@ -508,6 +519,12 @@ class BroadcastFit:
     def label(self) -> str:
         return (f"range [{self.t_range[0]:.6g}, {self.t_range[1]:.6g}] = steps {self.first}-{self.last} of "
                 f"{self.steps}")  # fmt: skip
+
+    def spec(self) -> str:
+        """The :meth:`Broadcast.parse` spec of the paper's intervals in this range (no exponent notation,
+        which the spec cannot read)."""
+        intervals = ",".join(f"{kind}={k}" for kind, k in PAB_INTERVALS.items())
+        return f"{intervals},range={self.t_range[0]:.6f}:{self.t_range[1]:.6f}"
 
 
 def fit_broadcast_range(curves: dict[str, list], fraction: float = PAB_FRACTION,

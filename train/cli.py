@@ -57,8 +57,9 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--sheet", default=None, help="also write the frames side by side to this PNG")
     p.add_argument("--broadcast", default=None, metavar="SPEC",
                    help="attention broadcast (PAB): 'paper' (spatial every 2, temporal 4, cross 6 steps within t in "
-                   "[450, 930]), 'paper+mlp', 'off', or items like 'spatial=2,temporal=4,cross=6,range=450:930' "
-                   "(default: the stage's [sample] broadcast, else off)")
+                   "[450, 930]), 'paper+mlp', 'off', items like 'spatial=2,temporal=4,cross=6,range=450:930', or 'fit' "
+                   "(the paper's intervals in a range fitted to this model and schedule on a first plain video of "
+                   "seed + 1; prints the range) (default: the stage's [sample] broadcast, else off)")
     p.add_argument("--step-cache", type=float, default=None, metavar="THRESHOLD",
                    help="TeaCache-style step caching: skip the blocks while the accumulated relative change of the "
                    "modulated input stays under THRESHOLD (e.g. 0.1; 0 = off; default: the stage's [sample] step_cache)")

@@ -46,7 +46,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stdit.models.accel import Broadcast, StepCache
+from stdit.models.accel import Broadcast, StepCache, is_fit_spec
 
 from .parallel import ParallelConfig
 
@@ -136,7 +136,7 @@ class RunCfg:
 
 @dataclass
 class SampleCfg:
-    broadcast: str = "off"  # stdit.models.accel.Broadcast.parse spec
+    broadcast: str = "off"  # stdit.models.accel.Broadcast.parse spec, or "fit" (a range fitted before sampling)
     step_cache: float = 0.0  # stdit.models.accel.StepCache threshold (0: off)
 
 
@@ -332,7 +332,8 @@ def _validate(cfg: StageConfig) -> None:
                           f"warmup_steps={o.warmup_steps}, lr_min={o.lr_min}")
     _validate_diffusion(cfg)
     try:
-        Broadcast.parse(cfg.sample.broadcast)
+        if not is_fit_spec(cfg.sample.broadcast):  # "fit": a range fitted before sampling (stdit sample)
+            Broadcast.parse(cfg.sample.broadcast)
         StepCache(cfg.sample.step_cache)
     except ValueError as e:
         raise ConfigError(f"{src}: [sample] {e}") from None

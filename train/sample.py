@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from stdit.common.files import atomic_path
-from stdit.models.accel import Broadcast, FastSampling, StepCache
+from stdit.models.accel import Broadcast, ChangeProbe, FastSampling, StepCache, fit_broadcast_range, is_fit_spec
 
 from .build import build_encoders, build_model, resolve_device
 from .checkpoint import checkpoint_weights, latest_checkpoint
@@ -131,7 +131,10 @@ def sample_video(
     fps: frame rate of the written video and, for STDiT3, the model's fps input (None: 8 for STDiT, 24 for STDiT3).
     sheet: also write the frames side by side as one PNG (a contact sheet: the whole clip at a glance).
     broadcast: attention broadcast (stdit.models.accel.Broadcast or a Broadcast.parse spec such as
-        "paper"); step_cache: a TeaCache-style threshold or StepCache. None for either: the stage's
+        "paper"), or "fit": first one plain video of seed + 1 (untimed, not written) measures how much the
+        attention outputs change per step (ChangeProbe), then the paper's intervals are used in the window
+        of 48% of the steps where they change least (fit_broadcast_range); the fitted range goes to stderr
+        as a spec to pass next time. step_cache: a TeaCache-style threshold or StepCache. None for either: the stage's
         [sample] table (off unless set there). How many module calls and steps were reused goes to stderr.
     parallel: a stdit.train.parallel_sample.ParallelSampling (under torchrun): CFG-parallel and / or
         sequence-parallel sampling; every rank samples, rank 0 writes and returns the path, the others
@@ -156,7 +159,10 @@ def sample_video(
         raise FileNotFoundError(f"cond_image: no image file at {cond_image}")
     if sheet is not None and Path(sheet).suffix.lower() != ".png":  # before minutes of sampling
         raise ValueError(f"sheet: expected a .png path, got {str(sheet)!r}")
-    if isinstance(broadcast, str):
+    fit = is_fit_spec(broadcast)
+    if fit:
+        broadcast = None
+    elif isinstance(broadcast, str):
         broadcast = Broadcast.parse(broadcast)
     elif broadcast is not None and not isinstance(broadcast, Broadcast):
         raise TypeError(f"broadcast: expected a Broadcast, a spec string or None, got {type(broadcast).__name__}")
@@ -169,10 +175,15 @@ def sample_video(
     dev = parallel.device if parallel is not None else resolve_device(device)
     cfg, model, vae, text, ckpt = load_for_sampling(checkpoint, dev)
     family = getattr(model, "family", "STDiT")
-    broadcast = broadcast if broadcast is not None else Broadcast.parse(cfg.sample.broadcast)
+    if broadcast is None and not fit:
+        fit = is_fit_spec(cfg.sample.broadcast)
+        broadcast = None if fit else Broadcast.parse(cfg.sample.broadcast)
+    if fit and parallel is not None:
+        raise ValueError("broadcast: 'fit' measures on one process (ranks would fit apart); fit in one process and "
+                         "pass the range it prints")  # fmt: skip
     step_cache = step_cache if step_cache is not None else StepCache(cfg.sample.step_cache)
     if compile is not None:
-        why = [w for w, on in (("--broadcast", broadcast.enabled), ("--step-cache", step_cache.enabled),
+        why = [w for w, on in (("--broadcast", fit or broadcast.enabled), ("--step-cache", step_cache.enabled),
                                ("multi-process sampling", parallel is not None)) if on]  # fmt: skip
         if why:
             raise ValueError(f"compile: plain one-process sampling only; drop {' and '.join(why)} or the compile mode")
@@ -183,7 +194,6 @@ def sample_video(
         runner = torch.compile(model, mode=None if compile == "default" else compile, dynamic=False)
     if parallel is not None and parallel.cfg > 1 and cfg_scale is None:
         raise ValueError("cfg_parallel: needs classifier-free guidance (a cfg_scale)")
-    fast = FastSampling(model, broadcast, step_cache, reduce=None if parallel is None else parallel.reduce)
     progress = progress and (parallel is None or parallel.writes)
     T = num_frames or cfg.data.num_frames
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -198,13 +208,13 @@ def sample_video(
         H, W = height or H0, width or W0
         fps = fps or STDIT3_FPS
         steps = steps or RFLOW_STEPS
-        _say(parallel, f"sampling {T}x{H}x{W} from {ckpt} (rectified flow, {steps} steps, cfg {cfg_scale}"
-             f"{', conditioned on ' + str(cond_image) if cond_image else ''}{_extras(fast, parallel)}{compiled})")
-        with torch.no_grad(), fast:
-            latents = sample_stdit3_latents(
+        what = f"rectified flow, {steps} steps, cfg {cfg_scale}" + (f", conditioned on {cond_image}" if cond_image else "")
+
+        def draw(on_step, generator, show):
+            return sample_stdit3_latents(
                 runner, vae, y, mask, num_frames=T, height=H, width=W, fps=fps, steps=steps, cfg_scale=cfg_scale,
-                cond_image=cond_image, timestep_transform=timestep_transform, generator=gen, progress=progress,
-                on_step=fast.on_step,
+                cond_image=cond_image, timestep_transform=timestep_transform, generator=generator, progress=show,
+                on_step=on_step,
             )  # fmt: skip
     else:
         unsupported = [k for k, v in (("height", height), ("width", width), ("cond_image", cond_image)) if v is not None]
@@ -216,12 +226,26 @@ def sample_video(
         fps = fps or STDIT_FPS
         steps = steps or IDDPM_STEPS
         diffusion = IDDPM(timestep_respacing=str(steps))
-        _say(parallel, f"sampling {T}x{H}x{W} from {ckpt} ({steps} steps, cfg {cfg_scale}{_extras(fast, parallel)}{compiled})")
-        with torch.no_grad(), fast:
-            latents = diffusion.sample(
+        what = f"{steps} steps, cfg {cfg_scale}"
+
+        def draw(on_step, generator, show):
+            return diffusion.sample(
                 runner, (1, 4, T, H // 8, W // 8), {"y": y, "mask": mask}, cfg_scale=cfg_scale,
-                guide_channels=guide_channels, progress=progress, generator=gen, device=dev, on_step=fast.on_step,
+                guide_channels=guide_channels, progress=show, generator=generator, device=dev, on_step=on_step,
             )  # fmt: skip
+
+    if fit:
+        probe = ChangeProbe(model)
+        _say(parallel, f"fitting the broadcast range: one plain video of seed {seed + 1} ({what})")
+        with torch.no_grad(), probe:
+            draw(probe.on_step, torch.Generator(device=dev).manual_seed(seed + 1), progress)
+        found = fit_broadcast_range(probe.curves())
+        broadcast = Broadcast.paper(t_range=found.t_range)
+        _say(parallel, f"fitted broadcast {found.label()}; to reuse it: --broadcast {found.spec()}")
+    fast = FastSampling(model, broadcast, step_cache, reduce=None if parallel is None else parallel.reduce)
+    _say(parallel, f"sampling {T}x{H}x{W} from {ckpt} ({what}{_extras(fast, parallel)}{compiled})")
+    with torch.no_grad(), fast:
+        latents = draw(fast.on_step, gen, progress)
     if broadcast.enabled or step_cache.enabled:
         _say(parallel, f"fast sampling: {fast.summary()}")
     if parallel is not None and not parallel.writes:

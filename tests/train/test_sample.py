@@ -3,6 +3,8 @@ no temporary file left, an existing file replaced whole); STDiT3 sampling with r
 written-out sampler, the command end to end, image-to-video from a conditioning picture, and bad
 arguments. STDiT / IDDPM sampling end to end: test_trainer's demo chain."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 av = pytest.importorskip("av")
 Image = pytest.importorskip("PIL.Image")
 
+from stdit.models.accel import Broadcast  # noqa: E402
 from stdit.train.build import build_encoders, build_model  # noqa: E402
 from stdit.train.checkpoint import save_checkpoint  # noqa: E402
 from stdit.train.cli import main as train_cli  # noqa: E402
@@ -252,6 +255,27 @@ def test_fast_sampling_flags(stdit3_run, tmp_path, capsys):
     assert not list(tmp_path.glob("v.*"))
 
 
+def test_fitted_broadcast(stdit3_run, tmp_path, capsys):
+    """--broadcast fit measures on a first video of seed + 1, prints the range as a spec, and samples with
+    it: passing the printed spec again gives the same video; multi-process fitting is refused."""
+    common = ["sample", "--checkpoint", str(stdit3_run), "--prompt", "waves", "--steps", "6", "--frames", "3",
+              "--height", "32", "--width", "32", "--quiet"]  # fmt: skip
+    assert train_cli([*common, "--out", str(tmp_path / "fit.mp4"), "--broadcast", "fit"]) == 0
+    err = capsys.readouterr().err
+    assert "fitting the broadcast range: one plain video of seed 1" in err
+    m = re.search(r"fitted broadcast range \[[\d.]+, [\d.]+\] = steps (\d)-(\d) of 6; to reuse it: --broadcast (\S+)", err)
+    assert m and int(m[2]) - int(m[1]) == 2  # 0.48 of 6 steps: a window of 3
+    # a window of 3 steps in one block of each kind: spatial reuses its 2nd step, temporal its 2nd and 3rd, and
+    # the cross attention of both the spatial and the temporal block its 2nd and 3rd
+    assert "fast sampling: spatial 1/6 reused, temporal 2/6 reused, cross 4/12 reused" in err
+    assert train_cli([*common, "--out", str(tmp_path / "again.mp4"), "--broadcast", m[3]]) == 0
+    assert np.array_equal(_decoded(tmp_path / "fit.mp4"), _decoded(tmp_path / "again.mp4"))
+    with pytest.raises(ValueError, match="'fit' needs a calibration video"):
+        Broadcast.parse("fit")
+    with pytest.raises(ValueError, match="compile: plain one-process sampling only; drop --broadcast"):
+        sample_video(stdit3_run, "x", tmp_path / "v.gif", broadcast="fit", compile="default")
+
+
 def test_sample_table_gives_the_defaults(tmp_path, capsys):
     """[sample] broadcast / step_cache of the checkpoint's stage are used when no flag is given; a flag wins."""
     run = tmp_path / "run"
@@ -268,6 +292,10 @@ def test_sample_table_gives_the_defaults(tmp_path, capsys):
                          ({"step_cache": -1}, r"\[sample\] threshold"), ({"speed": 2}, "speed")]:  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             _checkpoint(tmp_path / "bad", "STDiT-mini", sample=table)
+    _checkpoint(tmp_path / "fit", "STDiT-mini", sample={"broadcast": "fit"})  # fitted before sampling (IDDPM)
+    assert train_cli(["sample", "--checkpoint", str(tmp_path / "fit"), "--prompt", "x", "--steps", "10", "--quiet",
+                      "--out", str(tmp_path / "b.gif")]) == 0  # fmt: skip
+    assert "fitted broadcast range [" in capsys.readouterr().err and (tmp_path / "b.gif").is_file()
 
 
 def test_compiled_sampling(stdit3_run, tmp_path, capsys):
