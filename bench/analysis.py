@@ -465,7 +465,8 @@ def _sample_part(row) -> tuple[str, str]:
 def sample_times(df: pd.DataFrame) -> pd.DataFrame:
     """The sample suite's rows, one record each: device, family, part, backend (the setting of a video
     row), shape, dtype, median/p20/p80 ms, ms per step (step rows: the median; video rows: median / steps),
-    peak MB, status, weights; in part order."""
+    peak MB, status, weights, and for a compiled step row ``eager_ms`` (the eager step timed in runs
+    interleaved with it) and ``vs_eager`` = eager_ms / median (NaN elsewhere); in part order."""
     s = df[df["suite"] == "sample"]
     recs = []
     for _, r in s.iterrows():
@@ -473,14 +474,16 @@ def sample_times(df: pd.DataFrame) -> pd.DataFrame:
         dims = r["dims"] if isinstance(r["dims"], dict) else {}
         steps = dims.get("steps")
         per_step = r["median_ms"] if part == "denoise_step" else (r["median_ms"] / steps if part == "video" and isnum(steps) else math.nan)
+        eager = float(dims["eager_ms"]) if isnum(dims.get("eager_ms")) else math.nan
         recs.append({
             "device": r["device"], "family": family, "part": part, "backend": r["backend"], "shape": r["shape"],
             "dtype": r["dtype"], "ok": r["ok"], "median_ms": r["median_ms"], "p20_ms": r["p20_ms"], "p80_ms": r["p80_ms"],
             "ms_per_step": per_step if r["ok"] else math.nan, "steps": steps, "peak_mem_mb": r["peak_mem_mb"],
-            "status": r["status"], "weights": str(dims.get("weights") or ""), "ours": r["ours"],
+            "status": r["status"], "weights": str(dims.get("weights") or ""), "ours": r["ours"], "eager_ms": eager,
+            "vs_eager": eager / r["median_ms"] if r["ok"] and r["median_ms"] > 0 else math.nan,
         })  # fmt: skip
     cols = ["device", "family", "part", "backend", "shape", "dtype", "ok", "median_ms", "p20_ms", "p80_ms", "ms_per_step",
-            "steps", "peak_mem_mb", "status", "weights", "ours"]  # fmt: skip
+            "steps", "peak_mem_mb", "status", "weights", "ours", "eager_ms", "vs_eager"]  # fmt: skip
     out = pd.DataFrame.from_records(recs, columns=cols)
     order = {p: i for i, p in enumerate(SAMPLE_PARTS)}
     out["_order"] = [order.get(p, 99) for p in out["part"]]
@@ -491,7 +494,7 @@ def sample_quality(df: pd.DataFrame) -> pd.DataFrame:
     """One record per accelerated whole-video row (the plain reference left out): device, family, shape,
     dtype, setting, median_ms, plain_ms (timed in the same process), speedup = plain_ms / median_ms,
     reused (what one video skipped), weights, status, and the quality keys (NaN where not computed;
-    ``lpips`` a number or the reason it is missing)."""
+    ``lpips`` a number or the reason it is missing); grouped per device, family and shape."""
     s = df[(df["suite"] == "sample") & df["op"].str.endswith(".video") & (df["backend"] != "plain")]
     recs = []
     for _, r in s.iterrows():
@@ -512,7 +515,8 @@ def sample_quality(df: pd.DataFrame) -> pd.DataFrame:
         recs.append(rec)
     cols = ["device", "family", "shape", "dtype", "setting", "median_ms", "plain_ms", "speedup", "reused", "weights",
             "status", "ok", *QUALITY_KEYS]  # fmt: skip
-    return pd.DataFrame.from_records(recs, columns=cols)
+    # grouped per device, family and shape; within a group the suite's order (a re-run row keeps its place)
+    return pd.DataFrame.from_records(recs, columns=cols).sort_values(["device", "family", "shape"], kind="stable")
 
 
 def broadcast_fits(df: pd.DataFrame) -> list[dict]:

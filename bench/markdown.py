@@ -396,6 +396,7 @@ def _section_sampling(df: pd.DataFrame) -> str:
         f"fast sampling with every skip off and must be exact). Weights: {weights or 'unknown'}."
     ]
     recs = []
+    paired = t["vs_eager"].notna().any()
     for _, r in t.iterrows():
         rec = {"device": r["device"]} if multi_dev else {}
         rec.update({
@@ -403,9 +404,13 @@ def _section_sampling(df: pd.DataFrame) -> str:
             "shape": r["shape"], "dtype": r["dtype"], "median ms (p20–p80)": _ms_range(r),
             "ms per step": _ms(r["ms_per_step"]), "peak MB": _num(r["peak_mem_mb"], "{:.1f}"), "status": r["status"],
         })  # fmt: skip
+        if paired:
+            rec["vs eager (paired)"] = f"{_x(r['vs_eager'])} of {_ms(r['eager_ms'])} ms" if isnum(r["vs_eager"]) else ""
         recs.append(rec)
     out.append("### Time per part\n\n" + markdown_table(pd.DataFrame(recs)) + "\n\n`ms per step`: the step row's median; "
-               "for a whole video, its median / its steps (text encoding and decode included).")
+               "for a whole video, its median / its steps (text encoding and decode included)."
+               + (" `vs eager (paired)`: a compiled step against the eager step of the same attention backend, timed in "
+                  "runs interleaved with it in the same process (eager median / compiled median)." if paired else ""))
     if not q.empty:
         recs = []
         lpips_why = list(dict.fromkeys(str(v) for v in q["lpips"] if not isnum(v) and isinstance(v, str) and v))

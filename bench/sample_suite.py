@@ -9,7 +9,9 @@ batch 1 (doubled by classifier-free guidance, scale 7) for a fixed prompt and se
   the scheduler update), per attention backend, and under torch.compile (``<backend>+compile``; on
   CUDA also ``<backend>+cudagraphs``, torch.compile's "reduce-overhead" mode, which replays CUDA
   graphs). Timed inside the real sampler: a short run of ``step_probe`` steps warms up (compilation
-  included), then the time between consecutive steps of timed runs (the host clock, synchronised);
+  included), then the time between consecutive steps of timed runs (the host clock, synchronised); a
+  compiled row's runs alternate with runs of the eager model (same attention backend), whose median
+  step is its dims' ``eager_ms`` (speedup = eager_ms / the row's median);
 - ``<family>.vae_decode``: the latents through the VAE (backend ``vae``);
 - ``<family>.video``: the whole video, text encoding + every step + decode, per fast-sampling
   setting (the backend column): ``plain`` (the reference), ``off`` (FastSampling installed with every
@@ -57,6 +59,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -345,21 +348,47 @@ def time_pairs(fn: Callable[[], object], plain: Callable[[], object], device: to
     return _timing(times[False], device), _timing(times[True], device)
 
 
-def time_steps(pipe: Pipeline, model, probe: int, runs: int = 2, warmup: int = 1) -> Timing:
-    """One sampler step as the sampler runs it: ``warmup`` runs of ``probe`` steps, then the time from
-    each step's start (the sampler's on_step) to the next step's start, or the end, over ``runs`` runs."""
+def _step_deltas(pipe: Pipeline, model, probe: int) -> list[float]:
+    """One sampler run of ``probe`` steps: the time from each step's start (the sampler's on_step) to the
+    next step's start, or the end."""
     device = pipe.device
+    y, mask = pipe.features
+    stamps: list[float] = []
+    pipe.sample(y, mask, steps=probe, model=model, on_step=lambda i, t, n: stamps.append(_now(device)))
+    stamps.append(_now(device))
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+STEP_TIMER = TIMER + ", per step inside the sampler"
+
+
+def time_steps(pipe: Pipeline, model, probe: int, runs: int = 2, warmup: int = 1) -> Timing:
+    """One sampler step as the sampler runs it: ``warmup`` runs of ``probe`` steps, then every step of
+    ``runs`` timed runs (see _step_deltas)."""
     y, mask = pipe.features
     for _ in range(warmup):
         pipe.sample(y, mask, steps=probe, model=model)
-    _reset_peak(device)
+    _reset_peak(pipe.device)
     deltas: list[float] = []
     for _ in range(runs):
-        stamps: list[float] = []
-        pipe.sample(y, mask, steps=probe, model=model, on_step=lambda i, t, n: stamps.append(_now(device)))
-        stamps.append(_now(device))
-        deltas += [b - a for a, b in zip(stamps, stamps[1:])]
-    return _timing(deltas, device, TIMER + ", per step inside the sampler")
+        deltas += _step_deltas(pipe, model, probe)
+    return _timing(deltas, pipe.device, STEP_TIMER)
+
+
+def time_steps_paired(pipe: Pipeline, model, probe: int, runs: int = 2, warmup: int = 2) -> tuple[Timing, Timing]:
+    """A step of ``model`` (a compiled one) and of the eager ``pipe.model`` in interleaved runs (eager
+    first in even runs, ``model`` first in odd ones) after ``warmup`` runs of ``model`` (compilation;
+    CUDA-graph recording) and one of eager -> (model's timing, eager's timing)."""
+    y, mask = pipe.features
+    for _ in range(warmup):
+        pipe.sample(y, mask, steps=probe, model=model)
+    pipe.sample(y, mask, steps=probe)
+    _reset_peak(pipe.device)
+    deltas: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(runs):
+        for eager in (True, False) if i % 2 == 0 else (False, True):
+            deltas[eager] += _step_deltas(pipe, pipe.model if eager else model, probe)
+    return _timing(deltas[False], pipe.device, STEP_TIMER), _timing(deltas[True], pipe.device, STEP_TIMER)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -504,7 +533,7 @@ def _family_cases(session: Session, family: str, shape: VideoShape, video_rows: 
     compiled = sample.compile_shapes is None or shape.label in sample.compile_shapes
     for label, attn, mode in step_backends(device, compiled):
 
-        def measure_step(dev, quick, attn=attn, mode=mode):
+        def measure_step(dev, quick, attn=attn, mode=mode, dims=None):
             pipe = session.pipeline(family, shape, dev, dtype)
             saved = pipe.model.attention_backend
             pipe.model.attention_backend = attn
@@ -513,14 +542,18 @@ def _family_cases(session: Session, family: str, shape: VideoShape, video_rows: 
                     return time_steps(pipe, pipe.model, sample.step_probe)
                 torch._dynamo.reset()  # compile for this shape, not into another case's cache
                 compiled = torch.compile(pipe.model, mode=mode, dynamic=False)
-                # two warm-up runs: the first compiles, the second records CUDA graphs in reduce-overhead mode
-                return time_steps(pipe, compiled, sample.step_probe, warmup=2)
+                # two warm-up runs: the first compiles, the second records CUDA graphs in reduce-overhead mode;
+                # then runs interleaved with the eager model of the same attention backend (its row's baseline)
+                timing, eager = time_steps_paired(pipe, compiled, sample.step_probe, runs=4)
+                dims.update(eager_ms=eager.median_ms, eager_runs=eager.reps)
+                return timing
             finally:
                 pipe.model.attention_backend = saved
 
         skip = INTERPRETED if attn == "triton" and triton_interpreted(device) else None
         dims = dict(base, part="denoise_step", attention=attn, compile=mode)
-        cases.append(_case(session, family, "denoise_step", label, shape, dtype, dims, measure_step,
+        measure = partial(measure_step, dims=dims)
+        cases.append(_case(session, family, "denoise_step", label, shape, dtype, dims, measure,
                            ours=attn == "triton", cost=cost, skip=skip))  # fmt: skip
 
     cases.append(encoder_case("vae_decode", "vae", "STDIT_VAE_DIR", vae_what))

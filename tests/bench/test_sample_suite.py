@@ -4,6 +4,7 @@ of the same process, re-running replaces rows; the STDiT3 pipeline samples exact
 samples; trained checkpoints are found and labelled; bad checkpoint paths are refused by name."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ pytest.importorskip("transformers")
 from stdit.bench import results  # noqa: E402
 from stdit.bench.cases import SIZES  # noqa: E402
 from stdit.bench.run import run_cases  # noqa: E402
-from stdit.bench.sample_suite import CHECKPOINT_VARS, SETTINGS, build_pipeline, resolve_checkpoint, time_pairs, time_steps  # noqa: E402
+from stdit.bench.sample_suite import (  # noqa: E402
+    CHECKPOINT_VARS, SETTINGS, build_pipeline, resolve_checkpoint, time_pairs, time_steps, time_steps_paired,
+)  # fmt: skip
 from stdit.bench.suites import build_cases  # noqa: E402
 from stdit.cli import main as cli_main  # noqa: E402
 
@@ -90,6 +93,23 @@ def test_stdit3_pipeline_samples_what_stdit_sample_does():
     assert torch.equal(got, want)
     t = time_steps(pipe, pipe.model, probe=2, runs=3)
     assert t.reps == 6 and 0 < t.p20_ms <= t.median_ms <= t.p80_ms
+    calls = []
+
+    def slow(*args, **kwargs):  # "compiled": the same model, 20 ms slower per call
+        calls.append("slow")
+        time.sleep(0.02)
+        return pipe.model(*args, **kwargs)
+
+    slow.y_embedder = pipe.model.y_embedder  # the sampler's null caption
+    pipe.model.register_forward_pre_hook(lambda *a: calls.append("eager"))
+    fast, eager = time_steps_paired(pipe, slow, probe=2, runs=3, warmup=1)
+    assert fast.reps == eager.reps == 6 and fast.p20_ms >= 20.0
+    order, i = [], 0  # a slow call runs the eager model inside it: count it once
+    while i < len(calls):
+        order.append("S" if calls[i] == "slow" else "E")
+        i += 2 if calls[i] == "slow" else 1
+    # 2 model calls per run: the warm-ups (slow, then eager), then runs interleaved: eager first in even runs
+    assert "".join(order) == "SS" "EE" "EESS" "SSEE" "EESS", order
 
 
 def _trained_run(run, preset):
