@@ -12,6 +12,11 @@ original modules back, so state dicts, training and every other use see the plai
   outside the range it always runs. The default (:meth:`Broadcast.paper`) is VideoSys' Open-Sora
   setting: t in [450, 930], spatial every 2 steps, temporal every 4, cross every 6. MLP broadcast is
   optional and off by default.
+- Where to broadcast: :class:`ChangeProbe` measures how much each kind's outputs change from step to
+  step on a plain video (the paper's "attention difference"), and :func:`fit_broadcast_range` turns
+  that into the timestep range of the window of the paper's share of the steps where they change
+  least. The paper's [450, 930] is a range of Open-Sora 1.2's shifted timesteps at 480p-720p; another
+  schedule (a small video's shifted rectified flow, IDDPM's) puts other steps in it.
 - Step caching (TeaCache-style): before the blocks run, a cheap probe (block 0's timestep-modulated
   input, LayerNorm then shift/scale) is compared with the previous step's probe; the relative L1 change (sum |p - p_prev| / sum |p_prev|), optionally rescaled by a polynomial, is
   accumulated over steps, and while the sum stays under ``threshold`` the step reuses the last
