@@ -519,18 +519,24 @@ def sample_quality(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(recs, columns=cols).sort_values(["device", "family", "shape"], kind="stable")
 
 
+PAB_PAPER_RANGE = (450.0, 930.0)  # stdit.models.accel.PAB_RANGE (not imported: the report reads rows, not models)
+
+
 def broadcast_fits(df: pd.DataFrame) -> list[dict]:
     """Per ok ``pab-fit`` video row: device, family, shape, dtype, the fitted range (``fit``: t_range,
-    first, last, steps, fraction, seed) and the measured change curves (``change``: step, t and one list
-    per attention kind, None where nothing was compared)."""
+    first, last, steps, fraction, seed), the measured change curves (``change``: step, t and one list
+    per attention kind, None where nothing was compared) and ``paper_steps``, the steps of that schedule
+    inside the paper's fixed range."""
     s = df[(df["suite"] == "sample") & df["op"].str.endswith(".video") & (df["backend"] == "pab-fit") & df["ok"]]
     out = []
     for _, r in s.iterrows():
         dims = r["dims"] if isinstance(r["dims"], dict) else {}
         fit, change = dims.get("fit"), dims.get("change")
         if isinstance(fit, dict) and isinstance(change, dict) and change.get("t"):
+            lo, hi = PAB_PAPER_RANGE
+            paper = [i for i, t in enumerate(change["t"]) if lo <= t <= hi]
             out.append({"device": r["device"], "family": _sample_part(r)[0], "shape": r["shape"], "dtype": r["dtype"],
-                        "fit": fit, "change": change})  # fmt: skip
+                        "fit": fit, "change": change, "paper_steps": paper})  # fmt: skip
     return out
 
 

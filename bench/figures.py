@@ -27,7 +27,6 @@ PNG_MARKER = "stdit.bench.report"  # the PNG "Software" field: marks the report'
 _LOG_SPREAD = 20.0  # bar charts switch to a log y-axis when max/min median exceeds this
 SAMPLING_FIGURE = "sampling_speedup_quality.png"
 CHANGE_FIGURE = "sampling_attention_change.png"
-PAPER_RANGE = (450.0, 930.0)  # stdit.models.accel.PAB_RANGE (not imported: the report reads rows, not models)
 
 
 @dataclass
@@ -60,16 +59,16 @@ def _finish(fig, ax, title: str, *, legend_cols: int = 1, grid_axis: str = "both
     fig.tight_layout()
 
 
-def new_figure(figsize, ncols: int = 1):
+def new_figure(figsize, ncols: int | None = None):
     """A figure on its own Agg canvas: no pyplot state, and the caller's matplotlib backend is left
-    alone; nothing else keeps a reference to it, so it is freed once dropped. ``ncols`` > 1: an array
-    of that many axes side by side."""
+    alone; nothing else keeps a reference to it, so it is freed once dropped. One axes, or with
+    ``ncols`` an array of that many side by side."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure as MplFigure
 
     fig = MplFigure(figsize=figsize)
     FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, ncols, squeeze=False)[0] if ncols > 1 else fig.subplots()
+    return fig, fig.subplots() if ncols is None else fig.subplots(1, ncols, squeeze=False)[0]
 
 
 def png_bytes(fig, *, dpi: int = 110, metadata: dict | None = None) -> bytes:
@@ -301,7 +300,6 @@ def _fig_attention_change(df: pd.DataFrame) -> Figure | None:
     if not fits:
         return None
     fig, axes = new_figure((5.2 * len(fits), 4.2), ncols=len(fits))
-    axes = axes if len(fits) > 1 else [axes]
     colors = _colors()
     for ax, f in zip(axes, fits):
         change, fit = f["change"], f["fit"]
@@ -311,7 +309,7 @@ def _fig_attention_change(df: pd.DataFrame) -> Figure | None:
             ax.plot(steps, ys, marker=".", ms=3, lw=1, color=colors[i % len(colors)], label=kind)
         ax.axvspan(fit["first"] - 0.5, fit["last"] + 0.5, color="tab:green", alpha=0.15,
                    label=f"fitted: steps {fit['first']}-{fit['last']}")  # fmt: skip
-        paper = [i for i, t in enumerate(change["t"]) if PAPER_RANGE[0] <= t <= PAPER_RANGE[1]]
+        paper = f["paper_steps"]
         if paper:
             ax.axvspan(min(paper) - 0.5, max(paper) + 0.5, color="gray", alpha=0.12, hatch="//",
                        label=f"paper's t in [450, 930]: {len(paper)} steps")  # fmt: skip

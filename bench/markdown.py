@@ -18,8 +18,8 @@ import pandas as pd
 from . import results
 from .analysis import (
     FAMILY_SUITES, GROUP_KEY, MODEL_OPS, OPENSORA_BASELINE, PUBLISHED_SAMPLING, broadcast_fits, check_table,
-    comparison_rows, distinct, geomean, isnum, join_names, match_published, model_table, not_available, ours_label, resolution_of, sample_quality,
-    sample_times, sorted_peers, speedups, suites_of, summary_of,
+    comparison_rows, distinct, geomean, isnum, join_names, match_published, model_table, not_available, ours_label,
+    resolution_of, sample_quality, sample_times, sorted_peers, speedups, suites_of, summary_of,
 )  # fmt: skip
 from .figures import CHANGE_FIGURE, SAMPLING_FIGURE, Figure
 
@@ -440,12 +440,11 @@ def _section_sampling(df: pd.DataFrame) -> str:
     if fits:
         lines = []
         for f in fits:
-            fit, t = f["fit"], f["change"]["t"]
-            paper = sum(1 for v in t if 450.0 <= v <= 930.0)
+            fit = f["fit"]
             dev = f" on {f['device']}" if multi_dev else ""
             lines.append(f"- {f['family']} {f['shape']}{dev}: steps {fit['first']}-{fit['last']} of {fit['steps']}, "
                          f"t in [{fit['t_range'][0]:.4g}, {fit['t_range'][1]:.4g}]; the paper's [450, 930] holds "
-                         f"{paper} of these {len(t)} steps.")  # fmt: skip
+                         f"{len(f['paper_steps'])} of these {len(f['change']['t'])} steps.")  # fmt: skip
         out.append(
             "### Where to broadcast\n\n`pab-fit` keeps the paper's intervals (spatial 2, temporal 4, cross 6) but "
             "not its timestep range: that range is one of Open-Sora 1.2's shifted timesteps at 480p-720p, and a "

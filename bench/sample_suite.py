@@ -59,7 +59,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -86,7 +85,7 @@ RANDOM_WEIGHTS = "random weights"
 CHECKPOINT_VARS = {"STDiT": "STDIT_SAMPLE_CHECKPOINT", "STDiT3": "STDIT_SAMPLE_CHECKPOINT3"}
 
 # setting -> (broadcast, step-cache threshold); None: no FastSampling at all (the reference)
-SETTINGS: dict[str, tuple[Broadcast | None, float] | None] = {
+SETTINGS: dict[str, tuple[Broadcast | str | None, float] | None] = {
     "plain": None,
     "off": (Broadcast(), 0.0),
     "pab": (Broadcast.paper(), 0.0),
@@ -334,17 +333,23 @@ def time_calls(fn: Callable[[], object], device: torch.device, reps: int, warmup
     return _timing(times, device)
 
 
+def _alternating(pairs: int):
+    """True (the baseline) and False (the measured side) ``pairs`` times each, the baseline first in even
+    pairs and second in odd ones: a machine that speeds up or slows down affects both sides alike."""
+    for i in range(pairs):
+        yield from (True, False) if i % 2 == 0 else (False, True)
+
+
 def time_pairs(fn: Callable[[], object], plain: Callable[[], object], device: torch.device,
                reps: int) -> tuple[Timing, Timing]:  # fmt: skip
     """``reps`` interleaved pairs of ``fn`` and ``plain`` (plain first in even pairs, ``fn`` first in odd
     ones), each call synchronised -> (fn's timing, plain's timing)."""
     _reset_peak(device)
     times: dict[bool, list[float]] = {True: [], False: []}
-    for i in range(reps):
-        for is_plain in (True, False) if i % 2 == 0 else (False, True):
-            start = _now(device)
-            (plain if is_plain else fn)()
-            times[is_plain].append(_now(device) - start)
+    for is_plain in _alternating(reps):
+        start = _now(device)
+        (plain if is_plain else fn)()
+        times[is_plain].append(_now(device) - start)
     return _timing(times[False], device), _timing(times[True], device)
 
 
@@ -385,9 +390,8 @@ def time_steps_paired(pipe: Pipeline, model, probe: int, runs: int = 2, warmup: 
     pipe.sample(y, mask, steps=probe)
     _reset_peak(pipe.device)
     deltas: dict[bool, list[float]] = {True: [], False: []}
-    for i in range(runs):
-        for eager in (True, False) if i % 2 == 0 else (False, True):
-            deltas[eager] += _step_deltas(pipe, pipe.model if eager else model, probe)
+    for eager in _alternating(runs):
+        deltas[eager] += _step_deltas(pipe, pipe.model if eager else model, probe)
     return _timing(deltas[False], pipe.device, STEP_TIMER), _timing(deltas[True], pipe.device, STEP_TIMER)
 
 
@@ -533,7 +537,9 @@ def _family_cases(session: Session, family: str, shape: VideoShape, video_rows: 
     compiled = sample.compile_shapes is None or shape.label in sample.compile_shapes
     for label, attn, mode in step_backends(device, compiled):
 
-        def measure_step(dev, quick, attn=attn, mode=mode, dims=None):
+        dims = dict(base, part="denoise_step", attention=attn, compile=mode)
+
+        def measure_step(dev, quick, attn=attn, mode=mode, dims=dims):
             pipe = session.pipeline(family, shape, dev, dtype)
             saved = pipe.model.attention_backend
             pipe.model.attention_backend = attn
@@ -551,9 +557,7 @@ def _family_cases(session: Session, family: str, shape: VideoShape, video_rows: 
                 pipe.model.attention_backend = saved
 
         skip = INTERPRETED if attn == "triton" and triton_interpreted(device) else None
-        dims = dict(base, part="denoise_step", attention=attn, compile=mode)
-        measure = partial(measure_step, dims=dims)
-        cases.append(_case(session, family, "denoise_step", label, shape, dtype, dims, measure,
+        cases.append(_case(session, family, "denoise_step", label, shape, dtype, dims, measure_step,
                            ours=attn == "triton", cost=cost, skip=skip))  # fmt: skip
 
     cases.append(encoder_case("vae_decode", "vae", "STDIT_VAE_DIR", vae_what))

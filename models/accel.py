@@ -251,6 +251,26 @@ def broadcast_sites(model: nn.Module) -> list[tuple[nn.Module, str, str, int]]:
     return sites
 
 
+def _install(sites, wrap: Callable[[nn.Module, str, int], nn.Module | None]) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Put ``wrap(module, kind, block)`` in place of each site's module of broadcast_sites (a None leaves
+    it); returns (parent, attribute, original module) of each replaced one, for :func:`_restore`."""
+    installed = []
+    for parent, attr, kind, block in sites:
+        inner = getattr(parent, attr)
+        wrapped = wrap(inner, kind, block)
+        if wrapped is not None:
+            setattr(parent, attr, wrapped)
+            installed.append((parent, attr, inner))
+    return installed
+
+
+def _restore(installed: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Put the original modules back (the reverse of :func:`_install`)."""
+    for parent, attr, inner in reversed(installed):
+        setattr(parent, attr, inner)
+    installed.clear()
+
+
 class BroadcastModule(nn.Module):
     """Runs ``inner`` or returns its last output, as the owning :class:`FastSampling` decides for this
     step; the output is kept only where the rule may reuse it."""
@@ -320,20 +340,19 @@ class FastSampling:
         if getattr(self.model, "fast_sampling", None) is not None:
             raise RuntimeError("model: a FastSampling context is already open on this model")
         rules = self.broadcast.rules()
-        for parent, attr, kind, block in self._sites:
+
+        def wrap(inner: nn.Module, kind: str, block: int) -> BroadcastModule | None:
             rule = rules[kind]
             if rule is None or rule.interval == 1 or (rule.blocks is not None and block not in rule.blocks):
-                continue
-            inner = getattr(parent, attr)
-            setattr(parent, attr, BroadcastModule(inner, kind, block, self))
-            self._installed.append((parent, attr, inner))
+                return None
+            return BroadcastModule(inner, kind, block, self)
+
+        self._installed = _install(self._sites, wrap)
         self.model.fast_sampling = self
         return self
 
     def __exit__(self, *exc) -> None:
-        for parent, attr, inner in reversed(self._installed):
-            setattr(parent, attr, inner)
-        self._installed.clear()
+        _restore(self._installed)
         self.model.fast_sampling = None
         self._cache_state.clear()
 
@@ -465,16 +484,11 @@ class ChangeProbe:
         if getattr(self.model, "fast_sampling", None) is not None:
             raise RuntimeError("model: close its FastSampling context before probing it (a reused output "
                                "would read as no change)")  # fmt: skip
-        for parent, attr, kind, _ in self._sites:
-            inner = getattr(parent, attr)
-            setattr(parent, attr, _ProbeModule(inner, kind, self))
-            self._installed.append((parent, attr, inner))
+        self._installed = _install(self._sites, lambda inner, kind, block: _ProbeModule(inner, kind, self))
         return self
 
     def __exit__(self, *exc) -> None:
-        for parent, attr, inner in reversed(self._installed):
-            setattr(parent, attr, inner)
-        self._installed.clear()
+        _restore(self._installed)
 
     def on_step(self, index: int, t: float, steps: int) -> None:
         """The sampler's report before each model evaluation (as FastSampling.on_step)."""
